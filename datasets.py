@@ -1,0 +1,107 @@
+"""The BCCD Dataset for PyTorch (tutorial, "PyTorch Dataset" and "PyTorch DataLoader").
+
+    from datasets import BCCDDataset, AugmentationSampler
+    train_set = BCCDDataset("data/lists", "train")
+    loader = DataLoader(train_set, batch_size=8, sampler=AugmentationSampler(train_set, seed=0),
+                        collate_fn=BCCDDataset.collate_fn, num_workers=4)
+
+The lists come from create_data_lists.py.
+"""
+import json
+import os
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from utils import UserError, load_image, transform
+
+
+class BCCDDataset(Dataset):
+    """BCCD images with their boxes, labels and difficulties, transformed as the tutorial does.
+
+    Args:
+        data_folder: folder with the JSON lists written by create_data_lists.py.
+        split: 'train' or 'test', in any case. TRAIN is augmented (see utils.transform).
+        keep_difficult: keep objects marked difficult (BCCD has none; VOC-style data may).
+        cache_images: decode every image once, here, and keep it in memory (BCCD's 292 train
+            images take 270 MB). DataLoader workers started after that share the cache.
+
+    Item i is (image (3, 300, 300) float, normalized with ImageNet's mean and std; boxes (n, 4)
+    float, fractional (x_min, y_min, x_max, y_max); labels (n,) long; difficulties (n,) uint8).
+    An index may also be a pair (i, seed): the augmentation then draws from a generator seeded
+    with `seed`, so it does not depend on which worker loads the item (see AugmentationSampler).
+    """
+
+    def __init__(self, data_folder, split, keep_difficult=False, cache_images=False):
+        self.split = split.upper()
+        if self.split not in ("TRAIN", "TEST"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        self.data_folder = data_folder
+        self.keep_difficult = keep_difficult
+        self.images = self._read_json(os.path.join(data_folder, self.split + "_images.json"))
+        self.objects = self._read_json(os.path.join(data_folder, self.split + "_objects.json"))
+        if len(self.images) != len(self.objects):
+            raise UserError(f"{data_folder}: {self.split}_images.json has {len(self.images)} entries but "
+                            f"{self.split}_objects.json has {len(self.objects)}; run create_data_lists.py again")
+        self._cache = [load_image(path) for path in self.images] if cache_images else None
+
+    @staticmethod
+    def _read_json(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found; make the lists with create_data_lists.py") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        seed = None
+        if isinstance(i, (tuple, list)):
+            i, seed = i
+        image = self._cache[i] if self._cache is not None else load_image(self.images[i])  # uint8 (3, H, W)
+        objects = self.objects[i]
+        boxes = torch.tensor(objects["boxes"], dtype=torch.float).reshape(-1, 4)  # (n, 4) pixels
+        labels = torch.tensor(objects["labels"], dtype=torch.long)  # (n,)
+        difficulties = torch.tensor(objects["difficulties"], dtype=torch.uint8)  # (n,)
+        if not self.keep_difficult:
+            easy = difficulties == 0
+            boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
+        g = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
+        return transform(image, boxes, labels, difficulties, split=self.split, g=g)
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack the images (N, 3, 300, 300); keep boxes, labels and difficulties as lists of N tensors,
+        since images hold different numbers of objects."""
+        images, boxes, labels, difficulties = zip(*batch)
+        return torch.stack(images), list(boxes), list(labels), list(difficulties)
+
+
+class AugmentationSampler(Sampler):
+    """Shuffles like DistributedSampler and pairs every index with a seed for its augmentation.
+
+    The seeds are drawn from (seed, epoch, rank) alone, so the augmented batches of an epoch are
+    the same whatever the number of DataLoader workers, after a resume, and with persistent
+    workers; ranks of a distributed run see different shards and different augmentations.
+    Call set_epoch(epoch) at the start of every epoch.
+    """
+
+    def __init__(self, dataset, seed=0, num_replicas=1, rank=0, shuffle=True):
+        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) % 2 ** 63)
+        seeds = torch.randint(2 ** 62, (len(self.sampler),), generator=g).tolist()
+        return iter(zip(self.sampler, seeds))

@@ -1,0 +1,613 @@
+"""Helpers shared by the scripts: BCCD parsing, box math, data transforms and calculate_mAP.
+
+Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
+  * Parse raw data   -> parse_annotation, create_data_lists
+  * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
+                        find_intersection, find_jaccard_overlap, decimate
+  * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
+  * Evaluation       -> calculate_mAP
+  * Plumbing         -> UserError, run_cli, save_atomic, write_json_atomic, load_checkpoint
+
+Boxes are `(x_min, y_min, x_max, y_max)` ("xy") unless a name says otherwise: "cxcy" is
+(c_x, c_y, w, h) and "gcxgcy" is the offset encoding w.r.t. priors (see cxcy_to_gcxgcy).
+Nothing here does work at import time.
+"""
+import json
+import os
+import pickle
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as FT
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------
+# Label map
+# ---------------------------------------------------------------------------------------------
+
+bccd_labels = ("RBC", "WBC", "Platelets")
+label_map = {"background": 0, **{name: i + 1 for i, name in enumerate(bccd_labels)}}
+rev_label_map = {v: k for k, v in label_map.items()}  # inverse mapping, used to decode predictions
+label_color_map = {"RBC": "#e6194b", "WBC": "#3cb44b", "Platelets": "#4363d8"}
+
+# ImageNet statistics: the VGG base was trained on images normalized this way (tutorial, "Images").
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UserError(Exception):
+    """A problem with the user's input (a file, a flag, the data). Scripts print it without a traceback."""
+
+
+def run_cli(main, parser):
+    """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1."""
+    args = parser.parse_args()
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def resolve_device(name):
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned as a torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes and safe checkpoint loading
+# ---------------------------------------------------------------------------------------------
+
+def _atomic(path, write):
+    """Call write(tmp_path) and move the result onto `path`: an interrupted write never destroys `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace onto `path`."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json_atomic(obj, path, indent=None):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+    _atomic(path, write)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by train.py: tensors and plain data only.
+
+    `weights_only=True` means unpickling can build tensors, dicts, lists, numbers and strings
+    and nothing else, so opening a checkpoint never runs code. A file that needs more is refused.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refused: the checkpoint holds pickled objects, not only tensors and "
+                        f"plain data ({first[:160]})") from None
+    except Exception as e:  # truncated file, not a zip archive, ...
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Parse raw data
+# ---------------------------------------------------------------------------------------------
+
+def parse_annotation(annotation_path, image_size=None):
+    """Parse one VOC XML annotation of BCCD.
+
+    Args:
+        annotation_path: path of the XML file.
+        image_size: (width, height) of the image, used to clip boxes; defaults to the XML's <size>.
+    Returns:
+        (objects, warnings): objects = {"boxes": [[x_min, y_min, x_max, y_max], ...] in pixels,
+        "labels": [...], "difficulties": [...]}; warnings = list of one-line strings.
+    Raises:
+        UserError naming the file and the problem (malformed XML, unknown class, missing box).
+
+    Class names are stripped of surrounding white space (a few tools write "RBC\n"), a missing
+    <difficult> means 0, coordinates may be floats. VOC coordinates are 1-based pixel indices;
+    like the tutorial we use them as they are (shifting by one pixel changes no metric here).
+    A box reaching outside the image is clipped to it; a zero-area or inverted box is dropped
+    (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss infinite).
+    """
+    name = os.path.basename(annotation_path)
+    try:
+        root = ET.parse(annotation_path).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"{annotation_path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{annotation_path}: cannot read ({e.strerror})") from None
+
+    if image_size is None:
+        try:
+            image_size = (float(root.find("size/width").text), float(root.find("size/height").text))
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{annotation_path}: no valid <size> and no image size given") from None
+    width, height = image_size
+
+    boxes, labels, difficulties, warnings = [], [], [], []
+    for i, obj in enumerate(root.iter("object")):
+        cls = (obj.findtext("name") or "").strip()
+        if cls not in label_map or cls == "background":
+            raise UserError(f"{annotation_path}: object {i}: unknown class {cls!r} (expected one of {', '.join(bccd_labels)})")
+        difficult = (obj.findtext("difficult") or "0").strip()
+        try:
+            difficult = int(float(difficult))
+            box = [float(obj.find("bndbox/" + k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{annotation_path}: object {i} ({cls}): missing or non-numeric <bndbox>/<difficult>") from None
+        clipped = [min(max(box[0], 0.), width), min(max(box[1], 0.), height),
+                   min(max(box[2], 0.), width), min(max(box[3], 0.), height)]
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            warnings.append(f"{name}: dropped {cls} box {box}: zero area or inverted")
+            continue
+        if clipped != box:
+            warnings.append(f"{name}: clipped {cls} box {box} to the {width:g}x{height:g} image: {clipped}")
+        boxes.append(clipped)
+        labels.append(label_map[cls])
+        difficulties.append(1 if difficult else 0)
+    return {"boxes": boxes, "labels": labels, "difficulties": difficulties}, warnings
+
+
+def create_data_lists(bccd_path, output_folder, train_split="trainval", test_split="test", verbose=True):
+    """Parse BCCD and write the JSON lists the Dataset reads (tutorial, "Parse raw data").
+
+    Writes, in `output_folder`: TRAIN_images.json, TRAIN_objects.json, TEST_images.json,
+    TEST_objects.json (entry i: {"boxes": [[x_min, y_min, x_max, y_max], ...] in pixels, "labels",
+    "difficulties"}, in the order of the split file) and label_map.json.
+
+    TRAIN comes from ImageSets/Main/<train_split>.txt (trainval: 292 images), TEST from
+    <test_split>.txt (test: 72). Every problem found is collected; if there is any, a UserError
+    lists them all (one per line) and no file is written, so earlier lists stay as they were.
+    Returns a summary dict {split: {"images": n, "objects": n, per class: n}}.
+    """
+    bccd_path = os.path.abspath(bccd_path)
+    errors, warnings, lists = [], [], {}
+    for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
+        split_file = os.path.join(bccd_path, "ImageSets", "Main", split_name + ".txt")
+        if not os.path.isfile(split_file):
+            errors.append(f"{split_file}: split file not found")
+            continue
+        with open(split_file) as f:
+            ids = [line.split()[0] for line in f if line.strip()]
+        if not ids:
+            errors.append(f"{split_file}: empty split")
+            continue
+        images, objects = [], []
+        for image_id in ids:
+            xml_path = os.path.join(bccd_path, "Annotations", image_id + ".xml")
+            img_path = os.path.join(bccd_path, "JPEGImages", image_id + ".jpg")
+            if not os.path.isfile(xml_path):
+                errors.append(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
+                continue
+            if not os.path.isfile(img_path):
+                errors.append(f"{img_path}: image missing (annotated in {image_id}.xml)")
+                continue
+            try:
+                with Image.open(img_path) as im:  # reads the header only
+                    size = im.size
+            except Exception as e:
+                errors.append(f"{img_path}: not a readable image ({type(e).__name__})")
+                continue
+            try:
+                objs, warns = parse_annotation(xml_path, image_size=size)
+            except UserError as e:
+                errors.append(str(e))
+                continue
+            warnings.extend(warns)
+            images.append(img_path)
+            objects.append(objs)
+        lists[split] = (images, objects)
+
+    for w in dict.fromkeys(warnings):  # an image in both splits warns once
+        print(f"warning: {w}", file=sys.stderr)
+    if errors:
+        raise UserError(f"{len(errors)} problem(s) in {bccd_path}; no list written:\n" + "\n".join(errors))
+
+    summary = {}
+    for split, (images, objects) in lists.items():
+        counts = {name: sum(o["labels"].count(label_map[name]) for o in objects) for name in bccd_labels}
+        summary[split] = {"images": len(images), "objects": sum(counts.values()), **counts}
+
+    os.makedirs(output_folder, exist_ok=True)
+    for split, (images, objects) in lists.items():
+        write_json_atomic(images, os.path.join(output_folder, f"{split}_images.json"))
+        write_json_atomic(objects, os.path.join(output_folder, f"{split}_objects.json"))
+    write_json_atomic(label_map, os.path.join(output_folder, "label_map.json"))
+
+    if verbose:
+        for split, s in summary.items():
+            per_class = ", ".join(f"{name} {s[name]}" for name in bccd_labels)
+            print(f"{split}: {s['images']} images, {s['objects']} objects ({per_class})")
+        print(f"lists saved to {os.path.abspath(output_folder)}")
+    return summary
+
+
+def load_image(path):
+    """Read an image file as a uint8 tensor (3, H, W), RGB. Any PIL mode is converted; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            return pil_to_tensor(im)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def pil_to_tensor(image):
+    """PIL image of any mode -> uint8 RGB tensor (3, H, W)."""
+    if image.mode != "RGB":
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+            arr = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32"))
+            hi = max(float(arr.max()), 1.0)
+            image = Image.fromarray((arr * (255.0 / hi)).clamp(0, 255).to(torch.uint8).numpy(), mode="L")
+        image = image.convert("RGB")
+    return FT.pil_to_tensor(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Box math
+# ---------------------------------------------------------------------------------------------
+
+def xy_to_cxcy(xy):
+    """(x_min, y_min, x_max, y_max) -> (c_x, c_y, w, h); boxes (..., 4)."""
+    return torch.cat([(xy[..., 2:] + xy[..., :2]) / 2, xy[..., 2:] - xy[..., :2]], -1)
+
+
+def cxcy_to_xy(cxcy):
+    """(c_x, c_y, w, h) -> (x_min, y_min, x_max, y_max); boxes (..., 4)."""
+    return torch.cat([cxcy[..., :2] - cxcy[..., 2:] / 2, cxcy[..., :2] + cxcy[..., 2:] / 2], -1)
+
+
+# The "variances" 10 and 5 are empirical constants from the original Caffe SSD code: they scale the
+# offsets to about unit variance so that one Smooth L1 loss suits both centres and sizes.
+CENTER_VARIANCE = 10.
+SIZE_VARIANCE = 5.
+
+
+def cxcy_to_gcxgcy(cxcy, priors_cxcy):
+    """Encode boxes as offsets from the priors they are matched to (paper, eq. 2).
+
+    g_cx = (c_x - p_cx) / (p_w / 10), g_cy likewise, g_w = 5 log(w / p_w), g_h likewise.
+    cxcy: (..., P, 4), priors_cxcy: (P, 4) -> (..., P, 4).
+    """
+    return torch.cat([(cxcy[..., :2] - priors_cxcy[..., :2]) / (priors_cxcy[..., 2:] / CENTER_VARIANCE),
+                      torch.log(cxcy[..., 2:] / priors_cxcy[..., 2:]) * SIZE_VARIANCE], -1)
+
+
+def gcxgcy_to_cxcy(gcxgcy, priors_cxcy):
+    """Decode predicted offsets into boxes; the inverse of cxcy_to_gcxgcy. (..., P, 4) -> (..., P, 4)."""
+    return torch.cat([gcxgcy[..., :2] * priors_cxcy[..., 2:] / CENTER_VARIANCE + priors_cxcy[..., :2],
+                      torch.exp(gcxgcy[..., 2:] / SIZE_VARIANCE) * priors_cxcy[..., 2:]], -1)
+
+
+def find_intersection(set_1, set_2):
+    """Areas of intersection of every box in set_1 with every box in set_2.
+
+    set_1: (..., n1, 4), set_2: (..., n2, 4) in xy form; leading dims broadcast -> (..., n1, n2).
+    """
+    lower = torch.max(set_1[..., :, None, :2], set_2[..., None, :, :2])  # (..., n1, n2, 2)
+    upper = torch.min(set_1[..., :, None, 2:], set_2[..., None, :, 2:])  # (..., n1, n2, 2)
+    wh = (upper - lower).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def find_jaccard_overlap(set_1, set_2):
+    """Jaccard overlap (IoU) of every box in set_1 with every box in set_2: (..., n1, 4), (..., n2, 4) -> (..., n1, n2)."""
+    inter = find_intersection(set_1, set_2)
+    area_1 = (set_1[..., 2] - set_1[..., 0]) * (set_1[..., 3] - set_1[..., 1])  # (..., n1)
+    area_2 = (set_2[..., 2] - set_2[..., 0]) * (set_2[..., 3] - set_2[..., 1])  # (..., n2)
+    union = area_1[..., :, None] + area_2[..., None, :] - inter
+    return inter / union
+
+
+def decimate(tensor, m):
+    """Keep every m[d]-th value along each dimension d (None = keep all).
+
+    Used to turn VGG's fully connected fc6/fc7 into the smaller conv6/conv7 (paper, Sec. 3):
+    fc6's (4096, 512, 7, 7) becomes (1024, 512, 3, 3) with m = [4, None, 3, 3], made atrous
+    (dilation 6) to keep the field of view.
+    """
+    assert tensor.dim() == len(m)
+    for d, step in enumerate(m):
+        if step is not None:
+            tensor = tensor.index_select(d, torch.arange(0, tensor.size(d), step, device=tensor.device))
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Data transforms
+#
+# The tutorial transforms a PIL image step by step: distort colours, zoom out onto a 1-4x canvas,
+# crop, flip, resize to 300x300. Materializing a 4x canvas (2560x1920) and distorting a 640x480
+# image costs tens of milliseconds an image, so here the geometric steps (expand, random_crop,
+# flip) only move a *window* (x_min, y_min, x_max, y_max) in the original image's pixel
+# coordinates; the window may reach outside the image, where the zoom-out canvas would be. The
+# boxes stay in original pixel coordinates. resize() then renders the window once: the part of
+# the image inside it is resized (bilinear, antialiased like PIL) straight to its place in the
+# 300x300 output, the colour distortions are applied to those pixels, and the rest is the
+# ImageNet mean, as in the tutorial's zoom-out. The random draws are those of the tutorial.
+# All randomness comes from one torch.Generator, so an item is reproducible from its seed.
+# ---------------------------------------------------------------------------------------------
+
+def _uniform(g, low, high):
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def _randint(g, low, high):
+    """Integer in [low, high], both ends included (like random.randint)."""
+    return int(torch.randint(low, high + 1, (), generator=g))
+
+
+def photometric_distort(image, g=None):
+    """Adjust brightness, contrast, saturation and hue, each with 50% chance, in random order.
+
+    image: float tensor (3, h, w) in [0, 1]. Factors as in the tutorial: U(0.5, 1.5) for
+    brightness, contrast and saturation; U(-18/255, 18/255) for hue. Here the image is the part
+    of the original visible in the output (see the note above), so contrast blends towards its
+    mean grey rather than the whole original image's.
+    """
+    distortions = [FT.adjust_brightness, FT.adjust_contrast, FT.adjust_saturation, FT.adjust_hue]
+    for i in torch.randperm(4, generator=g).tolist():
+        if torch.rand((), generator=g) < 0.5:
+            d = distortions[i]
+            factor = _uniform(g, -18 / 255., 18 / 255.) if d is FT.adjust_hue else _uniform(g, 0.5, 1.5)
+            image = d(image, factor)
+    return image
+
+
+def expand(window, g=None, max_scale=4):
+    """Zoom out: place the image at a random spot of a canvas 1 to `max_scale` times as large.
+
+    Returns the canvas as a window in the image's pixel coordinates (it reaches outside the
+    image, where the canvas is filled with the ImageNet mean). Helps to learn small objects
+    (paper, Sec. 3.6: "zoom out").
+    """
+    x0, y0, x1, y1 = window
+    w, h = x1 - x0, y1 - y0
+    scale = _uniform(g, 1, max_scale)
+    new_w, new_h = int(scale * w), int(scale * h)
+    left, top = _randint(g, 0, new_w - w), _randint(g, 0, new_h - h)
+    return (x0 - left, y0 - top, x0 - left + new_w, y0 - top + new_h)
+
+
+_MIN_OVERLAPS = (0., .1, .3, .5, .7, .9, None)  # None: no crop
+
+
+def random_crop(window, boxes, labels, difficulties, g=None, max_trials=50):
+    """Zoom in: crop the window as in the paper (Sec. 3.6) and the tutorial.
+
+    A minimum overlap is drawn from {0, .1, .3, .5, .7, .9, no crop}; then up to `max_trials`
+    crops with sides 0.3-1 of the window and aspect ratio between 0.5 and 2 are tried (drawn all
+    at once here) and the first is kept that overlaps some box by at least that much and contains
+    at least one box centre. Boxes whose centres fall outside are dropped, the rest clipped.
+    If no trial succeeds another minimum overlap is drawn. boxes: (n, 4) pixels, same frame as window.
+    Returns (window, boxes, labels, difficulties).
+    """
+    if boxes.size(0) == 0:  # nothing to keep: the crop conditions cannot be met
+        return window, boxes, labels, difficulties
+    x0, y0, x1, y1 = window
+    w, h = x1 - x0, y1 - y0
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2  # (n, 2)
+    while True:
+        min_overlap = _MIN_OVERLAPS[_randint(g, 0, len(_MIN_OVERLAPS) - 1)]
+        if min_overlap is None:
+            return window, boxes, labels, difficulties
+        scale = 0.3 + 0.7 * torch.rand(max_trials, 2, generator=g, dtype=torch.float64)  # (T, 2) w, h
+        new_w, new_h = (scale[:, 0] * w).long(), (scale[:, 1] * h).long()
+        aspect_ok = (new_h > 0.5 * new_w) & (new_h < 2 * new_w)
+        left = (torch.rand(max_trials, generator=g, dtype=torch.float64) * (w - new_w + 1)).long()
+        top = (torch.rand(max_trials, generator=g, dtype=torch.float64) * (h - new_h + 1)).long()
+        crops = torch.stack([x0 + left, y0 + top, x0 + left + new_w, y0 + top + new_h], 1).float()  # (T, 4)
+        overlap = find_jaccard_overlap(crops, boxes)  # (T, n)
+        inside = ((centers[None] > crops[:, None, :2]) & (centers[None] < crops[:, None, 2:])).all(-1)  # (T, n)
+        ok = aspect_ok & (overlap.max(1).values >= min_overlap) & inside.any(1)
+        if ok.any():
+            t = int(ok.nonzero()[0])
+            crop, keep = crops[t], inside[t]
+            new_boxes = boxes[keep]
+            new_boxes = torch.cat([torch.max(new_boxes[:, :2], crop[:2]), torch.min(new_boxes[:, 2:], crop[2:])], 1)
+            return tuple(int(v) for v in crop.tolist()), new_boxes, labels[keep], difficulties[keep]
+
+
+def flip(boxes, window):
+    """Mirror boxes horizontally inside the window (the image itself is flipped in resize)."""
+    x0, _, x1, _ = window
+    return torch.stack([x0 + x1 - boxes[:, 2], boxes[:, 1], x0 + x1 - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
+    """Render `window` of `image` at `dims` and express boxes in fractional output coordinates.
+
+    image: uint8 (3, H, W); window: (x_min, y_min, x_max, y_max) in its pixels, may reach outside;
+    boxes: (n, 4) in the same pixels. The visible part is resized with antialiasing (as PIL
+    does), optionally distorted (`distort(float image in [0,1])`), normalized and pasted on a
+    canvas of the ImageNet mean (zero after normalization). Returns (float image (3, *dims), boxes).
+    """
+    _, H, W = image.shape
+    out_h, out_w = dims
+    x0, y0, x1, y1 = window
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)  # visible part, in image pixels
+    sx, sy = out_w / (x1 - x0), out_h / (y1 - y0)
+    # where the visible part lands in the output, rounded to whole pixels
+    ox0, ox1 = round((ix0 - x0) * sx), max(round((ix1 - x0) * sx), round((ix0 - x0) * sx) + 1)
+    oy0, oy1 = round((iy0 - y0) * sy), max(round((iy1 - y0) * sy), round((iy0 - y0) * sy) + 1)
+    ox1, oy1 = min(ox1, out_w), min(oy1, out_h)
+    ox0, oy0 = min(ox0, ox1 - 1), min(oy0, oy1 - 1)
+
+    patch = image[None, :, iy0:iy1, ix0:ix1]
+    if (iy1 - iy0, ix1 - ix0) != (oy1 - oy0, ox1 - ox0):
+        patch = F.interpolate(patch, size=(oy1 - oy0, ox1 - ox0), mode="bilinear", antialias=True, align_corners=False)
+    patch = patch[0].float().div_(255)
+    if distort is not None:
+        patch = distort(patch)
+    patch = FT.normalize(patch, IMAGENET_MEAN, IMAGENET_STD)
+    if (oy0, ox0, oy1, ox1) == (0, 0, out_h, out_w):
+        out = patch
+    else:
+        out = patch.new_zeros(3, out_h, out_w)
+        out[:, oy0:oy1, ox0:ox1] = patch
+
+    # map boxes with the exact (rounded) transform the pixels went through, then to fractions
+    scale = boxes.new_tensor([(ox1 - ox0) / (ix1 - ix0), (oy1 - oy0) / (iy1 - iy0)] * 2)
+    offset_in = boxes.new_tensor([ix0, iy0, ix0, iy0])
+    offset_out = boxes.new_tensor([ox0, oy0, ox0, oy0])
+    new_boxes = ((boxes - offset_in) * scale + offset_out) / boxes.new_tensor([out_w, out_h, out_w, out_h])
+    if hflip:
+        out = out.flip(-1)
+        new_boxes = torch.stack([1 - new_boxes[:, 2], new_boxes[:, 1], 1 - new_boxes[:, 0], new_boxes[:, 3]], 1)
+    return out, new_boxes
+
+
+def transform(image, boxes, labels, difficulties, split, g=None):
+    """Apply the tutorial's transformations (section "Data Transforms").
+
+    image: uint8 tensor (3, H, W); boxes: (n, 4) pixel xy; labels, difficulties: (n,).
+    split: 'TRAIN' (photometric distortions, zoom out 50%, random crop, flip 50%, resize,
+    normalize) or 'TEST' (resize, normalize). g: torch.Generator for the random draws.
+    Returns (image float (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
+    """
+    split = split.upper()
+    assert split in ("TRAIN", "TEST")
+    _, H, W = image.shape
+    window = (0, 0, W, H)
+    hflip, distort = False, None
+    if split == "TRAIN":
+        distort = lambda im: photometric_distort(im, g)  # applied in resize, to the visible pixels only
+        if torch.rand((), generator=g) < 0.5:
+            window = expand(window, g)
+        window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g)
+        hflip = bool(torch.rand((), generator=g) < 0.5)
+    image, boxes = resize(image, window, boxes, hflip=hflip, distort=distort)
+    return image, boxes, labels, difficulties
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _average_precision(precision, recall, interpolation):
+    """AP from a precision/recall curve (detections sorted by decreasing score).
+
+    '11point': VOC2007, mean over recall in {0, .1, ..., 1} of the best precision at recall >= it.
+    'all': VOC2010+, area under the monotone precision envelope. '101point': COCO's 101 recall points.
+    """
+    if recall.numel() == 0:
+        return recall.new_zeros(())
+    if interpolation in ("11point", "101point"):
+        points = torch.linspace(0, 1, 11 if interpolation == "11point" else 101, dtype=recall.dtype, device=recall.device)
+        # best precision at recall >= t: suffix max of precision, looked up at the first index with recall >= t
+        envelope = precision.flip(0).cummax(0).values.flip(0)
+        idx = torch.searchsorted(recall.contiguous(), points)  # recall is non-decreasing
+        found = idx < recall.numel()
+        p = torch.where(found, envelope[idx.clamp(max=recall.numel() - 1)], torch.zeros_like(points))
+        return p.mean()
+    if interpolation == "all":
+        envelope = precision.flip(0).cummax(0).values.flip(0)
+        dr = torch.diff(recall, prepend=recall.new_zeros(1))
+        return (dr * envelope).sum()
+    raise ValueError(f"unknown interpolation {interpolation!r}")
+
+
+def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties,
+                  iou_threshold=0.5, interpolation="11point", label_names=None):
+    """Mean Average Precision of detections, the tutorial's signature and VOC2007 rules.
+
+    Each argument is a list over images of tensors: det_boxes (n_d, 4) xy, det_labels (n_d,),
+    det_scores (n_d,), true_boxes (n_t, 4) xy (same scale as the detections), true_labels (n_t,),
+    true_difficulties (n_t,). For each class, detections are taken in order of decreasing score;
+    a detection is a true positive if its best-overlapping object of that class in the same image
+    has IoU > iou_threshold, is not difficult and was not detected before; matched to a difficult
+    object it is neither true nor false positive; otherwise it is a false positive.
+    interpolation: '11point' (VOC2007, the tutorial's), 'all' (VOC2010+) or '101point' (COCO).
+    Returns (dict class name -> AP as float, mAP as float). A class without (non-difficult) objects is left out.
+
+    Vectorized: all images of a class are processed together, in one IoU matrix masked to pairs
+    from the same image; "was not detected before" is "is the highest-scoring detection matched
+    to that object".
+    """
+    label_names = label_names or {v: k for k, v in label_map.items() if v != 0}
+    n_images = len(true_boxes)
+    assert len(det_boxes) == len(det_labels) == len(det_scores) == len(true_labels) == len(true_difficulties) == n_images
+    device = true_boxes[0].device if n_images else torch.device("cpu")
+
+    def flat(tensors, dtype, four=False):
+        shape = (-1, 4) if four else (-1,)
+        return torch.cat([t.to(device, dtype).reshape(shape) for t in tensors] +
+                         [torch.zeros((0, 4) if four else (0,), dtype=dtype, device=device)])
+
+    def image_ids(labels):
+        return torch.cat([torch.full((len(l),), i, device=device) for i, l in enumerate(labels)] +
+                         [torch.zeros(0, dtype=torch.long, device=device)])
+
+    t_img, t_boxes = image_ids(true_labels), flat(true_boxes, torch.float, four=True)
+    t_labels, t_diff = flat(true_labels, torch.long), flat(true_difficulties, torch.bool)
+    d_img, d_boxes = image_ids(det_labels), flat(det_boxes, torch.float, four=True)
+    d_labels, d_scores = flat(det_labels, torch.long), flat(det_scores, torch.float)
+
+    average_precisions = {}
+    for c, name in sorted(label_names.items()):
+        t_mask = t_labels == c
+        n_easy = int((t_mask & ~t_diff).sum())
+        if n_easy == 0:  # AP is undefined for a class with no (non-difficult) object
+            continue
+        gt, gt_diff, gt_img = t_boxes[t_mask], t_diff[t_mask], t_img[t_mask]
+        d_mask = d_labels == c
+        boxes, scores, img = d_boxes[d_mask], d_scores[d_mask], d_img[d_mask]
+        if boxes.size(0) == 0:
+            average_precisions[name] = 0.0
+            continue
+        order = scores.argsort(descending=True, stable=True)
+        boxes, img = boxes[order], img[order]
+        overlap = find_jaccard_overlap(boxes, gt)  # (n_d, n_gt), all images at once
+        overlap.masked_fill_(img[:, None] != gt_img[None, :], -1.)  # objects of other images never match
+        best_iou, best_gt = overlap.max(1)  # (n_d,)
+        matched = best_iou > iou_threshold
+        difficult = matched & gt_diff[best_gt]
+        # the first (highest-scoring) detection matched to an object takes it; later ones are FPs
+        rank = torch.arange(boxes.size(0), device=device)
+        first = torch.full((gt.size(0),), boxes.size(0), dtype=torch.long, device=device)
+        first.scatter_reduce_(0, best_gt[matched], rank[matched], reduce="amin")
+        tp = matched & ~difficult & (first[best_gt] == rank)
+        fp = ~matched | (matched & ~difficult & ~tp)
+        keep = ~difficult
+        cum_tp = tp[keep].cumsum(0).float()
+        cum_fp = fp[keep].cumsum(0).float()
+        precision = cum_tp / (cum_tp + cum_fp).clamp(min=1e-10)
+        recall = cum_tp / n_easy
+        average_precisions[name] = float(_average_precision(precision, recall, interpolation))
+    mean_ap = sum(average_precisions.values()) / max(len(average_precisions), 1)
+    return average_precisions, mean_ap
