@@ -19,6 +19,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as FT
@@ -271,9 +272,8 @@ def pil_to_tensor(image):
     """PIL image of any mode -> uint8 RGB tensor (3, H, W)."""
     if image.mode != "RGB":
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-            arr = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32"))
-            hi = max(float(arr.max()), 1.0)
-            image = Image.fromarray((arr * (255.0 / hi)).clamp(0, 255).to(torch.uint8).numpy(), mode="L")
+            arr = np.asarray(image, dtype=np.float32)
+            image = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).clip(0, 255).astype(np.uint8))
         image = image.convert("RGB")
     return FT.pil_to_tensor(image)
 
