@@ -390,12 +390,19 @@ class MultiBoxLoss(nn.Module):
 
     def forward(self, predicted_locs, predicted_scores, boxes, labels):
         """predicted_locs (N, P, 4), predicted_scores (N, P, C), boxes/labels lists over the batch -> scalar loss."""
+        loss_sum, n_positives = self.sum_and_positives(predicted_locs, predicted_scores, boxes, labels)
+        return loss_sum / n_positives.clamp(min=1)
+
+    def sum_and_positives(self, predicted_locs, predicted_scores, boxes, labels):
+        """The loss summed over the batch, and the number of positives it is to be divided by.
+
+        Kept apart so that a distributed run can divide by the positives of the global batch.
+        """
         predicted_locs, predicted_scores = predicted_locs.float(), predicted_scores.float()  # loss in fp32 under autocast
         N, P, C = predicted_scores.shape
         true_locs, true_classes = self.match(boxes, labels)  # (N, P, 4), (N, P)
         positive = true_classes != 0  # (N, P)
         n_positives = positive.sum(dim=1)  # (N,)
-        total_positives = n_positives.sum().clamp(min=1)
 
         loc_loss = (F.smooth_l1_loss(predicted_locs, true_locs, reduction="none").sum(2) * positive).sum()
 
@@ -406,4 +413,4 @@ class MultiBoxLoss(nn.Module):
         hard = torch.arange(P, device=positive.device)[None, :] < self.neg_pos_ratio * n_positives[:, None]  # (N, P)
         conf_loss_hard_neg = (conf_loss_neg * hard).sum()
 
-        return (conf_loss_pos + conf_loss_hard_neg + self.alpha * loc_loss) / total_positives
+        return conf_loss_pos + conf_loss_hard_neg + self.alpha * loc_loss, n_positives.sum()

@@ -69,6 +69,16 @@ def resolve_device(name):
     return device
 
 
+def bf16_is_fast(device):
+    """Whether bf16 autocast speeds up convolutions on `device`: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes and safe checkpoint loading
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""Detect and count blood cells in images (tutorial, "Inference").
+
+    $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
+
+Writes, in --output-dir, each image annotated with its detections, counts.csv (image, RBC, WBC,
+Platelets) and detections.json (boxes in pixels of the original image, labels, scores), and prints
+the counts. Takes image files and folders (searched recursively); any image PIL opens works,
+whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
+skipped; the exit status is then 1.
+
+From Python, as in the tutorial:
+    from PIL import Image
+    from detect import detect, load_model
+    model = load_model("runs/ssd300/checkpoint.pt")
+    detect(Image.open("smear.jpg"), min_score=0.2, max_overlap=0.5, top_k=200, model=model).show()
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from model import SSD300
+from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, pil_to_tensor, resize, resolve_device,
+                   rev_label_map, run_cli, write_json_atomic)
+
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
+    p.add_argument("--min-score", type=float, default=0.2, help="keep detections scoring above this")
+    p.add_argument("--max-overlap", type=float, default=0.5, help="NMS: suppress boxes overlapping a better one by more (IoU)")
+    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=1, help="processes reading images while the model runs")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
+    return p
+
+
+def load_model(checkpoint, device="cpu"):
+    """The model of a train.py checkpoint, in eval mode, on `device`."""
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        model = SSD300.from_checkpoint(ckpt)
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"{checkpoint}: does not fit SSD300 ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    device = torch.device(device)
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def open_image(path_or_file):
+    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W)."""
+    with Image.open(path_or_file) as im:
+        return pil_to_tensor(ImageOps.exif_transpose(im))
+
+
+def preprocess(image):
+    """uint8 (3, H, W) -> normalized float (3, 300, 300), as TEST images are transformed."""
+    _, h, w = image.shape
+    return resize(image, (0, 0, w, h), image.new_zeros(0, 4, dtype=torch.float))[0]
+
+
+@torch.no_grad()
+def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True):
+    """images: float (N, 3, 300, 300) -> lists over images of (boxes fractional (n, 4), labels (n,), scores (n,))."""
+    device = next(model.parameters()).device
+    images = images.to(device, memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        locs, scores = model(images)
+    return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
+
+
+def annotate(image, boxes, labels, scores):
+    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image."""
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    width = max(1, round(max(image.size) / 320))
+    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        name = rev_label_map[label]
+        color = label_color_map[name]
+        draw.rectangle(box, outline=color, width=width)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
+        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
+        draw.rectangle([box[0], y, box[0] + right - left + 4, y + bottom - top + 2], fill=color)
+        draw.text((box[0] + 2, y), text, fill="white", font=font)
+    return image
+
+
+def to_pixels(boxes, width, height):
+    return boxes * boxes.new_tensor([width, height, width, height])
+
+
+def detect(original_image, min_score=0.2, max_overlap=0.5, top_k=200, *, model, amp=None):
+    """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
+
+    model: from load_model(). Returns a new PIL image with one colour per class, label and score.
+    """
+    amp = bf16_is_fast(next(model.parameters()).device) if amp is None else amp
+    image = pil_to_tensor(original_image)
+    boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
+    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: many files, read in worker processes while the model runs
+# ---------------------------------------------------------------------------------------------
+
+def find_images(inputs):
+    """Expand files and folders (recursively) into a sorted list of image paths; missing inputs are errors."""
+    paths, missing = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, _, files in sorted(os.walk(item)):
+                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            missing.append(item)
+    return paths, missing
+
+
+class ImageFiles(Dataset):
+    """Reads and preprocesses image files; an unreadable file yields its error message instead."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            image = open_image(path)
+        except Exception as e:  # PIL raises many kinds: report and go on
+            return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        return i, image, preprocess(image)
+
+    @staticmethod
+    def collate_fn(batch):
+        return batch
+
+
+def output_names(paths):
+    """A distinct output file name for every input (same name in two folders: add a counter)."""
+    names, seen = [], {}
+    for p in paths:
+        stem, ext = os.path.splitext(os.path.basename(p))
+        ext = ext.lower() if ext.lower() in (".jpg", ".jpeg", ".png") else ".png"
+        name = stem + ext
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        names.append(name if n == 0 else f"{stem}_{n}{ext}")
+    return names
+
+
+def check_args(args):
+    if not 0 <= args.min_score < 1:
+        raise UserError(f"--min-score must be in [0, 1), not {args.min_score}")
+    if not 0 < args.max_overlap <= 1:
+        raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
+    if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
+        raise UserError("--top-k and --batch-size must be positive and --workers >= 0")
+
+
+def main(args):
+    check_args(args)
+    device = resolve_device(args.device)
+    amp = bf16_is_fast(device) if args.amp is None else args.amp
+    model = load_model(args.checkpoint, device)
+    paths, missing = find_images(args.inputs)
+    errors = [f"{m}: no such file or folder" for m in missing]
+    if not paths and not errors:
+        raise UserError(f"no images found in {' '.join(args.inputs)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    names = output_names(paths)
+
+    loader = DataLoader(ImageFiles(paths), batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=ImageFiles.collate_fn)
+    counts, records = [], []
+    start = time.perf_counter()
+    for batch in loader:
+        good = [(i, image, x) for i, image, x in batch if image is not None]
+        errors += [x for _, image, x in batch if image is None]
+        if not good:
+            continue
+        dets = predict(model, torch.stack([x for _, _, x in good]), args.min_score, args.max_overlap, args.top_k, amp)
+        for (i, image, _), boxes, labels, scores in zip(good, *dets):
+            _, h, w = image.shape
+            boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
+            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+            annotate(pil, boxes, labels, scores).save(os.path.join(args.output_dir, names[i]), quality=90)
+            n = torch.bincount(labels, minlength=len(bccd_labels) + 1).tolist()
+            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(bccd_labels)}})
+            records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
+                            "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
+                            "labels": [rev_label_map[l] for l in labels.tolist()],
+                            "scores": [round(s, 4) for s in scores.tolist()]})
+    seconds = time.perf_counter() - start
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["image", *bccd_labels], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(counts)
+    csv_path = os.path.join(args.output_dir, "counts.csv")
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, csv_path)
+    write_json_atomic(records, os.path.join(args.output_dir, "detections.json"), indent=1)
+
+    width = max([len("image")] + [len(c["image"]) for c in counts])
+    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in bccd_labels))
+    for c in counts:
+        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>9}" for name in bccd_labels))
+    print(f"{len(counts)} image(s) in {seconds:.1f} s; results in {args.output_dir}")
+    for e in errors:
+        print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,144 @@
+"""Evaluate a checkpoint on BCCD's TEST split (tutorial, "Evaluation").
+
+    $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
+    $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
+
+Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
+and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
+their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-style AP averaged
+over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules).
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from datasets import BCCDDataset
+from model import SSD300
+from utils import UserError, bccd_labels, calculate_mAP, load_checkpoint, resolve_device, run_cli, write_json_atomic
+
+COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on BCCD's TEST split.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on with CUDA)")
+    return p
+
+
+@torch.no_grad()
+def detect_dataset(model, loader, device, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45,
+                   top_k=200, progress=False):
+    """Run the model over a loader of BCCDDataset('test') items.
+
+    Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
+    over images of CPU tensors, boxes fractional.
+    """
+    model.eval()
+    results = ([], [], [], [], [], [])
+    for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            predicted_locs, predicted_scores = model(images)  # (N, P, 4), (N, P, C)
+        dets = model.detect_objects(predicted_locs, predicted_scores, min_score=min_score,
+                                    max_overlap=max_overlap, top_k=top_k)
+        for store, items in zip(results, (*dets, boxes, labels, difficulties)):
+            store.extend(t.cpu() for t in items)
+    return results
+
+
+def evaluate(model, loader, device, amp=False, channels_last=False):
+    """VOC2007 mAP of `model` on `loader`: (dict class -> AP, mAP). Used by train.py --val-every."""
+    return calculate_mAP(*detect_dataset(model, loader, device, amp=amp, channels_last=channels_last))
+
+
+def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties):
+    """The three figures eval.py reports, as a JSON-ready dict."""
+    args = (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties)
+    aps, mean_ap = calculate_mAP(*args)
+    aps_all, mean_ap_all = calculate_mAP(*args, interpolation="all")
+    coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point") for t in COCO_THRESHOLDS]
+    aps_coco = {name: sum(c[0][name] for c in coco) / len(coco) for name in aps}
+    return {"mAP": mean_ap, "AP": aps,
+            "mAP_all_point": mean_ap_all, "AP_all_point": aps_all,
+            "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco}
+
+
+def main(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = resolve_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device):
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be positive and --workers >= 0")
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        model = SSD300.from_checkpoint(ckpt)
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"{args.checkpoint}: does not fit SSD300 ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score
+    shard = list(range(rank, len(test_set), world))  # each process a disjoint share, nothing padded
+    loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
+                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    start = time.perf_counter()
+    results = detect_dataset(model, loader, device, amp=amp, channels_last=channels_last, progress=rank == 0)
+    if world > 1:  # gather every process's detections on rank 0, back in dataset order
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object((shard, results), gathered, dst=0)
+        if rank != 0:
+            return
+        order = [i for s, _ in gathered for i in s]
+        merged = [[x for _, r in gathered for x in r[k]] for k in range(6)]
+        position = sorted(range(len(order)), key=order.__getitem__)
+        results = [[column[p] for p in position] for column in merged]
+    seconds = time.perf_counter() - start
+
+    metrics = compute_metrics(*results)
+    print(f"\n{'class':<12}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
+    for name in bccd_labels:
+        if name in metrics["AP"]:
+            print(f"{name:<12}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
+    print(f"{'mAP':<12}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
+    print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
+          f"bf16 autocast {'on' if amp else 'off'})")
+    if args.output:
+        write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
+                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "device": str(device),
+                           "processes": world, "amp": amp, "seconds": round(seconds, 3)}, args.output, indent=2)
+        print(f"results written to {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,291 @@
+"""Train SSD300 on BCCD (tutorial, "Training").
+
+On one GPU, from scratch, with the BCCD recipe (the defaults; see README "Results"):
+    $ python train.py --out-dir runs/ssd300
+Resume an interrupted run (same command, plus):
+    $ python train.py --out-dir runs/ssd300 --resume runs/ssd300/checkpoint.pt
+The tutorial's setting, with ImageNet weights (needs internet once) and no BatchNorm:
+    $ python train.py --base-weights imagenet --no-batch-norm --lr 1e-3 --batch-size 8 --schedule step --warmup 0
+On several GPUs (--batch-size is per process):
+    $ torchrun --nproc_per_node=4 train.py --out-dir runs/ssd300-4gpu
+
+Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
+written to a temporary file and then moved into place) and <out-dir>/log.jsonl (one JSON line
+per epoch). The lists in --data-folder are made with create_data_lists when missing.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets import AugmentationSampler, BCCDDataset
+from model import PRIOR_SCALES, SSD300, MultiBoxLoss
+from utils import UserError, label_map, load_checkpoint, resolve_device, run_cli, save_atomic
+
+
+DEFAULT_EPOCHS = 300
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("train.py", description="Train SSD300 on BCCD.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py (made when missing)")
+    p.add_argument("--bccd-folder", default="data/BCCD", help="BCCD, used to make the lists when --data-folder has none")
+    p.add_argument("--out-dir", default="runs/ssd300", help="where checkpoint.pt and log.jsonl go")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step and per process (paper: 32)")
+    p.add_argument("--lr", type=float, default=0.02, help="peak learning rate; biases get twice it (paper: 1e-3 with "
+                   "an ImageNet base; BatchNorm lets a from-scratch model take far more)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="on convolution weights; none on biases and "
+                   "BatchNorm, as the Caffe SSD does for biases (paper: 5e-4)")
+    p.add_argument("--iterations", type=int, default=None, help="training steps (the paper counts iterations: 120000 "
+                   "at batch 32 on VOC); converted to epochs with the real batch size")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs over TRAIN; overrides --iterations (default, "
+                   f"when neither is given: {DEFAULT_EPOCHS})")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                   help="cosine decay to zero, or step: x0.1 at each --decay-at (the paper's)")
+    p.add_argument("--decay-at", type=float, nargs="*", default=[2 / 3, 5 / 6], help="step schedule: where the lr is "
+                   "divided by 10, as fractions of training (< 1) or iteration numbers (paper: 80000 100000 of 120000)")
+    p.add_argument("--warmup", type=int, default=200, help="iterations of linear lr warm-up from 1/10 of --lr")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this (the tutorial's "
+                   "remedy for exploding gradients)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seeds initialization, shuffling and augmentation")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint (model, optimizer, "
+                   "epoch); the schedule follows the flags of this run")
+    p.add_argument("--base-weights", default="none", help="imagenet (torchvision's VGG-16, downloaded), none (from "
+                   "scratch) or PATH to a torchvision VGG-16 state_dict")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm after every base and auxiliary convolution (ScratchDet), needed from scratch")
+    p.add_argument("--prior-scales", type=float, nargs=6, default=list(PRIOR_SCALES), metavar="S",
+                   help="scales of the priors of conv4_3 ... conv11_2 (paper: 0.1 0.2 0.375 0.55 0.725 0.9)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on with CUDA)")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode TRAIN once and keep it in memory (BCCD: 270 MB)")
+    p.add_argument("--val-every", type=int, default=0, help="evaluate TEST every N epochs and log its mAP, for "
+                   "monitoring only (0 = never); report results from the final checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="save the checkpoint every N epochs (and at the end)")
+    return p
+
+
+def check_args(args):
+    for name in ("batch_size", "epochs", "iterations", "workers", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and (value < (0 if name == "workers" else 1)):
+            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else 'positive'}, not {value}")
+    if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.warmup < 0 or args.val_every < 0:
+        raise UserError("--lr must be positive; --momentum, --weight-decay, --warmup and --val-every must be >= 0")
+    if args.grad_clip is not None and args.grad_clip <= 0:
+        raise UserError(f"--grad-clip must be positive, not {args.grad_clip}")
+    if any(s <= 0 or s > 1 for s in args.prior_scales):
+        raise UserError("--prior-scales must lie in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers: a plain run is a world of one
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed(device_flag):
+    """Set up torch.distributed when launched by torchrun; return (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, resolve_device(device_flag)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_flag)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def lr_at(iteration, total, args):
+    """Learning rate multiplier at `iteration` (0-based) of `total`: linear warm-up, then cosine or steps."""
+    if iteration < args.warmup:
+        return 0.1 + 0.9 * iteration / args.warmup
+    if args.schedule == "cosine":
+        progress = (iteration - args.warmup) / max(total - args.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.)))
+    milestones = [d * total if d < 1 else d for d in args.decay_at]
+    return 0.1 ** sum(iteration >= m for m in milestones)
+
+
+def make_optimizer(model, args):
+    """SGD; biases at twice the learning rate (paper, Caffe); no weight decay on biases and BatchNorm."""
+    decay, no_decay, biases = [], [], []
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            biases.append(param)
+        elif param.dim() == 1:  # BatchNorm weights
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "lr_mult": 1., "weight_decay": args.weight_decay},
+              {"params": no_decay, "lr_mult": 1., "weight_decay": 0.},
+              {"params": biases, "lr_mult": 2., "weight_decay": 0.}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=args.momentum)
+
+
+def ensure_lists(args, rank):
+    if not os.path.isfile(os.path.join(args.data_folder, "TRAIN_images.json")) and rank == 0:
+        from create_data_lists import missing_data_message
+        from utils import create_data_lists
+        if not os.path.isdir(args.bccd_folder):
+            raise UserError(f"{args.data_folder}: no lists; and " + missing_data_message(args.bccd_folder))
+        print(f"making the lists in {args.data_folder} from {args.bccd_folder}")
+        create_data_lists(args.bccd_folder, args.data_folder)
+
+
+def main(args):
+    check_args(args)
+    rank, world, device = init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    is_main = rank == 0
+    cuda = device.type == "cuda"
+    amp = cuda if args.amp is None else args.amp
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    torch.manual_seed(args.seed)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ensure_lists(args, rank)
+    if world > 1:
+        dist.barrier()
+    train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images)
+    sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
+                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
+                        drop_last=len(sampler) >= args.batch_size)  # no ragged last batch for BatchNorm
+    steps_per_epoch = len(loader)
+    if args.epochs is None and args.iterations is not None:
+        epochs, total_iterations = math.ceil(args.iterations / steps_per_epoch), args.iterations
+    else:
+        epochs = args.epochs or DEFAULT_EPOCHS
+        total_iterations = epochs * steps_per_epoch
+
+    base_weights = None if args.base_weights.lower() == "none" else args.base_weights
+    if ckpt is not None:
+        model = SSD300.from_checkpoint(ckpt)
+    else:
+        model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
+                       prior_scales=args.prior_scales)
+    model_args = model.model_args
+    if world > 1 and cuda and model.batch_norm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    criterion = MultiBoxLoss(model.priors_cxcy).to(device)
+    optimizer = make_optimizer(model, args)
+    start_epoch, iteration = 0, 0
+    if ckpt is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{args.resume}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    raw_model = model.module if world > 1 else model
+
+    val_loader = None
+    if args.val_every and is_main:
+        val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
+        val_loader = DataLoader(val_set, batch_size=32, collate_fn=BCCDDataset.collate_fn,
+                                num_workers=min(args.workers, 4), pin_memory=cuda)
+
+    if is_main:
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(f"training on {device} x{world}: {len(train_set)} images, {steps_per_epoch} steps/epoch at batch "
+              f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
+              f"{total_iterations} iterations, bf16 autocast {'on' if amp else 'off'}")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
+    for epoch in range(start_epoch, epochs):
+        if iteration >= total_iterations:
+            break
+        model.train()
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        n_steps = 0
+        for images, boxes, labels, _ in loader:
+            if iteration >= total_iterations:
+                break
+            lr = args.lr * lr_at(iteration, total_iterations, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            boxes = [b.to(device, non_blocking=True) for b in boxes]
+            labels = [l.to(device, non_blocking=True) for l in labels]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                predicted_locs, predicted_scores = model(images)  # (N, P, 4), (N, P, C)
+            loss_total, n_positives = criterion.sum_and_positives(predicted_locs, predicted_scores, boxes, labels)
+            if world > 1:  # normalize by the positives of the global batch; DDP averages the gradients
+                dist.all_reduce(n_positives)
+                loss = loss_total * world / n_positives.clamp(min=1)
+            else:
+                loss = loss_total / n_positives.clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_steps += 1
+            iteration += 1
+            bar.update(1)
+        if n_steps == 0:
+            break
+        epoch_loss = (loss_sum / n_steps)
+        if world > 1:
+            dist.all_reduce(epoch_loss)
+            epoch_loss /= world
+        epoch_loss = epoch_loss.item()  # one host sync per epoch
+        seconds = time.perf_counter() - start
+        if not math.isfinite(epoch_loss):
+            bar.close()
+            raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped. The last good checkpoint "
+                            f"is kept in {args.out_dir}. Try a lower --lr or --grad-clip")
+        record = {"epoch": epoch + 1, "iteration": iteration, "loss": round(epoch_loss, 5), "lr": lr,
+                  "seconds": round(seconds, 3), "images_per_s": round(n_steps * args.batch_size * world / seconds, 1)}
+        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
+        last = epoch + 1 == epochs or iteration >= total_iterations
+        if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
+            from eval import evaluate
+            aps, mean_ap = evaluate(raw_model, val_loader, device, amp=amp, channels_last=channels_last)
+            record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
+            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (epoch + 1) % args.checkpoint_every == 0 or last:
+                save_atomic({"model": raw_model.state_dict(), "model_args": model_args,
+                             "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
+                             "args": vars(args), "label_map": label_map}, os.path.join(args.out_dir, "checkpoint.pt"))
+    bar.close()
+    if is_main:
+        print(f"done: {iteration} iterations; checkpoint in {os.path.join(args.out_dir, 'checkpoint.pt')}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
