@@ -32,12 +32,13 @@ class BCCDDataset(Dataset):
     with `seed`, so it does not depend on which worker loads the item (see AugmentationSampler).
     """
 
-    def __init__(self, data_folder, split, keep_difficult=False, cache_images=False):
+    def __init__(self, data_folder, split, keep_difficult=False, cache_images=False, max_zoom=4.):
         self.split = split.upper()
         if self.split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         self.data_folder = data_folder
         self.keep_difficult = keep_difficult
+        self.max_zoom = max_zoom
         self.images = self._read_json(os.path.join(data_folder, self.split + "_images.json"))
         self.objects = self._read_json(os.path.join(data_folder, self.split + "_objects.json"))
         if len(self.images) != len(self.objects):
@@ -71,7 +72,7 @@ class BCCDDataset(Dataset):
             easy = difficulties == 0
             boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
         g = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
-        return transform(image, boxes, labels, difficulties, split=self.split, g=g)
+        return transform(image, boxes, labels, difficulties, split=self.split, g=g, max_zoom=self.max_zoom)
 
     @staticmethod
     def collate_fn(batch):

@@ -67,6 +67,8 @@ def get_args_parser():
                    help="BatchNorm after every base and auxiliary convolution (ScratchDet), needed from scratch")
     p.add_argument("--prior-scales", type=float, nargs=6, default=list(PRIOR_SCALES), metavar="S",
                    help="scales of the priors of conv4_3 ... conv11_2 (paper: 0.1 0.2 0.375 0.55 0.725 0.9)")
+    p.add_argument("--max-zoom", type=float, default=4., help="largest zoom-out of the augmentation, as a multiple "
+                   "of the image (paper: 4; 1 turns zoom-out off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on CPU)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -90,6 +92,8 @@ def check_args(args):
         raise UserError(f"--grad-clip must be positive, not {args.grad_clip}")
     if any(s <= 0 or s > 1 for s in args.prior_scales):
         raise UserError("--prior-scales must lie in (0, 1]")
+    if args.max_zoom < 1:
+        raise UserError(f"--max-zoom must be >= 1, not {args.max_zoom}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ def train(args, rank, world, device):
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()
-    train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images)
+    train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images, max_zoom=args.max_zoom)
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,

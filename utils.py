@@ -502,12 +502,13 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     return out, new_boxes
 
 
-def transform(image, boxes, labels, difficulties, split, g=None):
+def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4.):
     """Apply the tutorial's transformations (section "Data Transforms").
 
     image: uint8 tensor (3, H, W); boxes: (n, 4) pixel xy; labels, difficulties: (n,).
     split: 'TRAIN' (photometric distortions, zoom out 50%, random crop, flip 50%, resize,
     normalize) or 'TEST' (resize, normalize). g: torch.Generator for the random draws.
+    max_zoom: the largest zoom-out canvas, as a multiple of the image (paper: 4; 1 disables it).
     Returns (image float (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
     """
     split = split.upper()
@@ -517,8 +518,8 @@ def transform(image, boxes, labels, difficulties, split, g=None):
     hflip, distort = False, None
     if split == "TRAIN":
         distort = lambda im: photometric_distort(im, g)  # applied in resize, to the visible pixels only
-        if torch.rand((), generator=g) < 0.5:
-            window = expand(window, g)
+        if torch.rand((), generator=g) < 0.5 and max_zoom > 1:
+            window = expand(window, g, max_scale=max_zoom)
         window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g)
         hflip = bool(torch.rand((), generator=g) < 0.5)
     image, boxes = resize(image, window, boxes, hflip=hflip, distort=distort)

@@ -1,0 +1,417 @@
+"""Speed of this SSD300 beside torchvision's ssd300_vgg16, on one device, in one run, same inputs.
+
+    $ python bench.py --json results/bench-cpu.json                 # CPU: batch 8 training, batch 1/8 inference
+    $ python bench.py --device cuda --json results/bench-gpu.json   # GPU: batch 32 training, batch 1/64 inference
+    $ python bench.py --only data                                    # just the data pipeline (images/s)
+    $ python bench.py --only folder --checkpoint runs/ssd300/checkpoint.pt   # detect.py vs a torchvision loop
+
+Measures (--only picks some): train (images/s of forward + loss + backward + SGD step), infer
+(images/s of forward + post-processing at min_score 0.01, max_overlap 0.45, top_k 200), data
+(TRAIN pipeline images/s in one process and with --workers processes), parts (ms of MultiBoxLoss,
+detect_objects and calculate_mAP beside torchvision's matching + loss and post-processing) and
+folder (detect.py over a folder of images vs a plain fp32 torchvision loop that loads, detects,
+draws and saves each image). Both models get the same images and the same precision (--amp: bf16
+autocast); ours also uses channels-last, one of its speed levers. Weights are random unless
+--checkpoint is given; timings of different machines must not be compared.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+from datasets import AugmentationSampler, BCCDDataset
+from model import SSD300, MultiBoxLoss
+from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, resolve_device, run_cli,
+                   write_json_atomic)
+
+# dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
+BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
+PARTS = ("train", "infer", "data", "parts", "folder")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("bench.py", description="Benchmark SSD300 against torchvision's ssd300_vgg16.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these measurements "
+                   "(default: all but folder, which needs --checkpoint)")
+    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
+    p.add_argument("--checkpoint", default=None, help="use these weights for ours (folder, and an extra inference row)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 32 on CUDA, 8 on CPU)")
+    p.add_argument("--infer-batches", type=int, nargs="+", default=None, help="inference batches (default: 1 64 on CUDA, 1 8 on CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the data measurement")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for both models (default: on with CUDA, off on CPU)")
+    p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
+                   help="time our model without BatchNorm (the tutorial's), like torchvision's")
+    p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device, iters, warmup=2):
+    """Median seconds of fn() over `iters` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ratio(ours, theirs, higher_is_better=True):
+    return round(ours / theirs if higher_is_better else theirs / ours, 2)
+
+
+def fixed_batch(data_folder, n):
+    """n TEST images (no augmentation) with their boxes: identical inputs for both models."""
+    test_set = BCCDDataset(data_folder, "test")
+    items = [test_set[i % len(test_set)] for i in range(n)]
+    images, boxes, labels, _ = BCCDDataset.collate_fn(items)
+    return images, boxes, labels
+
+
+def to_torchvision_inputs(images, boxes=None, labels=None):
+    """torchvision's SSD takes [0, 1] images (it normalizes itself) and pixel boxes."""
+    mean = images.new_tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = images.new_tensor([0.229, 0.224, 0.225])[:, None, None]
+    imgs = list(images * std + mean)
+    if boxes is None:
+        return imgs
+    targets = [{"boxes": b * 300, "labels": l} for b, l in zip(boxes, labels)]
+    return imgs, targets
+
+
+def make_models(args, device, channels_last):
+    ours = SSD300(n_classes=len(label_map), base_weights=None, batch_norm=args.batch_norm)
+    tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(label_map))
+    tv.score_thresh, tv.nms_thresh, tv.detections_per_img, tv.topk_candidates = 0.01, 0.45, 200, 400
+    ours = ours.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return ours, tv.to(device)
+
+
+def count_macs(model, device):
+    """Multiply-accumulates of one forward pass of one image, counted over the convolutions."""
+    macs = []
+
+    def hook(m, inp, out):
+        macs.append(out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 300, 300, device=device))
+    for h in handles:
+        h.remove()
+    return sum(macs)
+
+
+def bench_train(args, device, amp, channels_last, out):
+    ours, tv = make_models(args, device, channels_last)
+    images, boxes, labels = fixed_batch(args.data_folder, args.train_batch)
+    images = images.to(device)
+    boxes, labels = [b.to(device) for b in boxes], [l.to(device) for l in labels]
+    tv_images, tv_targets = to_torchvision_inputs(images, boxes, labels)
+    criterion = MultiBoxLoss(ours.priors_cxcy).to(device)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
+    opt_tv = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
+    x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+    def step_ours():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            locs, scores = ours(x)
+        loss = criterion(locs, scores, boxes, labels)
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+
+    def step_tv():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = tv(tv_images, tv_targets)
+        loss = sum(losses.values())
+        opt_tv.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_tv.step()
+
+    ours.train()
+    tv.train()
+    t_ours = timeit(step_ours, device, args.iters)
+    t_tv = timeit(step_tv, device, args.iters)
+    n = args.train_batch
+    out["train_images_per_s"] = {"ours": round(n / t_ours, 1), "torchvision": round(n / t_tv, 1),
+                                 "ratio": ratio(n / t_ours, n / t_tv), "batch": n}
+    macs = count_macs(ours, device)
+    flops = 3 * 2 * macs * n / t_ours  # training ~ 3x the forward pass; 2 FLOPs per MAC
+    out["model_gmacs_per_image"] = round(macs / 1e9, 2)
+    out["train_tflops"] = round(flops / 1e12, 1)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        if peak and amp:
+            out["train_fraction_of_bf16_peak"] = round(flops / 1e12 / peak, 3)
+    del ours, tv, opt_ours, opt_tv
+
+
+def bench_infer(args, device, amp, channels_last, out):
+    ours, tv = make_models(args, device, channels_last)
+    ours.eval()
+    tv.eval()
+    trained = None
+    if args.checkpoint:
+        trained = SSD300.from_checkpoint(load_checkpoint(args.checkpoint)).to(
+            device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    result = {"ours": {}, "torchvision": {}, "ratio": {}}
+    if trained is not None:
+        result["ours_trained"] = {}
+    for n in args.infer_batches:
+        images, _, _ = fixed_batch(args.data_folder, n)
+        images = images.to(device)
+        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+        tv_images = to_torchvision_inputs(images)
+
+        @torch.no_grad()
+        def run_ours(model=ours):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                locs, scores = model(x)
+            return model.detect_objects(locs, scores, min_score=0.01, max_overlap=0.45, top_k=200)
+
+        @torch.no_grad()
+        def run_tv():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return tv(tv_images)
+
+        iters = args.iters if n <= 8 or device.type == "cuda" else 1
+        t_ours, t_tv = timeit(run_ours, device, iters, warmup=1), timeit(run_tv, device, iters, warmup=1)
+        key = f"batch_{n}"
+        result["ours"][key], result["torchvision"][key] = round(n / t_ours, 1), round(n / t_tv, 1)
+        result["ratio"][key] = ratio(n / t_ours, n / t_tv)
+        if trained is not None:
+            result["ours_trained"][key] = round(n / timeit(lambda: run_ours(trained), device, iters, warmup=1), 1)
+    out["infer_images_per_s"] = result
+
+
+def bench_data(args, device, out):
+    train_set = BCCDDataset(args.data_folder, "train", cache_images=True)
+    n = min(len(train_set), 128)
+    start = time.perf_counter()
+    for i in range(n):
+        train_set[(i, i)]
+    single = n / (time.perf_counter() - start)
+    sampler = AugmentationSampler(train_set, seed=0)
+    loader = DataLoader(train_set, batch_size=32, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
+                        num_workers=args.workers, persistent_workers=args.workers > 0,
+                        pin_memory=device.type == "cuda")
+    for images, *_ in loader:  # start the workers, warm up
+        pass
+    count, start = 0, time.perf_counter()
+    for epoch in range(1, 4):
+        sampler.set_epoch(epoch)
+        for images, *_ in loader:
+            count += images.size(0)
+    out["data_images_per_s"] = {"ours_one_process": round(single, 1), "ours_workers": round(count / (time.perf_counter() - start), 1),
+                                "workers": args.workers}
+
+
+def bench_parts(args, device, amp, out):
+    """Post-processing, loss and mAP on their own (random predictions, real BCCD boxes)."""
+    ours, tv = make_models(args, device, False)
+    n = 8
+    _, boxes, labels = fixed_batch(args.data_folder, n)
+    boxes, labels = [b.to(device) for b in boxes], [l.to(device) for l in labels]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    locs = torch.randn(n, 8732, 4, generator=g).to(device)
+    scores = torch.randn(n, 8732, len(label_map), generator=g).to(device)
+    criterion = MultiBoxLoss(ours.priors_cxcy).to(device)
+
+    # torchvision's matching + loss and post-processing, with its own anchors for 300x300 images
+    images = torchvision.models.detection.image_list.ImageList(torch.zeros(n, 3, 300, 300, device=device), [(300, 300)] * n)
+    feats = []
+    handle = tv.head.register_forward_hook(lambda m, inp, o: feats.extend(inp[0]))
+    with torch.no_grad():
+        tv.eval()(list(torch.zeros(1, 3, 300, 300, device=device)))
+    handle.remove()
+    anchors = tv.anchor_generator(images, [f.expand(n, -1, -1, -1) for f in feats])
+    head = {"bbox_regression": locs, "cls_logits": scores}
+    targets = [{"boxes": b * 300, "labels": l} for b, l in zip(boxes, labels)]
+
+    def tv_loss():
+        matched = [tv.proposal_matcher(torchvision.ops.box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
+        return tv.compute_loss(targets, head, anchors, matched)
+
+    res = {}
+    res["multibox_loss_ms"] = {"ours": timeit(lambda: criterion(locs, scores, boxes, labels), device, 10),
+                               "torchvision": timeit(tv_loss, device, 10)}
+    res["detect_objects_ms"] = {"ours": timeit(lambda: ours.detect_objects(locs, scores, 0.01, 0.45, 200), device, 5),
+                                "torchvision": timeit(lambda: tv.postprocess_detections(head, anchors, [(300, 300)] * n), device, 5)}
+
+    # calculate_mAP on 72 images x 200 detections against the real TEST objects
+    test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
+    true_boxes, true_labels, true_diff = [], [], []
+    for objects in test_set.objects[:72]:
+        b = torch.tensor(objects["boxes"]).reshape(-1, 4) / torch.tensor([640., 480., 640., 480.])
+        true_boxes.append(b)
+        true_labels.append(torch.tensor(objects["labels"]))
+        true_diff.append(torch.tensor(objects["difficulties"], dtype=torch.uint8))
+    k = len(true_boxes)
+    xy = torch.rand(k, 200, 2, generator=g) * 0.8
+    det_boxes = list(torch.cat([xy, xy + 0.05 + 0.2 * torch.rand(k, 200, 2, generator=g)], -1))
+    det_labels = list(torch.randint(1, 4, (k, 200), generator=g))
+    det_scores = list(torch.rand(k, 200, generator=g))
+    res["calculate_mAP_ms"] = {"ours": timeit(lambda: calculate_mAP(det_boxes, det_labels, det_scores, true_boxes,
+                                                                    true_labels, true_diff), torch.device("cpu"), 5)}
+    for key, v in res.items():
+        out[key] = {name: round(t * 1000, 2) for name, t in v.items()}
+        if "torchvision" in v:
+            out[key]["ratio"] = ratio(v["ours"], v["torchvision"], higher_is_better=False)
+    out["parts_batch"] = n
+
+
+def bench_folder(args, device, out):
+    """detect.py (as a user runs it) vs a plain fp32 torchvision loop: load, detect, draw, save, per image."""
+    if not args.checkpoint:
+        raise UserError("--only folder needs --checkpoint (detect.py loads a trained model)")
+    folder = args.folder
+    if folder is None:
+        test_set = BCCDDataset(args.data_folder, "test")
+        folder = os.path.dirname(test_set.images[0])
+        images = test_set.images
+    else:
+        images = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    tmp = tempfile.mkdtemp(prefix="bench-folder-")
+    try:
+        # ours: detect.py in a fresh process, the way a user runs it (its start-up and model load included)
+        listing = os.path.join(tmp, "inputs")
+        os.makedirs(listing)
+        for p in images:
+            os.symlink(os.path.abspath(p), os.path.join(listing, os.path.basename(p)))
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), "--checkpoint",
+               args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"), "--device", str(device)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        t_ours = time.perf_counter() - start
+
+        # torchvision: the plain loop, fp32, one image at a time, also in a fresh process
+        code = f"""
+import os, sys, torch, torchvision
+from PIL import Image, ImageDraw
+import torchvision.transforms.functional as FT
+torch.manual_seed(0)
+model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)
+model.score_thresh, model.nms_thresh = 0.2, 0.5
+model = model.eval().to({str(device)!r})
+os.makedirs(sys.argv[1], exist_ok=True)
+with torch.no_grad():
+    for path in sys.argv[2:]:
+        image = Image.open(path).convert("RGB")
+        det = model([FT.to_tensor(image).to({str(device)!r})])[0]
+        draw = ImageDraw.Draw(image)
+        for box in det["boxes"].tolist():
+            draw.rectangle(box, outline="red")
+        image.save(os.path.join(sys.argv[1], os.path.basename(path)))
+"""
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, os.path.join(tmp, "tv"), *images], check=True)
+        t_tv = time.perf_counter() - start
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["folder_seconds"] = {"ours": round(t_ours, 2), "torchvision": round(t_tv, 2),
+                             "ours_over_torchvision": round(t_ours / t_tv, 3), "images": len(images)}
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def print_table(out):
+    print(f"\n{'measurement':<34}{'ours':>12}{'torchvision':>14}{'ratio':>9}")
+    rows = []
+    if "train_images_per_s" in out:
+        t = out["train_images_per_s"]
+        rows.append((f"train images/s (batch {t['batch']})", t["ours"], t["torchvision"], t["ratio"]))
+    if "infer_images_per_s" in out:
+        t = out["infer_images_per_s"]
+        for key in t["ours"]:
+            rows.append((f"infer images/s ({key.replace('_', ' ')})", t["ours"][key], t["torchvision"][key], t["ratio"][key]))
+            if "ours_trained" in t:
+                rows.append((f"  ours, trained weights ({key.replace('_', ' ')})", t["ours_trained"][key], "", ""))
+    for key in ("multibox_loss_ms", "detect_objects_ms", "calculate_mAP_ms"):
+        if key in out:
+            t = out[key]
+            rows.append((key.replace("_ms", " ms"), t["ours"], t.get("torchvision", ""), t.get("ratio", "")))
+    if "data_images_per_s" in out:
+        t = out["data_images_per_s"]
+        rows.append(("data images/s, 1 process", t["ours_one_process"], "", ""))
+        rows.append((f"data images/s, {t['workers']} workers", t["ours_workers"], "", ""))
+    if "folder_seconds" in out:
+        t = out["folder_seconds"]
+        rows.append((f"detect.py on {t['images']} images, s", t["ours"], t["torchvision"], t["ours_over_torchvision"]))
+    for name, a, b, r in rows:
+        print(f"{name:<34}{a:>12}{b:>14}{r:>9}")
+    if "train_fraction_of_bf16_peak" in out:
+        print(f"training reaches {out['train_tflops']} TFLOP/s, {100 * out['train_fraction_of_bf16_peak']:.1f}% of the "
+              f"card's dense bf16 peak ({out['model_gmacs_per_image']} GMAC per image forward)")
+    print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder seconds")
+
+
+def main(args):
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    amp = cuda if args.amp is None else args.amp
+    if amp and not bf16_is_fast(device):
+        print("warning: bf16 is emulated on this CPU; timings with --amp will be slow", file=sys.stderr)
+    channels_last = True
+    args.train_batch = args.train_batch or (32 if cuda else 8)
+    args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
+    args.iters = args.iters or (20 if cuda else 2)
+    only = args.only or [p for p in PARTS if p != "folder"]
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    out = {"device": torch.cuda.get_device_name(device) if cuda else f"CPU: {platform.processor() or platform.machine()}, "
+                                                                        f"{torch.get_num_threads()} threads",
+           "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "amp_bf16": amp, "command": "python " + " ".join(sys.argv)}
+    steps = {"train": lambda: bench_train(args, device, amp, channels_last, out),
+             "infer": lambda: bench_infer(args, device, amp, channels_last, out),
+             "data": lambda: bench_data(args, device, out),
+             "parts": lambda: bench_parts(args, device, amp, out),
+             "folder": lambda: bench_folder(args, device, out)}
+    for name in PARTS:
+        if name in only:
+            print(f"measuring {name} ...", flush=True)
+            steps[name]()
+            if cuda:
+                torch.cuda.empty_cache()
+    print_table(out)
+    if args.json:
+        write_json_atomic(out, args.json, indent=2)
+        print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
