@@ -243,7 +243,11 @@ class SSD300(nn.Module):
                 raise UserError(f"{source}: no such file (--base-weights takes imagenet, none or a path)") from None
             except Exception as e:
                 raise UserError(f"{source}: not a loadable state_dict ({type(e).__name__})") from None
-        self.base.load_state_dict(convert_vgg16_state_dict(state, self.batch_norm, source), strict=False)
+        try:
+            self.base.load_state_dict(convert_vgg16_state_dict(state, self.batch_norm, source), strict=False)
+        except RuntimeError as e:  # right names, wrong shapes
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "shape mismatch")
+            raise UserError(f"{source}: not a torchvision {'vgg16_bn' if self.batch_norm else 'vgg16'} state_dict ({detail})") from None
 
     @classmethod
     def from_checkpoint(cls, ckpt):
@@ -306,9 +310,9 @@ def convert_vgg16_state_dict(state, batch_norm, source="state_dict"):
         conv_idx = sorted({layer_index(k) for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4})
         bn_idx = sorted({layer_index(k) for k in state if k.startswith("features.") and k.endswith(".running_mean")})
         names = VGG_CONVS
-        if len(conv_idx) != len(names) or (batch_norm and len(bn_idx) != len(names)):
+        if len(conv_idx) != len(names) or len(bn_idx) != (len(names) if batch_norm else 0):
             raise KeyError(f"found {len(conv_idx)} convolutions and {len(bn_idx)} BatchNorms, expected 13"
-                           + (" of each (a vgg16_bn state_dict)" if batch_norm else ""))
+                           + (" of each" if batch_norm else " and none"))
         out = {}
         for name, i in zip(names, conv_idx):
             out[name + ".weight"] = state[f"features.{i}.weight"]
@@ -332,8 +336,8 @@ class MultiBoxLoss(nn.Module):
     """The MultiBox loss: Smooth L1 localization loss + cross-entropy confidence loss (paper, Sec. 2.2).
 
     1. Match: each prior gets the object it overlaps most; each object is forced onto the prior
-       it overlaps most (so no object goes unmatched); priors overlapping their object by less
-       than `threshold` are background.
+       it overlaps most (unless another object overlaps that prior more: see match); priors
+       overlapping their object by less than `threshold` are background.
     2. Localization: Smooth L1 between predicted and encoded true offsets, positives only.
     3. Confidence: cross-entropy over the positives and the `neg_pos_ratio` x n_pos hardest
        negatives of each image (hard negative mining).

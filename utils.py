@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -85,10 +84,8 @@ def bf16_is_fast(device):
 
 def _atomic(path, write):
     """Call write(tmp_path) and move the result onto `path`: an interrupted write never destroys `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is atomic; created with the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -496,6 +493,7 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     offset_in = boxes.new_tensor([ix0, iy0, ix0, iy0])
     offset_out = boxes.new_tensor([ox0, oy0, ox0, oy0])
     new_boxes = ((boxes - offset_in) * scale + offset_out) / boxes.new_tensor([out_w, out_h, out_w, out_h])
+    new_boxes = new_boxes.clamp_(0, 1)  # rounding can reach 1 + 1e-7
     if hflip:
         out = out.flip(-1)
         new_boxes = torch.stack([1 - new_boxes[:, 2], new_boxes[:, 1], 1 - new_boxes[:, 0], new_boxes[:, 3]], 1)
@@ -539,7 +537,9 @@ def _average_precision(precision, recall, interpolation):
     if recall.numel() == 0:
         return recall.new_zeros(())
     if interpolation in ("11point", "101point"):
-        points = torch.linspace(0, 1, 11 if interpolation == "11point" else 101, dtype=recall.dtype, device=recall.device)
+        n_points = 11 if interpolation == "11point" else 101
+        # k / (n - 1) exactly rounded, as recall = TP / n is: a recall of exactly 0.53 reaches the point 0.53
+        points = torch.arange(n_points, dtype=recall.dtype, device=recall.device) / (n_points - 1)
         # best precision at recall >= t: suffix max of precision, looked up at the first index with recall >= t
         envelope = precision.flip(0).cummax(0).values.flip(0)
         idx = torch.searchsorted(recall.contiguous(), points)  # recall is non-decreasing

@@ -2,7 +2,7 @@
 # The GPU runs behind results/: the exact commands, in two calls of the device tool.
 #
 #   bash results/run_gpu.sh tune     # bench.py, then 3 recipes trained on train.txt, scored on val.txt
-#   RECIPE="..." bash results/run_gpu.sh final   # the recipe chosen on val, 3 seeds on trainval, scored on test
+#   RECIPE="..." bash results/run_gpu.sh final   # the chosen recipe: seeds on trainval scored on test, and on train/val
 #
 # Expects BCCD in data/BCCD (copied there, it is git-ignored) and writes everything under $OUT.
 # Knobs for a CPU dry run: DEVICE=cpu EPOCHS=1 BATCH=2 WORKERS=0 TINY=4 BENCH_ARGS="--iters 1 --train-batch 2 --infer-batches 1"
@@ -65,13 +65,19 @@ if [ "$PHASE" = tune ]; then
 elif [ "$PHASE" = final ]; then
   RECIPE=${RECIPE:?the recipe flags chosen on val}
   make_lists data/lists-trainval trainval test
-  log "final: recipe '$RECIPE', seeds 0 1 2 side by side on trainval"
-  for seed in 0 1 2; do
+  SEEDS=${SEEDS:-0 1}
+  log "final: recipe '$RECIPE', seeds $SEEDS on trainval, and seed 0 on train.txt scored on val.txt, side by side"
+  make_lists data/lists-val train val
+  timeout ${TRAIN_TIMEOUT:-330} python train.py --data-folder data/lists-val --out-dir runs/final-val $COMMON \
+    --val-every 10 --seed 0 $RECIPE > "$STAGE/train-val.txt" 2>&1 &
+  for seed in $SEEDS; do
     timeout ${TRAIN_TIMEOUT:-330} python train.py --data-folder data/lists-trainval --out-dir "runs/final-s$seed" $COMMON \
       --val-every 20 --seed $seed $RECIPE > "$STAGE/train-s$seed.txt" 2>&1 &
   done
   wait
-  for seed in 0 1 2; do
+  cp runs/final-val/log.jsonl "$STAGE/log-val.jsonl" 2>/dev/null
+  tail -c 400 "$STAGE/train-val.txt" | tr '\r' '\n' | tail -2
+  for seed in $SEEDS; do
     cp "runs/final-s$seed/log.jsonl" "$STAGE/log-s$seed.jsonl" 2>/dev/null
     tail -c 400 "$STAGE/train-s$seed.txt" | tr '\r' '\n' | tail -2
     python eval.py --checkpoint "runs/final-s$seed/checkpoint.pt" --data-folder data/lists-trainval --device "$DEVICE" \
@@ -90,7 +96,7 @@ torch.save(small, "weights-fp16.pt")
 EOF
   split -b 15M -d weights-fp16.pt "$OUT/weights-fp16.pt.part"
   log "inference bench with the trained weights"
-  timeout 90 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only infer \
+  timeout 60 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only infer \
     --checkpoint runs/final-s0/checkpoint.pt --json "$STAGE/bench-gpu-trained.json" $BENCH_ARGS 2>&1 | tail -8
 fi
 tar czf "$OUT/$PHASE.tgz" "$STAGE"
