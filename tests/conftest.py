@@ -1,0 +1,180 @@
+"""Fixtures shared by the tests: BCCD data (the real one, or a tiny generated copy) and its lists.
+
+    python -m pytest tests -q                          # real BCCD at ../shared/data/BCCD when present
+    BCCD_DIR=/path/to/BCCD python -m pytest tests -q   # another copy of BCCD
+    python -m pytest tests -q -m "not slow"            # skip the tests marked slow
+
+Fixtures:
+  * bccd_dir (session): a BCCD folder (Annotations, ImageSets/Main, JPEGImages). The real BCCD
+    when it exists, else a tiny generated one of the same layout (see make_voc). Read only.
+  * real_bccd_dir (session): the real BCCD; the test is skipped where it is missing.
+  * data_lists (session): the folder of lists that utils.create_data_lists wrote from bccd_dir
+    (TRAIN/TEST _images.json, _objects.json, label_map.json). Read only.
+  * tiny_voc (function): a factory, tiny_voc(**options) -> path of a new tiny VOC dataset made
+    in tmp_path; the test may change it freely. Options: see make_voc.
+  * run_script (function): run_script("create_data_lists.py", "--flag", ...) runs a script of the
+    repository in a fresh Python, as a user would, and returns the subprocess.CompletedProcess.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `import utils, datasets` whatever the working directory
+    sys.path.insert(0, str(REPO))
+
+CLASSES = ("RBC", "WBC", "Platelets")
+# Objects are drawn as filled rectangles in their class colour, so a model can learn them.
+CLASS_COLORS = {"RBC": (200, 40, 40), "WBC": (60, 40, 200), "Platelets": (40, 170, 60)}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
+def real_bccd_path():
+    """The real BCCD folder: $BCCD_DIR, else ../shared/data/BCCD beside the repository; None when missing."""
+    path = Path(os.environ.get("BCCD_DIR") or REPO.parent / "shared" / "data" / "BCCD")
+    return path if (path / "Annotations").is_dir() else None
+
+
+def image_id(i):
+    """Id of the i-th image of a generated dataset, named like BCCD's."""
+    return f"BloodImage_{i:05d}"
+
+
+def annotation_xml(filename, size, objects):
+    """VOC XML text as BCCD writes it. objects: dicts with name (written verbatim), box (4 values,
+    written with str(), so ints stay ints and floats floats) and difficult (0/1; None: no tag)."""
+    parts = ["<annotation>", "\t<folder>JPEGImages</folder>", f"\t<filename>{escape(filename)}</filename>",
+             f"\t<size>\n\t\t<width>{size[0]}</width>\n\t\t<height>{size[1]}</height>\n\t\t<depth>3</depth>\n\t</size>",
+             "\t<segmented>0</segmented>"]
+    for obj in objects:
+        difficult = obj.get("difficult", 0)
+        parts += ["\t<object>", f"\t\t<name>{escape(obj['name'])}</name>", "\t\t<pose>Unspecified</pose>",
+                  "\t\t<truncated>0</truncated>"]
+        if difficult is not None:
+            parts.append(f"\t\t<difficult>{difficult}</difficult>")
+        parts.append("\t\t<bndbox>" + "".join(f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), obj["box"]))
+                     + "</bndbox>")
+        parts.append("\t</object>")
+    parts.append("</annotation>")
+    return "\n".join(parts) + "\n"
+
+
+def random_objects(rng, index, size):
+    """3-5 objects of 10-30% of the image side, one of each class at least, for the index-th image."""
+    width, height = size
+    objects = []
+    for j in range(3 + int(rng.integers(0, 3))):
+        w = max(2, int(width * rng.uniform(0.1, 0.3)))
+        h = max(2, int(height * rng.uniform(0.1, 0.3)))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        objects.append({"name": CLASSES[(index + j) % 3], "box": [x, y, x + w, y + h], "difficult": 0})
+    return objects
+
+
+def draw_image(rng, size, objects):
+    """uint8 (H, W, 3): noisy pink background, each object a filled rectangle in its class colour."""
+    width, height = size
+    image = rng.integers(200, 240, (height, width, 3)).astype(np.uint8)
+    image[..., 1] -= 40  # pinkish, like a stained smear
+    for obj in objects:
+        if obj["name"].strip() not in CLASS_COLORS:
+            continue
+        x0, y0, x1, y1 = (int(round(float(v))) for v in obj["box"])
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+        if x1 > x0 and y1 > y0:
+            image[y0:y1, x0:x1] = CLASS_COLORS[obj["name"].strip()]
+    return image
+
+
+def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0):
+    """Write a tiny BCCD-like VOC dataset at `root` and return `root` as a Path.
+
+    Images are `image_id(i)` = BloodImage_00000, BloodImage_00001, ...: the first `n_trainval` make
+    ImageSets/Main/trainval.txt (its first 3/4, at least one, make train.txt, the rest val.txt), the
+    next `n_test` make test.txt. Each is a JPEG of `size` (width, height) with an XML annotation.
+    objects: {image id: list of object dicts} overriding the random objects of those images; an
+        object is {"name": str (written verbatim: " RBC\\n" tests stripping), "box": [x_min, y_min,
+        x_max, y_max] (ints or floats, written as given; may be degenerate or reach outside),
+        "difficult": 0 or 1, or None to leave the tag out (default 0)}.
+    seed: seeds the random objects and pixels, so a call is reproducible.
+    To break the dataset (a malformed XML, a missing image, ...) change the files afterwards.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    objects = objects or {}
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = [image_id(i) for i in range(n_trainval + n_test)]
+    for i, name in enumerate(ids):
+        objs = objects[name] if name in objects else random_objects(rng, i, size)
+        (root / "Annotations" / f"{name}.xml").write_text(annotation_xml(f"{name}.jpg", size, objs))
+        Image.fromarray(draw_image(rng, size, objs)).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+    trainval, test = ids[:n_trainval], ids[n_trainval:]
+    n_train = max(1, (3 * len(trainval)) // 4)
+    splits = {"trainval": trainval, "test": test, "train": trainval[:n_train], "val": trainval[n_train:]}
+    for split, split_ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+    return root
+
+
+@pytest.fixture(scope="session")
+def bccd_dir(tmp_path_factory):
+    """The real BCCD when it exists ($BCCD_DIR or ../shared/data/BCCD), else a generated one of 12
+    640x480 images (trainval 8 = train 6 + val 2, test 4). Tests must not change it."""
+    real = real_bccd_path()
+    if os.environ.get("BCCD_DIR") and real is None:
+        pytest.fail(f"BCCD_DIR={os.environ['BCCD_DIR']} has no Annotations folder")
+    return real or make_voc(tmp_path_factory.mktemp("data") / "BCCD", n_trainval=8, n_test=4, size=(640, 480))
+
+
+@pytest.fixture(scope="session")
+def real_bccd_dir():
+    """The real BCCD; skips the test where it is missing."""
+    real = real_bccd_path()
+    if real is None:
+        pytest.skip("real BCCD not found (set BCCD_DIR or place it at ../shared/data/BCCD)")
+    return real
+
+
+@pytest.fixture(scope="session")
+def data_lists(bccd_dir, tmp_path_factory):
+    """Folder of the lists made by utils.create_data_lists from bccd_dir (trainval/test). Tests must not change it."""
+    from utils import create_data_lists
+    folder = tmp_path_factory.mktemp("lists")
+    create_data_lists(bccd_dir, folder, verbose=False)
+    return folder
+
+
+@pytest.fixture
+def tiny_voc(tmp_path):
+    """Factory: tiny_voc(**options) makes a new tiny VOC dataset under tmp_path and returns its path.
+    Options as make_voc's (n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0)."""
+    made = []
+
+    def make(**options):
+        made.append(make_voc(tmp_path / f"voc{len(made)}", **options))
+        return made[-1]
+
+    return make
+
+
+@pytest.fixture
+def run_script():
+    """run_script(script, *args, timeout=120) -> CompletedProcess (text stdout/stderr) of
+    `python script args` run in the repository, with no proxy for local addresses."""
+    def run(script, *args, timeout=120):
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -1,0 +1,787 @@
+"""Tests of the data stage: create_data_lists (parsing BCCD, getting it), BCCDDataset and the transforms.
+
+    python -m pytest tests/test_data.py -q
+
+Runs on the real BCCD where it is present (see conftest.py), otherwise on generated data; the
+tests that need BCCD's own numbers are skipped then. Expected values are computed here from the
+XML files and the images (read_split), independently of utils.
+"""
+import functools
+import http.server
+import io
+import json
+import math
+import re
+import socket
+import threading
+import xml.etree.ElementTree as ET
+import zipfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms.functional as FT
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.ops import box_iou
+
+import create_data_lists as cdl
+import utils
+from conftest import annotation_xml, image_id
+from datasets import AugmentationSampler, BCCDDataset
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
+
+LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
+LIST_FILES = ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json", "label_map.json")
+MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
+STD = torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Transforms run in DataLoader workers, which use one thread each; so do these tests. (Thousands of
+    small ops: with two threads on a busy 2-core machine OpenMP's waits made them 30x slower.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def split_ids(bccd_dir, split):
+    lines = (Path(bccd_dir) / "ImageSets" / "Main" / f"{split}.txt").read_text().splitlines()
+    return [line.split()[0] for line in lines if line.strip()]
+
+
+@functools.lru_cache(maxsize=None)
+def read_split(bccd_dir, split):
+    """What the lists of ImageSets/Main/<split>.txt must hold, from the files: (ids, objects, dropped, clipped).
+
+    A plain re-implementation of the rules: names stripped, missing <difficult> is 0, boxes clipped
+    to the image (size from the JPEG header), zero-area or inverted boxes dropped; `dropped` and
+    `clipped` list (id, box as written) of those. bccd_dir must be a str (cached).
+    """
+    ids, objects, dropped, clipped = split_ids(bccd_dir, split), [], [], []
+    for i in ids:
+        root = ET.parse(Path(bccd_dir) / "Annotations" / f"{i}.xml").getroot()
+        with Image.open(Path(bccd_dir) / "JPEGImages" / f"{i}.jpg") as im:
+            width, height = im.size
+        entry = {"boxes": [], "labels": [], "difficulties": []}
+        for obj in root.findall("object"):
+            box = [float(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")]
+            x0, x1 = (min(max(v, 0.), width) for v in box[0::2])
+            y0, y1 = (min(max(v, 0.), height) for v in box[1::2])
+            if x1 <= x0 or y1 <= y0:
+                dropped.append((i, box))
+                continue
+            if [x0, y0, x1, y1] != box:
+                clipped.append((i, box))
+            entry["boxes"].append([x0, y0, x1, y1])
+            entry["labels"].append(LABEL_MAP[obj.find("name").text.strip()])
+            entry["difficulties"].append(int(obj.findtext("difficult", "0").strip() or 0))
+        objects.append(entry)
+    return ids, objects, dropped, clipped
+
+
+def class_counts(objects):
+    counts = {name: sum(o["labels"].count(LABEL_MAP[name]) for o in objects) for name in ("RBC", "WBC", "Platelets")}
+    return {"images": len(objects), "objects": sum(counts.values()), **counts}
+
+
+def load_lists(folder, split):
+    folder = Path(folder)
+    return (json.loads((folder / f"{split}_images.json").read_text()),
+            json.loads((folder / f"{split}_objects.json").read_text()))
+
+
+def snapshot(folder):
+    """Name -> (bytes, mtime, inode) of every file in `folder`: any write or replacement changes it."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(Path(folder).iterdir())}
+
+
+def run_main(*argv):
+    """create_data_lists.py's main in this process: (stdout, stderr). A UserError propagates."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        cdl.main(cdl.get_args_parser().parse_args([str(a) for a in argv]))
+    return out.getvalue(), err.getvalue()
+
+
+def names_box(line, box):
+    """True if the line shows the four coordinates of `box`, in order (ints or floats)."""
+    numbers = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", line)]
+    return any(numbers[k:k + 4] == [float(v) for v in box] for k in range(len(numbers) - 3))
+
+
+def denormalize(image):
+    """Normalized (3, H, W) -> [0, 1] RGB."""
+    return image * STD + MEAN
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def draw_boxes(size, boxes, colors, background=30):
+    """uint8 (3, H, W) of one grey level with each box (pixel-aligned ints) filled with its colour."""
+    width, height = size
+    image = torch.full((3, height, width), background, dtype=torch.uint8)
+    for (x0, y0, x1, y1), color in zip(boxes, colors):
+        image[:, y0:y1, x0:x1] = torch.tensor(color, dtype=torch.uint8)[:, None, None]
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# create_data_lists: what is written and printed
+# ---------------------------------------------------------------------------------------------
+
+def test_lists_get_the_permissions_of_any_new_file(tiny_voc, tmp_path):
+    """Lists are made to be shared: mode as open() gives under the umask, not mkstemp's owner-only 0600."""
+    create_data_lists(tiny_voc(), tmp_path / "lists", verbose=False)
+    (tmp_path / "probe").touch()
+    expected = oct((tmp_path / "probe").stat().st_mode)
+    assert {name: oct((tmp_path / "lists" / name).stat().st_mode) for name in LIST_FILES} == dict.fromkeys(LIST_FILES, expected)
+
+
+def test_label_map(data_lists):
+    assert utils.label_map == LABEL_MAP
+    assert json.loads((Path(data_lists) / "label_map.json").read_text()) == LABEL_MAP
+    assert {v: k for k, v in LABEL_MAP.items()} == utils.rev_label_map
+
+
+@pytest.mark.parametrize("split,split_name", [("TRAIN", "trainval"), ("TEST", "test")])
+def test_lists_match_annotations(bccd_dir, data_lists, split, split_name):
+    ids, expected, _, _ = read_split(str(bccd_dir), split_name)
+    images, objects = load_lists(data_lists, split)
+    assert [Path(p).name for p in images] == [f"{i}.jpg" for i in ids]  # in split-file order
+    assert all(Path(p).samefile(Path(bccd_dir) / "JPEGImages" / f"{i}.jpg") for p, i in zip(images, ids))
+    assert objects == expected
+
+
+@pytest.fixture(scope="module", params=[("trainval", "test"), ("train", "val")], ids=["trainval-test", "train-val"])
+def cli_run(request, bccd_dir, tmp_path_factory):
+    """create_data_lists.py's main on bccd_dir with one pair of splits: (splits, output folder, stdout, stderr)."""
+    train_split, test_split = request.param
+    out = tmp_path_factory.mktemp("cli_lists")
+    stdout, stderr = run_main("--data-folder", bccd_dir, "--output-folder", out,
+                              "--train-split", train_split, "--test-split", test_split)
+    return request.param, out, stdout, stderr
+
+
+def test_printed_counts_are_object_counts(cli_run, bccd_dir):
+    (train_split, test_split), out, stdout, _ = cli_run
+    for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
+        expected = class_counts(read_split(str(bccd_dir), split_name)[1])
+        line = re.search(rf"^{split}: (\d+) images, (\d+) objects \(RBC (\d+), WBC (\d+), Platelets (\d+)\)$", stdout, re.M)
+        assert line, f"no count line for {split} in:\n{stdout}"
+        assert [int(v) for v in line.groups()] == [expected[k] for k in ("images", "objects", "RBC", "WBC", "Platelets")]
+        images, objects = load_lists(out, split)
+        assert len(images) == len(objects) == len(split_ids(bccd_dir, split_name))
+
+
+def test_dropped_and_clipped_boxes_are_warned(cli_run, bccd_dir):
+    (train_split, test_split), _, _, stderr = cli_run
+    train, test = read_split(str(bccd_dir), train_split), read_split(str(bccd_dir), test_split)
+    expected = {(image, tuple(box)) for image, box in train[2] + train[3] + test[2] + test[3]}  # once each
+    warnings = [line for line in stderr.splitlines() if "warning" in line.lower()]
+    for image, box in expected:
+        assert sum(image in line and names_box(line.replace(image, ""), box) for line in warnings) == 1, (image, box, stderr)
+    assert len(warnings) == len(expected)  # nothing else to warn of
+
+
+def test_real_bccd_numbers(real_bccd_dir, cli_run):
+    """BCCD's published numbers, counted here from the XML: the ground truth the other tests rely on."""
+    (train_split, test_split), out, stdout, stderr = cli_run
+    expected = {
+        "trainval": {"images": 292, "objects": 3941, "RBC": 3348, "WBC": 301, "Platelets": 292},
+        "test": {"images": 72, "objects": 945, "RBC": 805, "WBC": 71, "Platelets": 69},
+        "train": {"images": 205}, "val": {"images": 87},
+    }
+    for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
+        counted = class_counts(read_split(str(real_bccd_dir), split_name)[1])
+        assert {k: counted[k] for k in expected[split_name]} == expected[split_name]
+        assert len(load_lists(out, split)[0]) == expected[split_name]["images"]
+        if "objects" in expected[split_name]:
+            n = expected[split_name]
+            assert (f"{split}: {n['images']} images, {n['objects']} objects "
+                    f"(RBC {n['RBC']}, WBC {n['WBC']}, Platelets {n['Platelets']})") in stdout.splitlines()
+    # the two zero-area boxes of BCCD (an RBC each), dropped with a warning naming file and box
+    dropped = read_split(str(real_bccd_dir), train_split)[2] + read_split(str(real_bccd_dir), test_split)[2]
+    assert sorted(dropped) == [("BloodImage_00338", [504., 337., 504., 337.]), ("BloodImage_00343", [181., 329., 181., 329.])]
+    assert re.search(r"BloodImage_00338.*504(\.0)?, 337(\.0)?, 504(\.0)?, 337", stderr)
+    assert re.search(r"BloodImage_00343.*181(\.0)?, 329(\.0)?, 181(\.0)?, 329", stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# create_data_lists: annotation problems, one test each
+# ---------------------------------------------------------------------------------------------
+
+FIRST = image_id(0)  # an image of TRAIN in tiny_voc
+
+
+def test_class_names_are_stripped(tiny_voc, tmp_path):
+    voc = tiny_voc(objects={FIRST: [{"name": " RBC\n", "box": [1, 1, 10, 10]}, {"name": "\tWBC  ", "box": [20, 5, 40, 30]},
+                                    {"name": "\nPlatelets\n\t", "box": [45, 30, 60, 45]}]})
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    assert load_lists(tmp_path / "lists", "TRAIN")[1][0]["labels"] == [1, 2, 3]
+
+
+def test_missing_difficult_means_zero(tiny_voc, tmp_path):
+    voc = tiny_voc(objects={FIRST: [{"name": "RBC", "box": [1, 1, 10, 10], "difficult": None},
+                                    {"name": "WBC", "box": [20, 5, 40, 30], "difficult": 1},
+                                    {"name": "RBC", "box": [45, 30, 60, 45], "difficult": None}]})
+    assert "<difficult>" not in (voc / "Annotations" / f"{FIRST}.xml").read_text().split("</object>")[0]
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    assert load_lists(tmp_path / "lists", "TRAIN")[1][0]["difficulties"] == [0, 1, 0]
+
+
+def test_float_coordinates_parse(tiny_voc, tmp_path):
+    boxes = [[10.5, 5.25, 30.75, 20.5], [1.0, 2.0, 3.5, 47.999]]
+    voc = tiny_voc(objects={FIRST: [{"name": "RBC", "box": b} for b in boxes]})
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    assert load_lists(tmp_path / "lists", "TRAIN")[1][0]["boxes"] == boxes
+
+
+def test_zero_area_and_inverted_boxes_are_dropped_with_a_warning(tiny_voc, tmp_path, capsys):
+    bad = [[10, 10, 10, 20], [30, 20, 20, 30], [5, 25, 25, 25], [70, 10, 80, 20]]  # no width, inverted, no height, outside
+    voc = tiny_voc(objects={FIRST: [{"name": "WBC", "box": [2, 3, 12, 13]}] + [{"name": "RBC", "box": b} for b in bad]})
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    entry = load_lists(tmp_path / "lists", "TRAIN")[1][0]
+    assert entry == {"boxes": [[2., 3., 12., 13.]], "labels": [2], "difficulties": [0]}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if FIRST in line]
+    for box in bad:
+        assert sum(names_box(line.replace(FIRST, ""), box) for line in warnings) == 1, (box, warnings)
+
+
+def test_box_outside_image_is_clipped_with_a_warning(tiny_voc, tmp_path, capsys):
+    # the image is 64x48
+    voc = tiny_voc(objects={FIRST: [{"name": "RBC", "box": [-5, 10, 70, 40]}, {"name": "WBC", "box": [10, -3.5, 20, 60]},
+                                    {"name": "Platelets", "box": [1, 2, 3, 4]}]})
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    assert load_lists(tmp_path / "lists", "TRAIN")[1][0]["boxes"] == [[0, 10, 64, 40], [10, 0, 20, 48], [1, 2, 3, 4]]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if FIRST in line]
+    assert len(warnings) == 2
+    assert names_box(warnings[0].replace(FIRST, ""), [-5, 10, 70, 40])
+    assert names_box(warnings[1].replace(FIRST, ""), [10, -3.5, 20, 60])
+
+
+def _malformed_xml(voc):
+    path = voc / "Annotations" / f"{image_id(0)}.xml"
+    path.write_text(path.read_text()[:-40])  # cut off: no closing tags
+    return str(path), r"malformed"
+
+
+def _unknown_class(voc):
+    path = voc / "Annotations" / f"{image_id(1)}.xml"
+    path.write_text(path.read_text().replace("<name>RBC</name>", "<name>Neutrophil</name>"))
+    return str(path), r"unknown class.*Neutrophil"
+
+
+def _missing_image(voc):
+    path = voc / "JPEGImages" / f"{image_id(2)}.jpg"
+    path.unlink()
+    return str(path), r"missing|not found"
+
+
+def _corrupt_image(voc):
+    path = voc / "JPEGImages" / f"{image_id(3)}.jpg"
+    path.write_bytes(b"this is not a JPEG" * 10)
+    return str(path), r"image"
+
+
+def _id_without_annotation(voc):
+    with open(voc / "ImageSets" / "Main" / "trainval.txt", "a") as f:
+        f.write("BloodImage_09999\n")
+    return "BloodImage_09999", r"annotation"
+
+
+def _empty_split(voc):
+    path = voc / "ImageSets" / "Main" / "test.txt"
+    path.write_text("\n")
+    return str(path), r"empty"
+
+
+PROBLEMS = [_malformed_xml, _unknown_class, _missing_image, _corrupt_image, _id_without_annotation, _empty_split]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda f: f.__name__[1:])
+def test_problem_is_an_error_and_nothing_is_written(problem, tiny_voc, tmp_path):
+    voc = tiny_voc()
+    lists = tmp_path / "lists"
+    create_data_lists(voc, lists, verbose=False)  # earlier lists, which a failed run must leave as they are
+    before = snapshot(lists)
+    assert sorted(before) == sorted(LIST_FILES)
+    thing, reason = problem(voc)
+    with pytest.raises(UserError) as e:
+        create_data_lists(voc, lists, verbose=False)
+    assert any(thing in line and re.search(reason, line) for line in str(e.value).splitlines()), str(e.value)
+    assert snapshot(lists) == before
+    with pytest.raises(UserError):
+        create_data_lists(voc, tmp_path / "new", verbose=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_reports_all_errors_together(tiny_voc, tmp_path, run_script):
+    voc = tiny_voc(n_trainval=5, n_test=2)
+    lists = tmp_path / "lists"
+    create_data_lists(voc, lists, verbose=False)
+    before = snapshot(lists)
+    problems = [problem(voc) for problem in PROBLEMS]
+    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", lists)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    for thing, reason in problems:  # each on a line of its own, with its reason
+        assert sum(thing in line and bool(re.search(reason, line)) for line in lines) == 1, (thing, result.stderr)
+    assert snapshot(lists) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Getting the data
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_missing_data_says_where_to_get_it(tmp_path, run_script):
+    missing = tmp_path / "nowhere" / "BCCD"
+    result = run_script("create_data_lists.py", "--data-folder", missing, "--output-folder", tmp_path / "lists")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    for needed in ("github.com/Shenggan/BCCD_Dataset", "--download", str(missing), "Annotations", "JPEGImages"):
+        assert needed in message
+    assert not (tmp_path / "lists").exists() and not missing.exists()
+
+
+def bccd_archive(path, n_images, top="BCCD_Dataset-master"):
+    """A zip like GitHub's archive of the BCCD repository, with n_images 8x8 images and their XML."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 150, 150)).save(jpeg, format="JPEG")
+    ids = [image_id(i) for i in range(n_images)]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{top}/README.md", "# BCCD Dataset\n")
+        for i in ids:
+            z.writestr(f"{top}/BCCD/Annotations/{i}.xml", annotation_xml(f"{i}.jpg", (8, 8), [{"name": "RBC", "box": [1, 1, 6, 7]}]))
+            z.writestr(f"{top}/BCCD/JPEGImages/{i}.jpg", jpeg.getvalue())
+        z.writestr(f"{top}/BCCD/ImageSets/Main/trainval.txt", "".join(f"{i}\n" for i in ids[:292]))
+        z.writestr(f"{top}/BCCD/ImageSets/Main/test.txt", "".join(f"{i}\n" for i in ids[292:]))
+
+
+@pytest.fixture(scope="module")
+def archive_server(tmp_path_factory):
+    """Base URL of an HTTP server on 127.0.0.1 serving bccd.zip (364 images) and short.zip (363)."""
+    folder = tmp_path_factory.mktemp("www")
+    bccd_archive(folder / "bccd.zip", 364)
+    bccd_archive(folder / "short.zip", 363)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cli_download_places_bccd(archive_server, tmp_path, run_script):
+    data = tmp_path / "data" / "BCCD"
+    result = run_script("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
+                        "--download", "--url", f"{archive_server}/bccd.zip")
+    assert result.returncode == 0, result.stderr
+    assert len(list((data / "Annotations").glob("*.xml"))) == 364
+    assert len(list((data / "JPEGImages").glob("*.jpg"))) == 364
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["BCCD"]  # no temporary folder left
+    assert re.search(r"^TRAIN: 292 images, 292 objects", result.stdout, re.M)
+    images, _ = load_lists(tmp_path / "lists", "TRAIN")
+    assert len(images) == 292 and all(Path(p).parent.samefile(data / "JPEGImages") for p in images[:3])
+
+
+def test_download_refuses_wrong_count(archive_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    data = tmp_path / "data" / "BCCD"
+    with pytest.raises(UserError, match=r"363.*364"):
+        run_main("--data-folder", data, "--output-folder", tmp_path / "lists", "--download", "--url", f"{archive_server}/short.zip")
+    assert not data.exists() and not (tmp_path / "lists").exists()
+    assert list((tmp_path / "data").iterdir()) == []  # no temporary folder left either
+
+
+def test_cli_unreachable_url_is_one_line_error(tmp_path, run_script):
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/bccd.zip"
+    data = tmp_path / "data" / "BCCD"
+    result = run_script("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
+                        "--download", "--url", url, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert url in result.stderr
+    assert not data.exists() and not (tmp_path / "lists").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# BCCDDataset
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "TEST", "Test"])
+def test_item_types_and_shapes(data_lists, split):
+    dataset = BCCDDataset(data_lists, split)
+    name = "TRAIN" if split.upper() == "TRAIN" else "TEST"
+    _, objects = load_lists(data_lists, name)
+    assert len(dataset) == len(objects)
+    image, boxes, labels, difficulties = dataset[(0, 7)] if name == "TRAIN" else dataset[0]
+    n = boxes.size(0)
+    assert image.shape == (3, 300, 300) and image.dtype == torch.float32
+    assert boxes.shape == (n, 4) and boxes.dtype == torch.float32
+    assert labels.shape == (n,) and labels.dtype == torch.int64
+    assert difficulties.shape == (n,) and difficulties.dtype == torch.uint8
+    assert 1 <= n <= len(objects[0]["boxes"]) and set(labels.tolist()) <= {1, 2, 3}
+    if name == "TEST":
+        assert n == len(objects[0]["boxes"]) and labels.tolist() == objects[0]["labels"]
+
+
+def test_bad_split_is_refused(data_lists):
+    with pytest.raises(ValueError, match="val"):
+        BCCDDataset(data_lists, "val")
+
+
+def test_missing_lists_are_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="create_data_lists"):
+        BCCDDataset(tmp_path, "train")
+
+
+def test_collate_fn_stacks_images_and_keeps_lists(data_lists):
+    dataset = BCCDDataset(data_lists, "test")
+    images, boxes, labels, difficulties = next(iter(DataLoader(dataset, batch_size=3, collate_fn=BCCDDataset.collate_fn)))
+    assert images.shape == (3, 3, 300, 300)
+    assert all(isinstance(x, list) and len(x) == 3 for x in (boxes, labels, difficulties))
+    for k in range(3):
+        item = dataset[k]
+        assert torch.equal(images[k], item[0])
+        assert torch.equal(boxes[k], item[1]) and torch.equal(labels[k], item[2]) and torch.equal(difficulties[k], item[3])
+
+
+def test_keep_difficult(tiny_voc, tmp_path):
+    test_image = image_id(4)  # the first TEST image of tiny_voc()
+    objects = [{"name": "RBC", "box": [4, 4, 20, 20]}, {"name": "WBC", "box": [24, 8, 44, 40], "difficult": 1},
+               {"name": "Platelets", "box": [48, 30, 60, 44], "difficult": None}]
+    voc = tiny_voc(objects={test_image: objects})
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    scale = torch.tensor([64., 48., 64., 48.])
+    _, boxes, labels, difficulties = BCCDDataset(tmp_path / "lists", "test")[0]
+    assert labels.tolist() == [1, 3] and difficulties.tolist() == [0, 0]
+    assert torch.allclose(boxes, torch.tensor([objects[0]["box"], objects[2]["box"]]) / scale, atol=1e-6)
+    _, boxes, labels, difficulties = BCCDDataset(tmp_path / "lists", "test", keep_difficult=True)[0]
+    assert labels.tolist() == [1, 2, 3] and difficulties.tolist() == [0, 1, 0]
+    assert torch.allclose(boxes, torch.tensor([o["box"] for o in objects]) / scale, atol=1e-6)
+
+
+def test_test_transform_is_plain_resize_and_normalize(data_lists):
+    """TEST = PIL bilinear resize to 300x300 + ImageNet normalization; boxes divided by the image size."""
+    dataset = BCCDDataset(data_lists, "test")
+    images, objects = load_lists(data_lists, "TEST")
+    for k in (0, len(dataset) - 1):
+        image, boxes, labels, difficulties = dataset[k]
+        with Image.open(images[k]) as im:
+            size = im.size
+            reference = FT.normalize(FT.to_tensor(im.convert("RGB").resize((300, 300), Image.BILINEAR)), IMAGENET_MEAN, IMAGENET_STD)
+        diff = (denormalize(image) - denormalize(reference)).abs() * 255  # in grey levels
+        assert diff.max() <= 1.01 and diff.mean() < 0.1, (diff.max(), diff.mean())
+        expected = torch.tensor(objects[k]["boxes"]) / torch.tensor(size * 2, dtype=torch.float)
+        assert torch.allclose(boxes, expected, atol=1e-6, rtol=0)
+        assert labels.tolist() == objects[k]["labels"] and difficulties.tolist() == objects[k]["difficulties"]
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAIN augmentation, statistically over seeds
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def noisy_sample():
+    """A 160x120 noise image and five boxes (one the whole image, two at its borders), each with its own label."""
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8, generator=generator(0))
+    boxes = torch.tensor([[10., 10, 50, 40], [100, 60, 150, 110], [0, 0, 160, 120], [140, 0, 160, 15], [0, 100, 30, 120]])
+    labels = torch.tensor([10, 11, 12, 13, 14])  # unique, so a kept box can be told apart
+    difficulties = torch.tensor([0, 1, 0, 1, 0], dtype=torch.uint8)
+    return image, boxes, labels, difficulties
+
+
+def test_train_boxes_are_valid_and_follow_their_labels(noisy_sample):
+    image, boxes, labels, difficulties = noisy_sample
+    n_dropped = 0
+    for seed in range(300):
+        out, new_boxes, new_labels, new_difficulties = utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))
+        n = new_boxes.size(0)
+        assert out.shape == (3, 300, 300) and torch.isfinite(out).all()
+        assert n >= 1 and new_boxes.shape == (n, 4) and new_labels.shape == new_difficulties.shape == (n,)
+        assert new_difficulties.dtype == torch.uint8
+        assert (new_boxes >= -1e-6).all() and (new_boxes <= 1 + 1e-6).all(), (seed, new_boxes)
+        assert (new_boxes[:, 2:] > new_boxes[:, :2]).all(), (seed, new_boxes)
+        # kept objects keep their order, and each its own difficulty
+        index = new_labels - 10
+        assert (index.diff() > 0).all() and torch.equal(new_difficulties, difficulties[index])
+        n_dropped += n < boxes.size(0)
+    assert n_dropped > 30  # the random crop does drop objects
+
+
+def test_train_boxes_stay_inside_the_unit_square(noisy_sample):
+    """Fractional boxes are documented as [0, 1]; not even a rounding error may leave it."""
+    image, boxes, labels, difficulties = noisy_sample
+    outside = []
+    for seed in range(300):
+        _, new_boxes, _, _ = utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))
+        if new_boxes.min() < 0 or new_boxes.max() > 1:
+            outside.append((seed, new_boxes.min().item(), new_boxes.max().item()))
+    assert not outside, f"{len(outside)} of 300 seeds give boxes outside [0, 1], e.g. (seed, min, max) {outside[:3]}"
+
+
+def test_train_zoom_out_fills_with_imagenet_mean(noisy_sample):
+    image, boxes, labels, difficulties = noisy_sample
+    filled = 0
+    for seed in range(200):
+        out, *_ = utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))
+        fill = (out == 0).all(0)  # the ImageNet mean is exactly zero after normalization
+        filled += bool(fill.any())
+    # zoom-out happens half the time and the crop may cut the fill away again
+    assert 0.25 * 200 < filled < 0.6 * 200, filled
+    test_out = utils.transform(image, boxes, labels, difficulties, "TEST")[0]
+    assert not (test_out == 0).all(0).any()  # the noise image itself never has the mean colour
+
+
+def test_train_flips_about_half_the_time():
+    """Left half red, right half green, one box of the whole image: every crop keeps its centre, the
+    colour boundary, so red right of green means flipped (whatever the colour distortions)."""
+    image = torch.zeros(3, 120, 160, dtype=torch.uint8)
+    image[0, :, :80] = 230
+    image[1, :, 80:] = 230
+    boxes, labels, difficulties = torch.tensor([[0., 0, 160, 120]]), torch.tensor([1]), torch.zeros(1, dtype=torch.uint8)
+    columns = torch.arange(300.)
+    flipped = unclear = 0
+    for seed in range(200):
+        out = denormalize(utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))[0])
+        red, green = (out[0] - out[1] > 0.1), (out[1] - out[0] > 0.1)
+        if red.sum() < 5 or green.sum() < 5:
+            unclear += 1
+            continue
+        red_x = (red.sum(0) * columns).sum() / red.sum()
+        green_x = (green.sum(0) * columns).sum() / green.sum()
+        flipped += bool(red_x > green_x)
+    assert unclear < 20
+    assert 0.35 < flipped / (200 - unclear) < 0.65, (flipped, unclear)
+
+
+COLORS = {1: (230, 30, 30), 2: (30, 200, 30), 3: (30, 30, 230)}
+
+
+@pytest.fixture(scope="module")
+def coloured_sample():
+    """A 320x240 dark image with three solid rectangles, the colour of each given by its label."""
+    boxes = [[20, 30, 100, 110], [150, 20, 230, 70], [200, 120, 300, 230]]
+    labels = [1, 2, 3]
+    image = draw_boxes((320, 240), boxes, [COLORS[l] for l in labels])
+    return image, torch.tensor(boxes, dtype=torch.float), torch.tensor(labels), torch.zeros(3, dtype=torch.uint8)
+
+
+def colour_bbox(out, color):
+    """Tight box (x_min, y_min, x_max, y_max), in output pixels, of the pixels of about `color`."""
+    mask = ((denormalize(out) * 255 - torch.tensor(color, dtype=torch.float)[:, None, None]).abs() < 40).all(0)
+    ys, xs = mask.nonzero(as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float) if len(xs) else None
+
+
+def test_expand_crop_flip_resize_geometry_matches_pixels(coloured_sample):
+    """The chain built from utils' functions, without colour distortion: every transformed box holds
+    its rectangle's colour inside and is the tight box of that colour."""
+    image, boxes, labels, difficulties = coloured_sample
+    for seed in range(150):
+        g = generator(seed)
+        window = (0, 0, 320, 240)
+        if seed % 2:
+            window = utils.expand(window, g)
+        window, new_boxes, new_labels, _ = utils.random_crop(window, boxes, labels, difficulties, g)
+        hflip = seed % 4 >= 2
+        out, new_boxes = utils.resize(image, window, new_boxes, hflip=hflip)
+        # bilinear resizing blurs edges over one output pixel, or one input pixel when enlarging
+        margin = 0.5 + max(1., 0.5 * 300 / (window[2] - window[0]), 0.5 * 300 / (window[3] - window[1]))
+        for box, label in zip(new_boxes * 300, new_labels.tolist()):
+            color = torch.tensor(COLORS[label], dtype=torch.float)[:, None, None]
+            x0, y0, x1, y1 = box.tolist()
+            inner = out[:, math.ceil(y0 + margin - 0.5):math.floor(y1 - margin - 0.5) + 1,
+                        math.ceil(x0 + margin - 0.5):math.floor(x1 - margin - 0.5) + 1]
+            if inner.numel():
+                assert (denormalize(inner) * 255 - color).abs().max() < 3, (seed, label, box)
+            tight = colour_bbox(out, COLORS[label])
+            assert tight is not None and (tight - box).abs().max() < 2, (seed, label, box, tight)
+
+
+def test_train_transform_boxes_follow_pixels(coloured_sample, monkeypatch):
+    """The whole TRAIN chain (colour distortion switched off): each box is where its rectangle went."""
+    monkeypatch.setattr(utils, "photometric_distort", lambda image, g=None: image)
+    image, boxes, labels, difficulties = coloured_sample
+    for seed in range(150):
+        out, new_boxes, new_labels, _ = utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))
+        for box, label in zip(new_boxes * 300, new_labels.tolist()):
+            tight = colour_bbox(out, COLORS[label])
+            assert tight is not None and (tight - box).abs().max() < 2, (seed, label, box, tight)
+
+
+@pytest.mark.parametrize("window", [(0, 0, 320, 240), (-200, -100, 600, 500)], ids=["image", "zoomed-out"])
+def test_random_crop_follows_the_paper(window, coloured_sample):
+    _, boxes, labels, difficulties = coloured_sample
+    difficulties = torch.tensor([0, 1, 0], dtype=torch.uint8)
+    x0, y0, x1, y1 = window
+    w, h = x1 - x0, y1 - y0
+    uncropped = 0
+    for seed in range(300):
+        crop, new_boxes, new_labels, new_difficulties = utils.random_crop(window, boxes, labels, difficulties, generator(seed))
+        if tuple(crop) == window:
+            uncropped += 1
+            assert torch.equal(new_boxes, boxes) and torch.equal(new_labels, labels)
+            continue
+        cx0, cy0, cx1, cy1 = crop
+        cw, ch = cx1 - cx0, cy1 - cy0
+        assert x0 <= cx0 < cx1 <= x1 and y0 <= cy0 < cy1 <= y1
+        assert int(0.3 * w) <= cw <= w and int(0.3 * h) <= ch <= h
+        assert 0.5 < ch / cw < 2
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        keep = (centres[:, 0] > cx0) & (centres[:, 0] < cx1) & (centres[:, 1] > cy0) & (centres[:, 1] < cy1)
+        assert keep.any()
+        clipped = torch.cat([torch.max(boxes[keep, :2], torch.tensor([float(cx0), float(cy0)])),
+                             torch.min(boxes[keep, 2:], torch.tensor([float(cx1), float(cy1)]))], 1)
+        assert torch.equal(new_boxes, clipped)
+        assert torch.equal(new_labels, labels[keep]) and torch.equal(new_difficulties, difficulties[keep])
+    assert 0.05 * 300 < uncropped < 0.6 * 300  # "no crop" is one of seven choices
+
+
+def test_random_crop_honours_the_min_overlap(monkeypatch):
+    """The paper's choices; with the draw forced, every crop overlaps some object by at least that much."""
+    assert utils._MIN_OVERLAPS == (0., .1, .3, .5, .7, .9, None)
+    window = (0, 0, 320, 240)
+    boxes = torch.tensor([[0., 0, 320, 240], [10, 20, 60, 70]])  # IoU with the first = the crop's share of the area
+    labels, difficulties = torch.tensor([1, 2]), torch.zeros(2, dtype=torch.uint8)
+    monkeypatch.setattr(utils, "_MIN_OVERLAPS", (0.7,))
+    for seed in range(100):
+        crop, *_ = utils.random_crop(window, boxes, labels, difficulties, generator(seed))
+        assert crop != window
+        assert box_iou(torch.tensor([crop], dtype=torch.float), boxes).max() >= 0.7
+    monkeypatch.setattr(utils, "_MIN_OVERLAPS", (None,))
+    assert all(utils.random_crop(window, boxes, labels, difficulties, generator(seed))[0] == window for seed in range(20))
+
+
+def test_expand_scales_1_to_4():
+    scales = []
+    for seed in range(200):
+        x0, y0, x1, y1 = utils.expand((0, 0, 320, 240), generator(seed))
+        assert x0 <= 0 and y0 <= 0 and x1 >= 320 and y1 >= 240  # the canvas holds the image
+        sx, sy = (x1 - x0) / 320, (y1 - y0) / 240
+        assert 1 <= sx <= 4 and 1 <= sy <= 4 and abs(sx - sy) < 1 / 240  # one scale for both sides
+        scales.append(sx)
+    assert min(scales) < 1.2 and max(scales) > 3.8
+
+
+def test_resize_fills_outside_the_image_and_flips(coloured_sample):
+    image, boxes, _, _ = coloured_sample
+    window = (-320, 0, 320, 240)  # the image is the right half of the output
+    out, new_boxes = utils.resize(image, window, boxes)
+    assert (out[:, :, :150] == 0).all() and not (out[:, :, 150:] == 0).all(0).any()
+    assert torch.allclose(new_boxes, (boxes + torch.tensor([320., 0, 320, 0])) / torch.tensor([640., 240, 640, 240]), atol=1e-6)
+    flipped, flipped_boxes = utils.resize(image, window, boxes, hflip=True)
+    assert torch.equal(flipped, out.flip(-1))
+    assert torch.allclose(flipped_boxes, torch.stack([1 - new_boxes[:, 2], new_boxes[:, 1], 1 - new_boxes[:, 0], new_boxes[:, 3]], 1))
+    assert torch.equal(utils.flip(utils.flip(boxes, window), window), boxes)
+
+
+def test_photometric_distort_each_half_the_time():
+    image = torch.rand(3, 16, 16, generator=generator(0))
+    unchanged = 0
+    for seed in range(400):
+        out = utils.photometric_distort(image, generator(seed))
+        assert out.shape == image.shape and out.min() >= 0 and out.max() <= 1
+        unchanged += torch.equal(out, image)
+    assert 10 < unchanged < 45  # all four skipped: 1/16 of 400 = 25
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------------------------
+
+def same_items(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_same_index_and_seed_give_the_same_item(data_lists):
+    dataset = BCCDDataset(data_lists, "train")
+    first = dataset[(1, 1234)]
+    assert same_items(first, dataset[(1, 1234)])
+    assert not all(torch.equal(first[0], dataset[(1, s)][0]) for s in (1235, 1236))
+
+
+@pytest.fixture
+def tiny_lists(tiny_voc, tmp_path):
+    """Lists of a tiny dataset of 7 TRAIN images (64x48) and 2 TEST."""
+    voc = tiny_voc(n_trainval=7, n_test=2)
+    create_data_lists(voc, tmp_path / "lists", verbose=False)
+    return tmp_path / "lists"
+
+
+def test_cached_images_give_the_same_items(tiny_lists):
+    plain, cached = BCCDDataset(tiny_lists, "train"), BCCDDataset(tiny_lists, "train", cache_images=True)
+    for i in range(len(plain)):
+        assert same_items(plain[(i, 99)], cached[(i, 99)])
+
+
+def epoch_batches(dataset, seed, epoch, num_workers):
+    sampler = AugmentationSampler(dataset, seed=seed)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=num_workers, collate_fn=BCCDDataset.collate_fn)
+    return list(loader)
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(
+        torch.equal(x[0], y[0]) and all(same_items(u, v) for u, v in zip(x[1:], y[1:])) for x, y in zip(a, b))
+
+
+def test_sampler_makes_batches_reproducible(tiny_lists):
+    dataset = BCCDDataset(tiny_lists, "train")
+    reference = epoch_batches(dataset, seed=3, epoch=0, num_workers=0)
+    assert len(reference) == 3 and sum(len(b[1]) for b in reference) == 7
+    assert same_batches(reference, epoch_batches(dataset, seed=3, epoch=0, num_workers=0))  # a second run
+    assert same_batches(reference, epoch_batches(dataset, seed=3, epoch=0, num_workers=2))  # workers
+    assert not same_batches(reference, epoch_batches(dataset, seed=3, epoch=1, num_workers=0))  # next epoch
+    assert not same_batches(reference, epoch_batches(dataset, seed=4, epoch=0, num_workers=0))  # another seed
+    sampler = AugmentationSampler(dataset, seed=3)
+    indices = [i for i, _ in sampler]
+    assert sorted(indices) == list(range(7))  # every image once an epoch
+    sampler.set_epoch(1)
+    assert [s for _, s in sampler] != [s for _, s in AugmentationSampler(dataset, seed=3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images that cannot be read at load time
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "deleted"])
+def test_unreadable_image_is_a_user_error_naming_it(tiny_lists, damage):
+    images, _ = load_lists(tiny_lists, "TRAIN")
+    path = Path(images[2])
+    if damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.unlink()
+    dataset = BCCDDataset(tiny_lists, "train")
+    assert len(dataset[(1, 0)]) == 4  # the others still load
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        dataset[(2, 0)]
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        BCCDDataset(tiny_lists, "train", cache_images=True)

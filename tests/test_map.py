@@ -1,0 +1,241 @@
+"""utils.calculate_mAP against hand-computed precision/recall curves and the tutorial's sequential algorithm.
+
+Run: python -m pytest tests/test_map.py -q
+"""
+import random
+
+import pytest
+import torch
+
+from utils import calculate_mAP
+
+INTERPOLATIONS = ("11point", "all", "101point")
+CLASS_NAMES = {1: "RBC", 2: "WBC", 3: "Platelets"}
+
+
+def image(true=(), dets=()):
+    """One image: true = [(box, label, difficult)], dets = [(box, label, score)] -> the six per-image tensors."""
+    return (torch.tensor([b for b, _, _ in dets], dtype=torch.float).reshape(-1, 4),
+            torch.tensor([lab for _, lab, _ in dets], dtype=torch.long),
+            torch.tensor([s for _, _, s in dets], dtype=torch.float),
+            torch.tensor([b for b, _, _ in true], dtype=torch.float).reshape(-1, 4),
+            torch.tensor([lab for _, lab, _ in true], dtype=torch.long),
+            torch.tensor([d for _, _, d in true], dtype=torch.long))
+
+
+def evaluate(images, **kwargs):
+    """calculate_mAP over a list of image(...) tuples."""
+    return calculate_mAP(*[list(column) for column in zip(*images)], **kwargs)
+
+
+# objects and detections used below: boxes far apart, and boxes with IoU 0.81 (> 0.5) with them
+A, A_HIT = [0.1, 0.1, 0.3, 0.3], [0.1, 0.1, 0.28, 0.28]
+B, B_HIT = [0.6, 0.6, 0.8, 0.8], [0.61, 0.61, 0.8, 0.8]
+NOWHERE = [0.4, 0.0, 0.5, 0.05]
+
+
+# ---- hand-computed curves -------------------------------------------------------------------------
+
+# 2 objects; detections by score: TP (A), FP (nowhere), TP (B)
+# precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+#   11-point: recall >= 0, .1, ..., .5 -> best precision 1; >= .6, ..., 1 -> 2/3:  (6 + 5 * 2/3) / 11
+#   all points: 1/2 * 1 + 1/2 * 2/3 = 5/6
+#   101-point: 51 thresholds (0 ... .50) at 1, 50 (.51 ... 1) at 2/3:  (51 + 50 * 2/3) / 101
+HAND_CASE_AP = {"11point": (6 + 5 * 2 / 3) / 11, "all": 5 / 6, "101point": (51 + 50 * 2 / 3) / 101}
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_hand_computed_curve(interpolation):
+    images = [image(true=[(A, 1, 0), (B, 1, 0)],
+                    dets=[(A_HIT, 1, 0.9), (NOWHERE, 1, 0.8), (B_HIT, 1, 0.7)])]
+    aps, mean_ap = evaluate(images, interpolation=interpolation)
+    assert set(aps) == {"RBC"}  # WBC and Platelets have no objects: left out
+    assert aps["RBC"] == pytest.approx(HAND_CASE_AP[interpolation], abs=1e-6)
+    assert mean_ap == pytest.approx(HAND_CASE_AP[interpolation], abs=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_duplicate_detection_of_an_object_is_a_false_positive(interpolation):
+    # TP (A), duplicate of A, TP (B): the same curve as the hand case
+    images = [image(true=[(A, 1, 0), (B, 1, 0)],
+                    dets=[(A_HIT, 1, 0.9), (A, 1, 0.8), (B_HIT, 1, 0.7)])]
+    aps, _ = evaluate(images, interpolation=interpolation)
+    assert aps["RBC"] == pytest.approx(HAND_CASE_AP[interpolation], abs=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_detection_of_a_difficult_object_is_neither_tp_nor_fp(interpolation):
+    # objects A (easy) and B (difficult): detections B (ignored), nowhere (FP), A (TP)
+    # -> FP, TP: precision 0, 1/2 at recall 0, 1. Every rule gives 1/2 (as an FP it would be 1/3, as a TP 1)
+    images = [image(true=[(A, 2, 0), (B, 2, 1)],
+                    dets=[(B_HIT, 2, 0.9), (NOWHERE, 2, 0.8), (A_HIT, 2, 0.7)])]
+    aps, mean_ap = evaluate(images, interpolation=interpolation)
+    assert set(aps) == {"WBC"}
+    assert aps["WBC"] == pytest.approx(0.5, abs=1e-6)
+    assert mean_ap == pytest.approx(0.5, abs=1e-6)
+
+
+def test_only_difficult_objects_leave_the_class_out():
+    images = [image(true=[(A, 3, 1), (B, 1, 0)], dets=[(A_HIT, 3, 0.9), (B_HIT, 1, 0.5)])]
+    aps, mean_ap = evaluate(images)
+    assert set(aps) == {"RBC"} and aps["RBC"] == pytest.approx(1.)
+    assert mean_ap == pytest.approx(1.)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_detection_in_another_image_never_matches(interpolation):
+    # object A in image 0 only; a detection at A in image 1 scores higher: FP, then TP -> 1/2
+    images = [image(true=[(A, 1, 0)], dets=[(A_HIT, 1, 0.5)]),
+              image(true=[(B, 2, 0)], dets=[(A_HIT, 1, 0.9), (B_HIT, 2, 0.9)])]
+    aps, mean_ap = evaluate(images, interpolation=interpolation)
+    assert aps["RBC"] == pytest.approx(0.5, abs=1e-6)
+    assert aps["WBC"] == pytest.approx(1.0, abs=1e-6)
+    assert mean_ap == pytest.approx(0.75, abs=1e-6)
+
+
+def test_iou_exactly_at_the_threshold_is_not_a_match():
+    # object 0.5 x 0.25 (area 1/8), detection its left half (area 1/16): IoU exactly 1/2 in floating point
+    true = [([0., 0., 0.5, 0.25], 1, 0)]
+    aps, _ = evaluate([image(true=true, dets=[([0., 0., 0.25, 0.25], 1, 0.9)])])
+    assert aps["RBC"] == 0.
+    aps, _ = evaluate([image(true=true, dets=[([0., 0., 0.25, 0.25], 1, 0.9)])], iou_threshold=0.49)
+    assert aps["RBC"] == pytest.approx(1.)
+    aps, _ = evaluate([image(true=true, dets=[([0., 0., 0.2578125, 0.25], 1, 0.9)])])  # IoU 0.5156
+    assert aps["RBC"] == pytest.approx(1.)
+
+
+def test_class_without_detections_scores_zero_and_counts_in_the_mean():
+    images = [image(true=[(A, 1, 0), (B, 3, 0)], dets=[(A_HIT, 1, 0.9)])]
+    aps, mean_ap = evaluate(images)
+    assert aps == pytest.approx({"RBC": 1.0, "Platelets": 0.0})
+    assert mean_ap == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("interpolation, n_objects, found_first", [("11point", 10, 3), ("11point", 20, 14),
+                                                                   ("101point", 100, 50), ("101point", 100, 53),
+                                                                   ("101point", 20, 13)])
+def test_recall_exactly_on_a_recall_threshold_counts(interpolation, n_objects, found_first):
+    """`found_first` objects found with precision 1, then as many false positives, then the rest.
+
+    Recall found_first / n_objects is exactly one of the thresholds t (0.3, 0.7, 0.5, 0.53, 0.65), so
+    "the best precision at recall >= t" is 1 there. After the false positives every later point has
+    precision (found_first + j) / (2 found_first + j) < 1, largest at the end.
+    """
+    n_points = 11 if interpolation == "11point" else 101
+    boxes = [[i / 128, 0., (i + 0.5) / 128, 0.5] for i in range(n_objects)]  # disjoint
+    dets = [(boxes[i], 1, 1. - i / 1000) for i in range(found_first)]
+    dets += [([i / 128, 0.6, (i + 0.5) / 128, 0.9], 1, 0.8 - i / 1000) for i in range(found_first)]
+    dets += [(boxes[i], 1, 0.5 - i / 1000) for i in range(found_first, n_objects)]
+    aps, _ = evaluate([image(true=[(b, 1, 0) for b in boxes], dets=dets)], interpolation=interpolation)
+    final_precision = n_objects / (n_objects + found_first)
+    # thresholds k / (n_points - 1) with k * n_objects <= found_first * (n_points - 1): precision 1
+    at_one = sum(1 for k in range(n_points) if k * n_objects <= found_first * (n_points - 1))
+    expected = (at_one + (n_points - at_one) * final_precision) / n_points
+    assert aps["RBC"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_empty_inputs():
+    # no detections at all: every class with objects scores 0
+    aps, mean_ap = evaluate([image(true=[(A, 1, 0), (B, 2, 0)]), image()])
+    assert aps == {"RBC": 0.0, "WBC": 0.0} and mean_ap == 0.0
+
+
+# ---- against the tutorial's sequential algorithm ----------------------------------------------------
+
+def iou(a, b):
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.) * max(h, 0.)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def reference_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties,
+                  iou_threshold=0.5, interpolation="11point"):
+    """The tutorial's calculate_mAP, one detection at a time, with exact recall thresholds."""
+    aps = {}
+    for c, name in CLASS_NAMES.items():
+        objects = [(i, b, bool(d)) for i in range(len(true_boxes))
+                   for b, lab, d in zip(true_boxes[i].tolist(), true_labels[i].tolist(), true_difficulties[i].tolist())
+                   if lab == c]
+        n_easy = sum(not d for _, _, d in objects)
+        if n_easy == 0:
+            continue
+        dets = [(s, i, b) for i in range(len(det_boxes))
+                for b, lab, s in zip(det_boxes[i].tolist(), det_labels[i].tolist(), det_scores[i].tolist()) if lab == c]
+        dets.sort(key=lambda d: -d[0])
+        detected = [False] * len(objects)
+        tp_flags = []  # one per detection that is not ignored
+        for _, img, box in dets:
+            candidates = [k for k, (i, _, _) in enumerate(objects) if i == img]
+            if not candidates:
+                tp_flags.append(False)
+                continue
+            overlaps = [iou(box, objects[k][1]) for k in candidates]
+            best = max(range(len(candidates)), key=lambda t: overlaps[t])
+            k = candidates[best]
+            if overlaps[best] > iou_threshold:
+                if objects[k][2]:
+                    continue  # difficult: neither TP nor FP
+                tp_flags.append(not detected[k])
+                detected[k] = True
+            else:
+                tp_flags.append(False)
+        n_tp, precision, n_found = 0, [], []
+        for j, is_tp in enumerate(tp_flags):
+            n_tp += is_tp
+            precision.append(n_tp / (j + 1))
+            n_found.append(n_tp)
+        if interpolation == "all":
+            ap, previous = 0., 0
+            for j in range(len(precision)):
+                ap += (n_found[j] - previous) / n_easy * max(precision[j:])
+                previous = n_found[j]
+        else:
+            n_points = 11 if interpolation == "11point" else 101
+            ap = 0.
+            for k in range(n_points):  # recall >= k / (n_points - 1), compared in integers
+                above = [p for p, f in zip(precision, n_found) if f * (n_points - 1) >= k * n_easy]
+                ap += max(above) if above else 0.
+            ap /= n_points
+        aps[name] = ap
+    return aps, sum(aps.values()) / max(len(aps), 1)
+
+
+def random_dataset(seed, n_images=60):
+    """Images with 0-8 objects (10% difficult), detections near most of them (some twice, some with the
+    wrong class), and false alarms."""
+    rng = random.Random(seed)
+    columns = [[] for _ in range(6)]
+    for _ in range(n_images):
+        true, dets = [], []
+        for _ in range(rng.randint(0, 8)):
+            x, y, w, h = rng.uniform(0, 0.8), rng.uniform(0, 0.8), rng.uniform(0.03, 0.2), rng.uniform(0.03, 0.2)
+            box = [x, y, x + w, y + h]
+            label = rng.randint(1, 3)
+            true.append((box, label, int(rng.random() < 0.1)))
+            for _ in range(rng.choice([0, 1, 1, 1, 2])):
+                jitter = [v + rng.gauss(0, 0.02) for v in box]
+                jitter = [min(jitter[0], jitter[2] - 0.01), min(jitter[1], jitter[3] - 0.01), jitter[2], jitter[3]]
+                dets.append((jitter, label if rng.random() < 0.9 else rng.randint(1, 3), rng.random()))
+        for _ in range(rng.randint(0, 4)):
+            x, y = rng.uniform(0, 0.9), rng.uniform(0, 0.9)
+            dets.append(([x, y, x + rng.uniform(0.02, 0.1), y + rng.uniform(0.02, 0.1)], rng.randint(1, 3), rng.random()))
+        for column, value in zip(columns, image(true, dets)):
+            column.append(value)
+    return columns
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
+    data = random_dataset(seed)
+    labels, diffs = torch.cat(data[4]), torch.cat(data[5])
+    n_easy = [int(((labels == c) & (diffs == 0)).sum()) for c in CLASS_NAMES]
+    assert all(n > 0 for n in n_easy)
+    aps, mean_ap = calculate_mAP(*data, interpolation=interpolation)
+    ref_aps, ref_mean = reference_mAP(*data, interpolation=interpolation)
+    assert set(aps) == set(ref_aps) == set(CLASS_NAMES.values())
+    for name in ref_aps:
+        assert aps[name] == pytest.approx(ref_aps[name], abs=1e-5), name
+    assert mean_ap == pytest.approx(ref_mean, abs=1e-5)
+    assert 0.2 < mean_ap < 0.95  # a curve with both kinds of detections, not a trivial 0 or 1
