@@ -15,10 +15,8 @@ autocast); ours also uses channels-last, one of its speed levers. Weights are ra
 --checkpoint is given; timings of different machines must not be compared.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,7 +32,7 @@ from torch.utils.data import DataLoader
 from datasets import AugmentationSampler, BCCDDataset
 from model import SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, resolve_device, run_cli,
-                   write_json_atomic)
+                   run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -339,14 +337,6 @@ with torch.no_grad():
                              "ours_over_torchvision": round(t_ours / t_tv, 3), "images": len(images)}
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
-
-
 def print_table(out):
     print(f"\n{'measurement':<34}{'ours':>12}{'torchvision':>14}{'ratio':>9}")
     rows = []
@@ -392,10 +382,7 @@ def main(args):
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    out = {"device": torch.cuda.get_device_name(device) if cuda else f"CPU: {platform.processor() or platform.machine()}, "
-                                                                        f"{torch.get_num_threads()} threads",
-           "date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "amp_bf16": amp, "command": "python " + " ".join(sys.argv)}
+    out = {**run_info(device), "amp_bf16": amp}
     steps = {"train": lambda: bench_train(args, device, amp, channels_last, out),
              "infer": lambda: bench_infer(args, device, amp, channels_last, out),
              "data": lambda: bench_data(args, device, out),

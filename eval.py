@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from model import SSD300
-from utils import UserError, bccd_labels, calculate_mAP, load_checkpoint, resolve_device, run_cli, write_json_atomic
+from utils import (UserError, bccd_labels, calculate_mAP, load_checkpoint, resolve_device, run_cli, run_info,
+                   write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 
@@ -136,7 +137,8 @@ def run(args, rank, world, device):
     if args.output:
         write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "device": str(device),
-                           "processes": world, "amp": amp, "seconds": round(seconds, 3)}, args.output, indent=2)
+                           "processes": world, "amp": amp, "seconds": round(seconds, 3),
+                           "train_args": ckpt.get("args"), **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")
 
 

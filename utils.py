@@ -68,6 +68,23 @@ def resolve_device(name):
     return device
 
 
+def run_info(device):
+    """Where and when a result was made: date, command, git commit, versions and device name (for results JSON)."""
+    import datetime
+    import platform
+    import subprocess
+    import torchvision
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    return {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "commit": commit,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "device_name": name}
+
+
 def bf16_is_fast(device):
     """Whether bf16 autocast speeds up convolutions on `device`: CUDA, or a CPU with native bf16 (AVX512-BF16, AMX)."""
     if device.type == "cuda":
