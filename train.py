@@ -117,6 +117,18 @@ def init_distributed(device_flag):
     return rank, world, device
 
 
+def compute_loss(model, criterion, images, boxes, labels, amp=False, world=1):
+    """The training loss of one step: the MultiBox loss of this process's images divided by the positives
+    of the global batch (all processes), times `world` since DDP averages the gradients; so the gradient
+    equals that of one process running the whole global batch. A plain run is a world of one."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        predicted_locs, predicted_scores = model(images)  # (N, P, 4), (N, P, C)
+    loss_total, n_positives = criterion.sum_and_positives(predicted_locs, predicted_scores, boxes, labels)
+    if world > 1:
+        dist.all_reduce(n_positives)
+    return loss_total * world / n_positives.clamp(min=1)
+
+
 def lr_at(iteration, total, args):
     """Learning rate multiplier at `iteration` (0-based) of `total`: linear warm-up, then cosine or steps."""
     if iteration < args.warmup:
@@ -169,7 +181,7 @@ def train(args, rank, world, device):
     cuda = device.type == "cuda"
     amp = cuda if args.amp is None else args.amp
     channels_last = cuda if args.channels_last is None else args.channels_last
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank; augmentations differ by rank (AugmentationSampler)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -198,6 +210,9 @@ def train(args, rank, world, device):
     model_args = model.model_args
     if world > 1 and cuda and model.batch_norm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    elif world > 1 and model.batch_norm and is_main:  # PyTorch's SyncBatchNorm runs on CUDA only
+        print(f"note: BatchNorm without sync on {device.type}: each process normalizes over its own "
+              f"{args.batch_size} images; running statistics are rank 0's")
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     criterion = MultiBoxLoss(model.priors_cxcy).to(device)
     optimizer = make_optimizer(model, args)
@@ -244,14 +259,7 @@ def train(args, rank, world, device):
                 images = images.contiguous(memory_format=torch.channels_last)
             boxes = [b.to(device, non_blocking=True) for b in boxes]
             labels = [l.to(device, non_blocking=True) for l in labels]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                predicted_locs, predicted_scores = model(images)  # (N, P, 4), (N, P, C)
-            loss_total, n_positives = criterion.sum_and_positives(predicted_locs, predicted_scores, boxes, labels)
-            if world > 1:  # normalize by the positives of the global batch; DDP averages the gradients
-                dist.all_reduce(n_positives)
-                loss = loss_total * world / n_positives.clamp(min=1)
-            else:
-                loss = loss_total / n_positives.clamp(min=1)
+            loss = compute_loss(model, criterion, images, boxes, labels, amp=amp, world=world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip:
@@ -289,6 +297,8 @@ def train(args, rank, world, device):
                 save_atomic({"model": raw_model.state_dict(), "model_args": model_args,
                              "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
                              "args": vars(args), "label_map": label_map}, os.path.join(args.out_dir, "checkpoint.pt"))
+        if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
+            dist.barrier()
     bar.close()
     if is_main:
         print(f"done: {iteration} iterations; checkpoint in {os.path.join(args.out_dir, 'checkpoint.pt')}")
