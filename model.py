@@ -363,17 +363,23 @@ class MultiBoxLoss(nn.Module):
         P = self.priors_xy.size(0)
         device = self.priors_xy.device
         N = len(boxes)
-        M = max(max((b.size(0) for b in boxes), default=0), 1)
-        # pad with a harmless unit box (keeps the encoding finite) and label -1 (= no object)
-        pad_boxes = self.priors_xy.new_tensor([0., 0., 1., 1.]).repeat(N, M, 1)  # (N, M, 4)
-        pad_labels = torch.full((N, M), -1, dtype=torch.long, device=device)  # (N, M)
-        for i, (b, l) in enumerate(zip(boxes, labels)):
-            pad_boxes[i, :b.size(0)] = b
-            pad_labels[i, :l.size(0)] = l
+        counts = torch.tensor([b.size(0) for b in boxes])  # (N,), from shapes: no device sync
+        M = max(int(counts.max()) if N else 0, 1)
+        # slot of each object in the (N, M) padded layout: image i's objects fill i*M, i*M + 1, ...
+        starts = counts.cumsum(0) - counts
+        image_of = torch.repeat_interleave(torch.arange(N), counts)
+        slots = (image_of * M + torch.arange(int(counts.sum())) - starts[image_of]).to(device, non_blocking=True)
+        all_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(self.priors_xy.dtype)  # (T, 4), T objects in all
+        all_labels = torch.cat([l.reshape(-1) for l in labels]).long()  # (T,)
+
+        # IoU of the real objects only, laid out (N, M, P) with -1 for the padding (never matched)
+        overlap = self.priors_xy.new_full((N * M, P), -1.).index_copy_(
+            0, slots, find_jaccard_overlap(all_boxes, self.priors_xy)).view(N, M, P)
+        # padding: a harmless unit box (keeps the encoding finite) and label -1
+        pad_boxes = self.priors_xy.new_tensor([0., 0., 1., 1.]).repeat(N * M, 1).index_copy_(0, slots, all_boxes).view(N, M, 4)
+        pad_labels = torch.full((N * M,), -1, dtype=torch.long, device=device).index_copy_(0, slots, all_labels).view(N, M)
         valid = pad_labels >= 0  # (N, M)
 
-        overlap = find_jaccard_overlap(pad_boxes, self.priors_xy)  # (N, M, P)
-        overlap = overlap.masked_fill(~valid[:, :, None], -1.)
         overlap_for_each_prior, object_for_each_prior = overlap.max(dim=1)  # (N, P)
         best_overlap, prior_for_each_object = overlap.max(dim=2)  # (N, M)
 
