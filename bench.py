@@ -177,7 +177,7 @@ def bench_infer(args, device, amp, channels_last, out):
     tv.eval()
     trained = None
     if args.checkpoint:
-        trained = SSD300.from_checkpoint(load_checkpoint(args.checkpoint)).to(
+        trained = SSD300.from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint).to(
             device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
     result = {"ours": {}, "torchvision": {}, "ratio": {}}
     if trained is not None:

@@ -52,11 +52,7 @@ def get_args_parser():
 
 def load_model(checkpoint, device="cpu"):
     """The model of a train.py checkpoint, in eval mode, on `device`."""
-    ckpt = load_checkpoint(checkpoint)
-    try:
-        model = SSD300.from_checkpoint(ckpt)
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise UserError(f"{checkpoint}: does not fit SSD300 ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model = SSD300.from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval()
 

@@ -103,10 +103,7 @@ def run(args, rank, world, device):
     amp = device.type == "cuda" if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
-    try:
-        model = SSD300.from_checkpoint(ckpt)
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise UserError(f"{args.checkpoint}: does not fit SSD300 ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model = SSD300.from_checkpoint(ckpt, args.checkpoint)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score

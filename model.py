@@ -19,7 +19,7 @@ import torchvision
 from torchvision.ops import batched_nms
 
 from utils import (UserError, cxcy_to_gcxgcy, cxcy_to_xy, decimate, find_jaccard_overlap,
-                   gcxgcy_to_cxcy, xy_to_cxcy)
+                   gcxgcy_to_cxcy, label_map, xy_to_cxcy)
 
 # The six feature maps that predict boxes, their sizes, prior scales and aspect ratios (paper, Sec. 2.2-3).
 FMAPS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
@@ -250,10 +250,22 @@ class SSD300(nn.Module):
             raise UserError(f"{source}: not a torchvision {'vgg16_bn' if self.batch_norm else 'vgg16'} state_dict ({detail})") from None
 
     @classmethod
-    def from_checkpoint(cls, ckpt):
-        """Rebuild the model saved in a checkpoint dict (see utils.load_checkpoint)."""
-        model = cls(base_weights=None, **ckpt["model_args"])
-        model.load_state_dict(ckpt["model"])
+    def from_checkpoint(cls, ckpt, source="checkpoint"):
+        """Rebuild the model saved in a checkpoint dict (see utils.load_checkpoint).
+
+        Raises UserError, naming `source`, for a checkpoint of other classes or whose weights do not fit.
+        """
+        model_args = ckpt["model_args"]
+        n_classes = model_args.get("n_classes") if isinstance(model_args, dict) else None
+        if n_classes != len(label_map) or ckpt.get("label_map", label_map) != label_map:
+            raise UserError(f"{source}: a model of {n_classes} classes with label map {ckpt.get('label_map')}; this "
+                            f"project's is {label_map}")
+        try:
+            model = cls(base_weights=None, **model_args)
+            model.load_state_dict(ckpt["model"])
+        except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise UserError(f"{source}: does not fit SSD300 ({type(e).__name__}: {detail[:200]})") from None
         return model
 
     # ---- predictions to detections ------------------------------------------------------------

@@ -196,14 +196,14 @@ def train(args, rank, world, device):
                         drop_last=len(sampler) >= args.batch_size)  # no ragged last batch for BatchNorm
     steps_per_epoch = len(loader)
     if args.epochs is None and args.iterations is not None:
-        epochs, total_iterations = math.ceil(args.iterations / steps_per_epoch), args.iterations
+        epochs, total_iterations = None, args.iterations  # epochs: once the starting point is known
     else:
         epochs = args.epochs or DEFAULT_EPOCHS
         total_iterations = epochs * steps_per_epoch
 
     base_weights = None if args.base_weights.lower() == "none" else args.base_weights
     if ckpt is not None:
-        model = SSD300.from_checkpoint(ckpt)
+        model = SSD300.from_checkpoint(ckpt, args.resume)
     else:
         model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
                        prior_scales=args.prior_scales)
@@ -223,6 +223,8 @@ def train(args, rank, world, device):
             start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         except (KeyError, ValueError) as e:
             raise UserError(f"{args.resume}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+    if epochs is None:  # enough epochs for the iterations left (a run may stop in the middle of an epoch)
+        epochs = start_epoch + math.ceil(max(total_iterations - iteration, 0) / steps_per_epoch)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     raw_model = model.module if world > 1 else model

@@ -15,8 +15,10 @@ Nothing here does work at import time.
 import json
 import os
 import pickle
+import re
 import sys
 import xml.etree.ElementTree as ET
+import zipfile
 
 import numpy as np
 import torch
@@ -133,13 +135,16 @@ def load_checkpoint(path):
     """
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a checkpoint file (train.py writes zip archives with torch.save)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: refused: the checkpoint holds pickled objects, not only tensors and "
-                        f"plain data ({first[:160]})") from None
-    except Exception as e:  # truncated file, not a zip archive, ...
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message
+        what = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        raise UserError(f"{path}: refused: it holds pickled objects, not only tensors and plain data, and "
+                        f"loading it could run code{' (' + what[:160] + ')' if what else ''}") from None
+    except Exception as e:  # truncated or damaged archive, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
