@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from model import SSD300
-from utils import (UserError, bccd_labels, calculate_mAP, load_checkpoint, resolve_device, run_cli, run_info,
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, load_checkpoint, resolve_device, run_cli, run_info,
                    write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
@@ -35,7 +35,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, off on CPU)")
+                   help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     return p
@@ -100,7 +100,7 @@ def main(args):
 def run(args, rank, world, device):
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be positive and --workers >= 0")
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
     model = SSD300.from_checkpoint(ckpt, args.checkpoint)

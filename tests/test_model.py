@@ -115,6 +115,16 @@ def test_batch_equals_its_images_one_by_one(forward_run):
             assert torch.allclose(single, batched, atol=tol, rtol=1e-4)
 
 
+def test_fused_batch_norm_gives_the_same_outputs(forward_run):
+    import copy
+    m = copy.deepcopy(forward_run["model"]).fuse_batch_norm()
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    with torch.no_grad():
+        locs, scores = m(forward_run["images"])
+    for fused, plain in ((locs, forward_run["locs"]), (scores, forward_run["scores"])):
+        assert torch.allclose(fused, plain, atol=1e-4 * plain.abs().max().item(), rtol=1e-4)
+
+
 def test_feature_map_sizes(forward_run):
     shapes = {name: shape for name, _, _, _, shape in forward_run["calls"]}
     assert shapes["base.pool3"] == (2, 256, 38, 38)  # 75 -> 38 needs ceil_mode
