@@ -81,8 +81,14 @@ def run_info(device):
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except OSError:
         commit = None
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or platform.machine()
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        name = f"CPU {cpu}, {torch.get_num_threads()} threads"
     return {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "commit": commit,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "device_name": name}
 
