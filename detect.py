@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, pil_to_tensor, resize, resolve_device,
-                   rev_label_map, run_cli, write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, pil_to_tensor, resize,
+                   resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
 
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
@@ -185,8 +185,13 @@ def main(args):
     errors = [f"{m}: no such file or folder" for m in missing]
     if not paths and not errors:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
-    os.makedirs(args.output_dir, exist_ok=True)
     names = output_names(paths)
+    inputs = {os.path.realpath(p) for p in paths}
+    clash = next((n for n in names if os.path.realpath(os.path.join(args.output_dir, n)) in inputs), None)
+    if clash:
+        raise UserError(f"--output-dir {args.output_dir}: writing {clash} there would overwrite an input image; "
+                        f"choose another folder")
+    os.makedirs(args.output_dir, exist_ok=True)
 
     batch_size = args.batch_size or (16 if device.type == "cuda" else 1)
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
@@ -217,11 +222,7 @@ def main(args):
     writer = csv.DictWriter(buf, fieldnames=["image", *bccd_labels], lineterminator="\n")
     writer.writeheader()
     writer.writerows(counts)
-    csv_path = os.path.join(args.output_dir, "counts.csv")
-    tmp = csv_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, csv_path)
+    write_text_atomic(buf.getvalue(), os.path.join(args.output_dir, "counts.csv"))
     write_json_atomic(records, os.path.join(args.output_dir, "detections.json"), indent=1)
 
     width = max([len("image")] + [len(c["image"]) for c in counts])

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, load_checkpoint, resolve_device, run_cli, run_info,
-                   write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, load_checkpoint, resolve_device, run_cli,
+                   run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 

@@ -12,10 +12,13 @@ Boxes are `(x_min, y_min, x_max, y_max)` ("xy") unless a name says otherwise: "c
 (c_x, c_y, w, h) and "gcxgcy" is the offset encoding w.r.t. priors (see cxcy_to_gcxgcy).
 Nothing here does work at import time.
 """
+import datetime
 import json
 import os
 import pickle
+import platform
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
@@ -23,6 +26,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as FT
 from PIL import Image
 
@@ -72,10 +76,6 @@ def resolve_device(name):
 
 def run_info(device):
     """Where and when a result was made: date, command, git commit, versions and device name (for results JSON)."""
-    import datetime
-    import platform
-    import subprocess
-    import torchvision
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
@@ -125,12 +125,15 @@ def save_atomic(obj, path):
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_json_atomic(obj, path, indent=None):
+def write_text_atomic(text, path):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
+            f.write(text)
     _atomic(path, write)
+
+
+def write_json_atomic(obj, path, indent=None):
+    write_text_atomic(json.dumps(obj, indent=indent) + "\n", path)
 
 
 def load_checkpoint(path):

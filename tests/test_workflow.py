@@ -773,3 +773,16 @@ def test_end_to_end_on_real_bccd(real_bccd_dir, tmp_path, run_script):
     assert "TRAIN: 292 images" in result.stdout
     lists = truncate_lists(tmp_path / "all", tmp_path / "lists", 4, 2)  # a few images, so that it is quick
     run_workflow(run_script, lists, tmp_path, list_test_images(lists))
+
+
+def test_detect_refuses_to_overwrite_its_inputs(tmp_path, random_checkpoint):
+    folder = tmp_path / "smears"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), "white").save(folder / "a.jpg")
+    before = (folder / "a.jpg").read_bytes()
+    args = detect.get_args_parser().parse_args([str(folder), "--checkpoint", str(random_checkpoint), "--output-dir",
+                                                str(folder), "--device", "cpu"])
+    with pytest.raises(UserError, match="overwrite an input image"):
+        detect.main(args)
+    assert (folder / "a.jpg").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg"]
