@@ -762,3 +762,25 @@ def test_detect_objects_image_with_nothing_above_min_score_gets_empty_tensors(mo
                                                              max_overlap=MAX_OVERLAP, top_k=200)
     assert len(det_boxes) == 1
     assert det_boxes[0].shape == (0, 4) and det_labels[0].shape == (0,) and det_scores[0].shape == (0,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the claim is about CUDA")
+def test_loss_and_backward_make_no_host_synchronization(priors):
+    """The training loss must not stall the GPU: any synchronizing call raises in sync debug mode."""
+    device = torch.device("cuda")
+    criterion = MultiBoxLoss(priors).to(device)
+    g = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]]), torch.zeros(0, 4),
+             torch.tensor([[0.2, 0.3, 0.3, 0.35]])]
+    boxes = [b.to(device) for b in boxes]
+    labels = [torch.tensor([1, 3]).to(device), torch.zeros(0, dtype=torch.long).to(device), torch.tensor([2]).to(device)]
+    locs = torch.randn(3, priors.size(0), 4, generator=g).to(device).requires_grad_()
+    scores = torch.randn(3, priors.size(0), 4, generator=g).to(device).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = criterion(locs, scores, boxes, labels)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
