@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, load_checkpoint, resolve_device, run_cli,
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
                    run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
@@ -82,14 +82,7 @@ def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, 
 
 
 def main(args):
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = resolve_device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = init_distributed(args.device)
     try:
         run(args, rank, world, device)
     finally:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from datasets import AugmentationSampler, BCCDDataset
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import UserError, bf16_is_fast, label_map, load_checkpoint, resolve_device, run_cli, save_atomic
+from utils import (UserError, bf16_is_fast, init_distributed, label_map, load_checkpoint, run_cli,
+                   save_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -100,22 +101,8 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed helpers: a plain run is a world of one
+# distributed training: a plain run is a world of one (utils.init_distributed)
 # ---------------------------------------------------------------------------------------------
-
-def init_distributed(device_flag):
-    """Set up torch.distributed when launched by torchrun; return (rank, world_size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, resolve_device(device_flag)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
 
 def compute_loss(model, criterion, images, boxes, labels, amp=False, world=1):
     """The training loss of one step: the MultiBox loss of this process's images divided by the positives

@@ -25,6 +25,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as FT
@@ -72,6 +73,24 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def init_distributed(device_flag):
+    """Set up torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Returns (rank, world_size, device), the device being this process's GPU under torchrun; a run
+    without torchrun is a world of one and sets nothing up.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_flag)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def run_info(device):
