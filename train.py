@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, init_distributed, label_map, load_checkpoint, run_cli,
-                   save_atomic)
+from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
+                   run_cli, save_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -145,8 +146,6 @@ def make_optimizer(model, args):
 
 def ensure_lists(args, rank):
     if not os.path.isfile(os.path.join(args.data_folder, "TRAIN_images.json")) and rank == 0:
-        from create_data_lists import missing_data_message
-        from utils import create_data_lists
         if not os.path.isdir(args.bccd_folder):
             raise UserError(f"{args.data_folder}: no lists; and " + missing_data_message(args.bccd_folder))
         print(f"making the lists in {args.data_folder} from {args.bccd_folder}")
