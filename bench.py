@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset
+from detect import predict
 from model import SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, resolve_device, run_cli,
                    run_info, write_json_atomic)
@@ -188,11 +189,8 @@ def bench_infer(args, device, amp, channels_last, out):
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         tv_images = to_torchvision_inputs(images)
 
-        @torch.no_grad()
         def run_ours(model=ours):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                locs, scores = model(x)
-            return model.detect_objects(locs, scores, min_score=0.01, max_overlap=0.45, top_k=200)
+            return predict(model, x, min_score=0.01, max_overlap=0.45, top_k=200, amp=amp, channels_last=channels_last)
 
         @torch.no_grad()
         def run_tv():

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
+from detect import predict
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
                    run_info, write_json_atomic)
@@ -42,8 +43,8 @@ def get_args_parser():
 
 
 @torch.no_grad()
-def detect_dataset(model, loader, device, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45,
-                   top_k=200, progress=False):
+def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
+                   progress=False):
     """Run the model over a loader of BCCDDataset('test') items.
 
     Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
@@ -52,21 +53,15 @@ def detect_dataset(model, loader, device, amp=False, channels_last=False, min_sc
     model.eval()
     results = ([], [], [], [], [], [])
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            predicted_locs, predicted_scores = model(images)  # (N, P, 4), (N, P, C)
-        dets = model.detect_objects(predicted_locs, predicted_scores, min_score=min_score,
-                                    max_overlap=max_overlap, top_k=top_k)
+        dets = predict(model, images, min_score, max_overlap, top_k, amp=amp, channels_last=channels_last)
         for store, items in zip(results, (*dets, boxes, labels, difficulties)):
             store.extend(t.cpu() for t in items)
     return results
 
 
-def evaluate(model, loader, device, amp=False, channels_last=False):
+def evaluate(model, loader, amp=False, channels_last=False):
     """VOC2007 mAP of `model` on `loader`: (dict class -> AP, mAP). Used by train.py --val-every."""
-    return calculate_mAP(*detect_dataset(model, loader, device, amp=amp, channels_last=channels_last))
+    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last))
 
 
 def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties):
@@ -104,7 +99,7 @@ def run(args, rank, world, device):
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
-    results = detect_dataset(model, loader, device, amp=amp, channels_last=channels_last, progress=rank == 0)
+    results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0)
     if world > 1:  # gather every process's detections on rank 0, back in dataset order
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((shard, results), gathered, dst=0)

@@ -411,7 +411,7 @@ class MultiBoxLoss(nn.Module):
         best_overlap, prior_for_each_object = overlap.max(dim=2)  # (N, M)
 
         # force each object onto its best prior; a prior wanted by several goes to the best overlap
-        best_overlap = best_overlap.masked_fill(~valid, -2.)
+        # (padding's best overlap is -1, below any real object's, and padding never wins)
         contested = torch.full((N, P), -2., device=device).scatter_reduce_(1, prior_for_each_object, best_overlap, "amax")
         wins = valid & (best_overlap == contested.gather(1, prior_for_each_object))  # (N, M)
         obj_ids = torch.arange(M, device=device).expand(N, M).masked_fill(~wins, -1)

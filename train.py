@@ -275,7 +275,7 @@ def train(args, rank, world, device):
         last = epoch + 1 == epochs or iteration >= total_iterations
         if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
             from eval import evaluate
-            aps, mean_ap = evaluate(raw_model, val_loader, device, amp=amp, channels_last=channels_last)
+            aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
             record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
             bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
         if is_main:

@@ -555,7 +555,7 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     new_boxes = new_boxes.clamp_(0, 1)  # rounding can reach 1 + 1e-7
     if hflip:
         out = out.flip(-1)
-        new_boxes = torch.stack([1 - new_boxes[:, 2], new_boxes[:, 1], 1 - new_boxes[:, 0], new_boxes[:, 3]], 1)
+        new_boxes = flip(new_boxes, (0, 0, 1, 1))
     return out, new_boxes
 
 
