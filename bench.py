@@ -15,7 +15,6 @@ autocast); ours also uses channels-last, one of its speed levers. Weights are ra
 --checkpoint is given; timings of different machines must not be compared.
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,7 +25,6 @@ import time
 
 import torch
 import torchvision
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset
@@ -169,7 +167,6 @@ def bench_train(args, device, amp, channels_last, out):
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
         if peak and amp:
             out["train_fraction_of_bf16_peak"] = round(flops / 1e12 / peak, 3)
-    del ours, tv, opt_ours, opt_tv
 
 
 def bench_infer(args, device, amp, channels_last, out):
@@ -311,7 +308,6 @@ def bench_folder(args, device, out):
         # torchvision: the plain loop, fp32, one image at a time, also in a fresh process
         code = f"""
 import os, sys, torch, torchvision
-from PIL import Image, ImageDraw
 import torchvision.transforms.functional as FT
 torch.manual_seed(0)
 model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)

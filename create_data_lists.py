@@ -11,7 +11,6 @@ annotations of 640x480 blood smear images, classes RBC, WBC and Platelets.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request

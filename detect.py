@@ -17,7 +17,6 @@ From Python, as in the tutorial:
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 import time
