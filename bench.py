@@ -308,6 +308,7 @@ def bench_folder(args, device, out):
         # torchvision: the plain loop, fp32, one image at a time, also in a fresh process
         code = f"""
 import os, sys, torch, torchvision
+from PIL import Image, ImageDraw
 import torchvision.transforms.functional as FT
 torch.manual_seed(0)
 model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4)

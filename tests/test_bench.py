@@ -1,0 +1,47 @@
+"""bench.py end to end on CPU, with tiny settings: every measurement runs, its table prints and its
+JSON holds positive timings for ours and torchvision. The figures themselves are not checked (they
+depend on the machine); that the code paths behind them run is."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_voc
+from model import SSD300
+from utils import create_data_lists, label_map
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    create_data_lists(make_voc(root / "BCCD", n_trainval=4, n_test=2), root / "lists", verbose=False)
+    torch.manual_seed(0)
+    model = SSD300(base_weights=None, batch_norm=True)
+    torch.save({"model": model.state_dict(), "model_args": model.model_args, "label_map": label_map},
+               root / "checkpoint.pt")
+    return root
+
+
+@pytest.mark.slow
+def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, run_script):
+    out = bench_run / "bench.json"
+    result = run_script("bench.py", "--device", "cpu", "--data-folder", bench_run / "lists", "--checkpoint",
+                        bench_run / "checkpoint.pt", "--only", "train", "infer", "data", "parts", "folder",
+                        "--train-batch", 2, "--infer-batches", 1, 2, "--iters", 1, "--workers", 1, "--json", out,
+                        timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    res = json.loads(out.read_text())
+    for key in ("train_images_per_s", "multibox_loss_ms", "detect_objects_ms"):
+        assert res[key]["ours"] > 0 and res[key]["torchvision"] > 0, key
+    for name in ("ours", "torchvision"):
+        assert set(res["infer_images_per_s"][name]) == {"batch_1", "batch_2"}
+        assert all(v > 0 for v in res["infer_images_per_s"][name].values())
+    assert res["calculate_mAP_ms"]["ours"] > 0
+    assert res["data_images_per_s"]["ours_one_process"] > 0 and res["data_images_per_s"]["ours_workers"] > 0
+    folder = res["folder_seconds"]
+    assert folder["images"] == 2 and folder["ours"] > folder["loop_only"]["ours"] > 0
+    assert folder["torchvision"] > folder["loop_only"]["torchvision"] > 0
+    for line in ("train images/s (batch 2)", "infer images/s (batch 1)", "detect.py on 2 images, s"):
+        assert line in result.stdout
+    assert res["device_name"].startswith("CPU") and "commit" in res
