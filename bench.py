@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from datasets import AugmentationSampler, BCCDDataset
+from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import predict
 from model import SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, resolve_device, run_cli,
@@ -205,6 +205,8 @@ def bench_infer(args, device, amp, channels_last, out):
 
 
 def bench_data(args, device, out):
+    """TRAIN images/s: in one process, and from --workers processes as train.py runs them (all epochs in one
+    stream), beside a DataLoader restarted every epoch (whose workers wait at each epoch's start)."""
     train_set = BCCDDataset(args.data_folder, "train", cache_images=True)
     n = min(len(train_set), 128)
     start = time.perf_counter()
@@ -212,17 +214,28 @@ def bench_data(args, device, out):
         train_set[(i, i)]
     single = n / (time.perf_counter() - start)
     sampler = AugmentationSampler(train_set, seed=0)
-    loader = DataLoader(train_set, batch_size=32, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
-                        num_workers=args.workers, persistent_workers=args.workers > 0,
-                        pin_memory=device.type == "cuda")
-    for images, *_ in loader:  # start the workers, warm up
-        pass
-    count, start = 0, time.perf_counter()
-    for epoch in range(1, 4):
-        sampler.set_epoch(epoch)
-        for images, *_ in loader:
+    epochs = 4
+    pin = device.type == "cuda"
+
+    def rate(batches):
+        next(batches)  # the workers are started: time the rest
+        count, start = 0, time.perf_counter()
+        for images, *_ in batches:
             count += images.size(0)
-    out["data_images_per_s"] = {"ours_one_process": round(single, 1), "ours_workers": round(count / (time.perf_counter() - start), 1),
+        return count / (time.perf_counter() - start)
+
+    stream = DataLoader(train_set, batch_sampler=EpochBatches(sampler, 32, False, range(epochs)),
+                        collate_fn=BCCDDataset.collate_fn, num_workers=args.workers, pin_memory=pin)
+    restarted = DataLoader(train_set, batch_size=32, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
+                           num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=pin)
+
+    def each_epoch():
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            yield from restarted
+
+    out["data_images_per_s"] = {"ours_one_process": round(single, 1), "ours_workers": round(rate(iter(stream)), 1),
+                                "ours_workers_restarted_each_epoch": round(rate(each_epoch()), 1),
                                 "workers": args.workers}
 
 
@@ -360,6 +373,7 @@ def print_table(out):
         t = out["data_images_per_s"]
         rows.append(("data images/s, 1 process", t["ours_one_process"], "", ""))
         rows.append((f"data images/s, {t['workers']} workers", t["ours_workers"], "", ""))
+        rows.append(("  restarted every epoch", t["ours_workers_restarted_each_epoch"], "", ""))
     if "folder_seconds" in out:
         t = out["folder_seconds"]
         rows.append((f"detect.py on {t['images']} images, s", t["ours"], t["torchvision"], t["ours_over_torchvision"]))

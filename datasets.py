@@ -1,9 +1,13 @@
 """The BCCD Dataset for PyTorch (tutorial, "PyTorch Dataset" and "PyTorch DataLoader").
 
-    from datasets import BCCDDataset, AugmentationSampler
+    from datasets import BCCDDataset, AugmentationSampler, EpochBatches
     train_set = BCCDDataset("data/lists", "train")
     loader = DataLoader(train_set, batch_size=8, sampler=AugmentationSampler(train_set, seed=0),
-                        collate_fn=BCCDDataset.collate_fn, num_workers=4)
+                        collate_fn=BCCDDataset.collate_fn, num_workers=4)  # call set_epoch before each epoch
+
+    # or all epochs as one stream, which the workers never stop preparing (train.py)
+    batches = EpochBatches(AugmentationSampler(train_set, seed=0), 8, drop_last=True, epochs=range(0, 100))
+    loader = DataLoader(train_set, batch_sampler=batches, collate_fn=BCCDDataset.collate_fn, num_workers=4)
 
 The lists come from create_data_lists.py.
 """
@@ -11,7 +15,7 @@ import json
 import os
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
 from utils import UserError, load_image, transform
 
@@ -106,3 +110,26 @@ class AugmentationSampler(Sampler):
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) % 2 ** 63)
         seeds = torch.randint(2 ** 62, (len(self.sampler),), generator=g).tolist()
         return iter(zip(self.sampler, seeds))
+
+
+class EpochBatches(Sampler):
+    """The batches of several epochs as one stream, for a DataLoader's batch_sampler.
+
+    Epoch e's batches are those of a DataLoader with sampler=sampler, batch_size, drop_last after
+    sampler.set_epoch(e). A DataLoader restarted every epoch begins each epoch with idle workers
+    and waits for a whole batch to be prepared; with BCCD's ten batches an epoch and many workers
+    that wait is a large part of the epoch. One stream lets the workers prepare the next epoch's
+    first batches while the current one ends (as Detectron2's infinite TrainingSampler does).
+    """
+
+    def __init__(self, sampler, batch_size, drop_last, epochs):
+        self.sampler, self.epochs = sampler, epochs
+        self.batches = BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self):
+        return len(self.epochs) * len(self.batches)
+
+    def __iter__(self):
+        for epoch in self.epochs:
+            self.sampler.set_epoch(epoch)
+            yield from self.batches

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from create_data_lists import missing_data_message
-from datasets import AugmentationSampler, BCCDDataset
+from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
                    run_cli, save_atomic)
@@ -176,10 +176,8 @@ def train(args, rank, world, device):
         dist.barrier()
     train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images, max_zoom=args.max_zoom)
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, collate_fn=BCCDDataset.collate_fn,
-                        num_workers=args.workers, pin_memory=cuda, persistent_workers=args.workers > 0,
-                        drop_last=len(sampler) >= args.batch_size)  # no ragged last batch for BatchNorm
-    steps_per_epoch = len(loader)
+    drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
+    steps_per_epoch = len(EpochBatches(sampler, args.batch_size, drop_last, epochs=range(1)))
     if args.epochs is None and args.iterations is not None:
         epochs, total_iterations = None, args.iterations  # epochs: once the starting point is known
     else:
@@ -226,18 +224,22 @@ def train(args, rank, world, device):
               f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
               f"{total_iterations} iterations, bf16 autocast {'on' if amp else 'off'}")
     log_path = os.path.join(args.out_dir, "log.jsonl")
+    stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs))
+    loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
+                        pin_memory=cuda)
+    batches = iter(loader)  # all epochs in one stream: the workers never wait for the next epoch
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
     for epoch in range(start_epoch, epochs):
         if iteration >= total_iterations:
             break
         model.train()
-        sampler.set_epoch(epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         n_steps = 0
-        for images, boxes, labels, _ in loader:
+        for _ in range(steps_per_epoch):
             if iteration >= total_iterations:
                 break
+            images, boxes, labels, _ = next(batches)
             lr = args.lr * lr_at(iteration, total_iterations, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]

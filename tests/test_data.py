@@ -29,7 +29,7 @@ from torchvision.ops import box_iou
 import create_data_lists as cdl
 import utils
 from conftest import annotation_xml, image_id
-from datasets import AugmentationSampler, BCCDDataset
+from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
 
 LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
@@ -763,6 +763,17 @@ def test_sampler_makes_batches_reproducible(tiny_lists):
     assert sorted(indices) == list(range(7))  # every image once an epoch
     sampler.set_epoch(1)
     assert [s for _, s in sampler] != [s for _, s in AugmentationSampler(dataset, seed=3)]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_epoch_batches_are_the_batches_of_each_epoch_in_one_stream(tiny_lists, drop_last):
+    dataset = BCCDDataset(tiny_lists, "train")  # 7 images: batches of 3, 3 and 1 (dropped with drop_last)
+    batches = EpochBatches(AugmentationSampler(dataset, seed=3), 3, drop_last, epochs=range(2, 5))
+    assert len(batches) == 3 * (2 if drop_last else 3)
+    stream = list(DataLoader(dataset, batch_sampler=batches, num_workers=2, collate_fn=BCCDDataset.collate_fn))
+    per_epoch = [b for e in range(2, 5) for b in epoch_batches(dataset, seed=3, epoch=e, num_workers=0)
+                 if not (drop_last and len(b[1]) < 3)]
+    assert same_batches(stream, per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------
