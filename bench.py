@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import predict
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, resolve_device, run_cli,
-                   run_info, write_json_atomic)
+from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, normalize, resolve_device,
+                   run_cli, run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -91,10 +91,8 @@ def fixed_batch(data_folder, n):
 
 
 def to_torchvision_inputs(images, boxes=None, labels=None):
-    """torchvision's SSD takes [0, 1] images (it normalizes itself) and pixel boxes."""
-    mean = images.new_tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = images.new_tensor([0.229, 0.224, 0.225])[:, None, None]
-    imgs = list(images * std + mean)
+    """torchvision's SSD takes [0, 1] float images (it normalizes itself) and pixel boxes."""
+    imgs = list(images.float() / 255)
     if boxes is None:
         return imgs
     targets = [{"boxes": b * 300, "labels": l} for b, l in zip(boxes, labels)]
@@ -135,9 +133,9 @@ def bench_train(args, device, amp, channels_last, out):
     opt_tv = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
     x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
-    def step_ours():
+    def step_ours():  # as train.py: uint8 images normalized on the device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            locs, scores = ours(x)
+            locs, scores = ours(normalize(x))
         loss = criterion(locs, scores, boxes, labels)
         opt_ours.zero_grad(set_to_none=True)
         loss.backward()

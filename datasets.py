@@ -30,8 +30,9 @@ class BCCDDataset(Dataset):
         cache_images: decode every image once, here, and keep it in memory (BCCD's 292 train
             images take 270 MB). DataLoader workers started after that share the cache.
 
-    Item i is (image (3, 300, 300) float, normalized with ImageNet's mean and std; boxes (n, 4)
-    float, fractional (x_min, y_min, x_max, y_max); labels (n,) long; difficulties (n,) uint8).
+    Item i is (image (3, 300, 300) uint8, to be normalized on the device with utils.normalize;
+    boxes (n, 4) float, fractional (x_min, y_min, x_max, y_max); labels (n,) long; difficulties
+    (n,) uint8).
     An index may also be a pair (i, seed): the augmentation then draws from a generator seeded
     with `seed`, so it does not depend on which worker loads the item (see AugmentationSampler).
     """

@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, pil_to_tensor, resize,
-                   resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, normalize, pil_to_tensor,
+                   resize, resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
 
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
@@ -65,17 +65,18 @@ def open_image(path_or_file):
 
 
 def preprocess(image):
-    """uint8 (3, H, W) -> normalized float (3, 300, 300), as TEST images are transformed."""
+    """uint8 (3, H, W) -> uint8 (3, 300, 300), as TEST images are transformed (predict normalizes)."""
     _, h, w = image.shape
     return resize(image, (0, 0, w, h), image.new_zeros(0, 4, dtype=torch.float))[0]
 
 
 @torch.no_grad()
 def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, channels_last=True):
-    """images: float (N, 3, 300, 300) -> lists over images of (boxes fractional (n, 4), labels (n,), scores (n,))."""
+    """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> lists over images of
+    (boxes fractional (n, 4), labels (n,), scores (n,))."""
     device = next(model.parameters()).device
-    images = images.to(device, non_blocking=True,
-                       memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    images = normalize(images.to(device, non_blocking=True,
+                                 memory_format=torch.channels_last if channels_last else torch.preserve_format))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         locs, scores = model(images)
     return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)

@@ -29,7 +29,7 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
-                   run_cli, save_atomic)
+                   normalize, run_cli, save_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -246,6 +246,7 @@ def train(args, rank, world, device):
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            images = normalize(images)  # uint8 -> float on the device, in the memory format above
             boxes = [b.to(device, non_blocking=True) for b in boxes]
             labels = [l.to(device, non_blocking=True) for l in labels]
             loss = compute_loss(model, criterion, images, boxes, labels, amp=amp, world=world)

@@ -43,6 +43,7 @@ label_color_map = {"RBC": "#e6194b", "WBC": "#3cb44b", "Platelets": "#4363d8"}
 # ImageNet statistics: the VGG base was trained on images normalized this way (tutorial, "Images").
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the zoom-out canvas colour: (124, 116, 104)
 
 
 class UserError(Exception):
@@ -520,8 +521,9 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
 
     image: uint8 (3, H, W); window: (x_min, y_min, x_max, y_max) in its pixels, may reach outside;
     boxes: (n, 4) in the same pixels. The visible part is resized with antialiasing (as PIL
-    does), optionally distorted (`distort(float image in [0,1])`), normalized and pasted on a
-    canvas of the ImageNet mean (zero after normalization). Returns (float image (3, *dims), boxes).
+    does), optionally distorted (`distort(float image in [0,1])`) and pasted on a canvas of the
+    ImageNet mean. Returns (uint8 image (3, *dims), boxes): images stay uint8 until normalize()
+    on the device, a quarter of the bytes to pass from DataLoader workers and to copy to a GPU.
     """
     _, H, W = image.shape
     out_h, out_w = dims
@@ -537,14 +539,13 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     patch = image[None, :, iy0:iy1, ix0:ix1]
     if (iy1 - iy0, ix1 - ix0) != (oy1 - oy0, ox1 - ox0):
         patch = F.interpolate(patch, size=(oy1 - oy0, ox1 - ox0), mode="bilinear", antialias=True, align_corners=False)
-    patch = patch[0].float().div_(255)
+    patch = patch[0]
     if distort is not None:
-        patch = distort(patch)
-    patch = FT.normalize(patch, IMAGENET_MEAN, IMAGENET_STD)
+        patch = distort(patch.float().div_(255)).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     if (oy0, ox0, oy1, ox1) == (0, 0, out_h, out_w):
         out = patch
     else:
-        out = patch.new_zeros(3, out_h, out_w)
+        out = torch.tensor(IMAGENET_MEAN_UINT8, dtype=torch.uint8)[:, None, None].repeat(1, out_h, out_w)
         out[:, oy0:oy1, ox0:ox1] = patch
 
     # map boxes with the exact (rounded) transform the pixels went through, then to fractions
@@ -559,14 +560,23 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     return out, new_boxes
 
 
+def normalize(images):
+    """uint8 images (..., 3, H, W), as transform() gives them, -> float, normalized with ImageNet's mean and
+    std (the tutorial's last transform, done here on the device the model runs on)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize() takes uint8 images (0-255), not {images.dtype}")
+    return FT.normalize(images.float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
+
+
 def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4.):
     """Apply the tutorial's transformations (section "Data Transforms").
 
     image: uint8 tensor (3, H, W); boxes: (n, 4) pixel xy; labels, difficulties: (n,).
-    split: 'TRAIN' (photometric distortions, zoom out 50%, random crop, flip 50%, resize,
-    normalize) or 'TEST' (resize, normalize). g: torch.Generator for the random draws.
+    split: 'TRAIN' (photometric distortions, zoom out 50%, random crop, flip 50%, resize) or
+    'TEST' (resize); the tutorial's last step, normalization, is normalize(), applied to whole
+    batches on the device. g: torch.Generator for the random draws.
     max_zoom: the largest zoom-out canvas, as a multiple of the image (paper: 4; 1 disables it).
-    Returns (image float (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
+    Returns (image uint8 (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
     """
     split = split.upper()
     assert split in ("TRAIN", "TEST")

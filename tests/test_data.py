@@ -34,8 +34,6 @@ from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
 
 LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
 LIST_FILES = ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json", "label_map.json")
-MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
-STD = torch.tensor(IMAGENET_STD)[:, None, None]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,8 +116,9 @@ def names_box(line, box):
 
 
 def denormalize(image):
-    """Normalized (3, H, W) -> [0, 1] RGB."""
-    return image * STD + MEAN
+    """A transformed uint8 (3, H, W) -> [0, 1] RGB."""
+    assert image.dtype == torch.uint8
+    return image.float() / 255
 
 
 def generator(seed):
@@ -439,7 +438,7 @@ def test_item_types_and_shapes(data_lists, split):
     assert len(dataset) == len(objects)
     image, boxes, labels, difficulties = dataset[(0, 7)] if name == "TRAIN" else dataset[0]
     n = boxes.size(0)
-    assert image.shape == (3, 300, 300) and image.dtype == torch.float32
+    assert image.shape == (3, 300, 300) and image.dtype == torch.uint8
     assert boxes.shape == (n, 4) and boxes.dtype == torch.float32
     assert labels.shape == (n,) and labels.dtype == torch.int64
     assert difficulties.shape == (n,) and difficulties.dtype == torch.uint8
@@ -484,16 +483,16 @@ def test_keep_difficult(tiny_voc, tmp_path):
     assert torch.allclose(boxes, torch.tensor([o["box"] for o in objects]) / scale, atol=1e-6)
 
 
-def test_test_transform_is_plain_resize_and_normalize(data_lists):
-    """TEST = PIL bilinear resize to 300x300 + ImageNet normalization; boxes divided by the image size."""
+def test_test_transform_is_plain_resize(data_lists):
+    """TEST = PIL bilinear resize to 300x300 (uint8); boxes divided by the image size."""
     dataset = BCCDDataset(data_lists, "test")
     images, objects = load_lists(data_lists, "TEST")
     for k in (0, len(dataset) - 1):
         image, boxes, labels, difficulties = dataset[k]
         with Image.open(images[k]) as im:
             size = im.size
-            reference = FT.normalize(FT.to_tensor(im.convert("RGB").resize((300, 300), Image.BILINEAR)), IMAGENET_MEAN, IMAGENET_STD)
-        diff = (denormalize(image) - denormalize(reference)).abs() * 255  # in grey levels
+            reference = FT.pil_to_tensor(im.convert("RGB").resize((300, 300), Image.BILINEAR))
+        diff = (image.float() - reference.float()).abs()  # in grey levels
         assert diff.max() <= 1.01 and diff.mean() < 0.1, (diff.max(), diff.mean())
         expected = torch.tensor(objects[k]["boxes"]) / torch.tensor(size * 2, dtype=torch.float)
         assert torch.allclose(boxes, expected, atol=1e-6, rtol=0)
@@ -512,6 +511,17 @@ def noisy_sample():
     labels = torch.tensor([10, 11, 12, 13, 14])  # unique, so a kept box can be told apart
     difficulties = torch.tensor([0, 1, 0, 1, 0], dtype=torch.uint8)
     return image, boxes, labels, difficulties
+
+
+def test_normalize_is_the_tutorials_normalization_of_uint8_batches():
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.stack([FT.normalize(FT.to_tensor(FT.to_pil_image(im)), IMAGENET_MEAN, IMAGENET_STD) for im in images])
+    assert torch.allclose(utils.normalize(images), reference, atol=1e-6)
+    assert utils.normalize(images[0]).shape == (3, 5, 7)
+    canvas = torch.tensor(utils.IMAGENET_MEAN_UINT8, dtype=torch.uint8)[:, None, None]
+    assert utils.normalize(canvas).abs().max() < 0.01  # the zoom-out canvas is the mean, ~0 once normalized
+    with pytest.raises(TypeError, match="uint8"):  # normalizing twice would go unnoticed
+        utils.normalize(reference)
 
 
 def test_train_boxes_are_valid_and_follow_their_labels(noisy_sample):
@@ -545,15 +555,17 @@ def test_train_boxes_stay_inside_the_unit_square(noisy_sample):
 
 def test_train_zoom_out_fills_with_imagenet_mean(noisy_sample):
     image, boxes, labels, difficulties = noisy_sample
+    mean = torch.tensor(utils.IMAGENET_MEAN_UINT8, dtype=torch.uint8)[:, None, None]
+    assert mean.flatten().tolist() == [124, 116, 104]
     filled = 0
     for seed in range(200):
         out, *_ = utils.transform(image, boxes, labels, difficulties, "TRAIN", generator(seed))
-        fill = (out == 0).all(0)  # the ImageNet mean is exactly zero after normalization
+        fill = (out == mean).all(0)
         filled += bool(fill.any())
     # zoom-out happens half the time and the crop may cut the fill away again
     assert 0.25 * 200 < filled < 0.6 * 200, filled
     test_out = utils.transform(image, boxes, labels, difficulties, "TEST")[0]
-    assert not (test_out == 0).all(0).any()  # the noise image itself never has the mean colour
+    assert not (test_out == mean).all(0).any()  # the noise image itself never has the mean colour
 
 
 def test_train_flips_about_half_the_time():
@@ -691,7 +703,8 @@ def test_resize_fills_outside_the_image_and_flips(coloured_sample):
     image, boxes, _, _ = coloured_sample
     window = (-320, 0, 320, 240)  # the image is the right half of the output
     out, new_boxes = utils.resize(image, window, boxes)
-    assert (out[:, :, :150] == 0).all() and not (out[:, :, 150:] == 0).all(0).any()
+    mean = torch.tensor(utils.IMAGENET_MEAN_UINT8, dtype=torch.uint8)[:, None, None]
+    assert (out[:, :, :150] == mean).all() and not (out[:, :, 150:] == mean).all(0).any()
     assert torch.allclose(new_boxes, (boxes + torch.tensor([320., 0, 320, 0])) / torch.tensor([640., 240, 640, 240]), atol=1e-6)
     flipped, flipped_boxes = utils.resize(image, window, boxes, hflip=True)
     assert torch.equal(flipped, out.flip(-1))

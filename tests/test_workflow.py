@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as FT
 from PIL import Image, ImageOps
 
 import detect
@@ -315,7 +316,7 @@ def independent_detections(checkpoint, data_folder):
     test_set = BCCDDataset(data_folder, "test", keep_difficult=True)
     images, boxes, labels, difficulties = zip(*(test_set[i] for i in range(len(test_set))))
     with torch.no_grad():
-        locs, scores = model(torch.stack(images))
+        locs, scores = model(FT.normalize(torch.stack(images).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
         dets = model.detect_objects(locs, scores, min_score=0.01, max_overlap=0.45, top_k=200)
     return (*dets, list(boxes), list(labels), list(difficulties))
 
@@ -461,10 +462,9 @@ def smear_images(tmp_path_factory):
 
 def bright_region_detector(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True):
     """Stands in for detect.predict: one RBC box (score 0.9) around the pixels of the 300x300 input brighter than 0.6."""
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     boxes, labels, scores = [], [], []
     for image in images:
-        ys, xs = ((image * std + mean).mean(0) > 0.6).nonzero(as_tuple=True)
+        ys, xs = ((image.float() / 255).mean(0) > 0.6).nonzero(as_tuple=True)
         boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()[None] / 300)
         labels.append(torch.tensor([label_map["RBC"]]))
         scores.append(torch.tensor([0.9]))
