@@ -286,15 +286,16 @@ class SSD300(nn.Module):
     # ---- predictions to detections ------------------------------------------------------------
 
     @torch.no_grad()
-    def detect_objects(self, predicted_locs, predicted_scores, min_score, max_overlap, top_k, pre_nms_top_k=400):
+    def detect_objects(self, predicted_locs, predicted_scores, min_score, max_overlap, top_k, pre_nms_top_k=400,
+                       nms_chunk=None):
         """Decode the predictions into detections (tutorial, "Processing predictions").
 
         For every image and class: softmax scores, keep priors scoring above min_score, keep at
         most the pre_nms_top_k best of them (as the original Caffe SSD and torchvision do: 400),
         suppress boxes overlapping a better one of the same class by more than max_overlap
-        (torchvision.ops.batched_nms over all images and classes at once), then keep the top_k
-        best detections per image. Whenever fewer than pre_nms_top_k priors of a class pass
-        min_score this equals full NMS.
+        (torchvision.ops.batched_nms, on runs of whole images of at most nms_chunk candidates: by
+        default 5,000 on CUDA, 1,000 on a CPU), then keep the top_k best detections per image.
+        Whenever fewer than pre_nms_top_k priors of a class pass min_score this equals full NMS.
 
         predicted_locs (N, P, 4), predicted_scores (N, P, C) -> three lists over images of
         boxes (n, 4) fractional xy clipped to [0, 1], labels (n,) and scores (n,), sorted by
@@ -311,7 +312,18 @@ class SSD300(nn.Module):
         keep = top_scores > min_score
         image_idx, class_idx, scores = image_idx[keep], class_idx[keep], top_scores[keep]  # (K,)
         cand_boxes = boxes[image_idx, top_priors[keep]]  # (K, 4)
-        kept = batched_nms(cand_boxes, scores, image_idx * C + class_idx, max_overlap)  # by decreasing score
+        # batched_nms in runs of whole images of at most nms_chunk boxes: torchvision does a run that size in one
+        # NMS call (its coordinate trick), but a larger one class by class and image by image (a call each)
+        if nms_chunk is None:
+            nms_chunk = 5000 if device.type == "cuda" else 1000  # torchvision's own cut-offs
+        kept, start, end = [], 0, 0
+        for n in torch.bincount(image_idx, minlength=N).tolist() + [nms_chunk + 1]:  # the last one ends the loop
+            if end > start and end - start + n > nms_chunk:
+                sl = slice(start, end)
+                kept.append(start + batched_nms(cand_boxes[sl], scores[sl], image_idx[sl] * C + class_idx[sl], max_overlap))
+                start = end
+            end += n
+        kept = torch.cat(kept) if kept else image_idx.new_zeros(0)  # by decreasing score within each run
         kept = kept[image_idx[kept].argsort(stable=True)]  # group by image, still by score within
         img = image_idx[kept]
         counts = torch.bincount(img, minlength=N)  # (N,)

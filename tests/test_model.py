@@ -720,6 +720,17 @@ def test_detect_objects_equals_per_class_nms_reference(model, seed, suppress):
     assert 0 < sum(len(r) for r in reference) < n_candidates  # NMS did suppress something
 
 
+@pytest.mark.parametrize("nms_chunk", [1, 400, 1000, 5000, 10 ** 9])
+def test_detect_objects_gives_the_same_detections_whatever_the_nms_chunk(model, nms_chunk):
+    """Runs of whole images, each NMS'd by one batched_nms call: any run size gives the per-class reference
+    (1: one image a call; 10 ** 9: all images in one call), with images that have nothing in between."""
+    g = torch.Generator().manual_seed(300)
+    locs, scores = peaked_predictions(5, g, empty=(0, 2))
+    out = model.detect_objects(locs, scores, min_score=MIN_SCORE, max_overlap=MAX_OVERLAP, top_k=200,
+                               nms_chunk=nms_chunk)
+    assert_same_detections(out, reference_detect(locs, scores, model.priors_cxcy, MIN_SCORE, MAX_OVERLAP, 200))
+
+
 def test_detect_objects_keeps_the_top_k_best_over_all_classes(model):
     g = torch.Generator().manual_seed(210)
     locs, scores = peaked_predictions(2, g)
