@@ -3,6 +3,8 @@
 #
 #   bash results/run_gpu.sh tune     # bench.py, then 3 recipes trained on train.txt, scored on val.txt
 #   RECIPE="..." bash results/run_gpu.sh final   # the chosen recipe: seeds on trainval scored on test, and on train/val
+#   bash results/run_gpu.sh tune2    # next round (one call, ~9 min): CPU and data-pipeline checks, bench.py, then
+#                                    # 3 recipes of 300 epochs side by side on train.txt, scored on val.txt
 #
 # Expects BCCD in data/BCCD (copied there, it is git-ignored) and writes everything under $OUT.
 # Knobs for a CPU dry run: DEVICE=cpu EPOCHS=1 BATCH=2 WORKERS=0 TINY=4 BENCH_ARGS="--iters 1 --train-batch 2 --infer-batches 1"
@@ -13,7 +15,7 @@ mkdir -p "$OUT" "$STAGE"
 export PYTHONUNBUFFERED=1
 PHASE=${1:?tune or final}
 DEVICE=${DEVICE:-cuda}
-EPOCHS=${EPOCHS:-200}
+EPOCHS=${EPOCHS:-$([ "$PHASE" = tune2 ] && echo 300 || echo 200)}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-5}
 TINY=${TINY:-0}
@@ -55,6 +57,42 @@ if [ "$PHASE" = tune ]; then
   for name in "${!RECIPES[@]}"; do
     timeout 240 python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 --seed 0 \
       ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
+  done
+  wait
+  for name in "${!RECIPES[@]}"; do
+    cp "runs/$name/log.jsonl" "$STAGE/log-$name.jsonl" 2>/dev/null
+    tail -c 600 "$STAGE/train-$name.txt" | tr '\r' '\n' | tail -3
+    python -c "import json,sys; r=[json.loads(l) for l in open('runs/$name/log.jsonl')]; print('$name', 'epochs', len(r), 'final val mAP', r[-1].get('mAP'), r[-1].get('AP'), 'img/s', r[-1]['images_per_s'])" 2>/dev/null
+  done
+elif [ "$PHASE" = tune2 ]; then
+  make_lists data/lists-trainval trainval test
+  make_lists data/lists-val train val
+  log "CPU: nproc $(nproc), cgroup cpu.max '$(cat /sys/fs/cgroup/cpu.max 2>/dev/null)', $(grep -m1 'model name' /proc/cpuinfo)"
+  python - <<'EOF' 2>&1 | tee "$STAGE/cpu-scaling.txt"
+import multiprocessing as mp, time
+def work(_):
+    s = 0
+    for i in range(30_000_000):
+        s += i
+for n in (1, 4, 8, 14, 16):  # equal times if the CPUs are real and free
+    with mp.Pool(n) as pool:
+        start = time.perf_counter(); pool.map(work, range(n)); print(f"{n} processes: {time.perf_counter() - start:.2f} s")
+EOF
+  for w in 4 8 14; do
+    timeout 60 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers $w \
+      --json "$STAGE/data-w$w.json" 2>&1 | grep "data images\|restarted"
+  done
+  log "bench"
+  timeout 120 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --workers 14 --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
+  log "tune2: 3 recipes side by side on train.txt, $EPOCHS epochs, scored on val.txt every 10 epochs"
+  declare -A RECIPES=(
+    [A-default]=""
+    [B-lr0.008]="--lr 0.008"
+    [C-paper-priors]="--prior-scales $SEED_PRIORS"
+  )
+  for name in "${!RECIPES[@]}"; do
+    timeout ${TRAIN_TIMEOUT:-300} python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 \
+      --seed 0 ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
   done
   wait
   for name in "${!RECIPES[@]}"; do
