@@ -7,7 +7,8 @@
 
 Measures (--only picks some): train (images/s of forward + loss + backward + SGD step), infer
 (images/s of forward + post-processing at min_score 0.01, max_overlap 0.45, top_k 200), data
-(TRAIN pipeline images/s in one process and with --workers processes), parts (ms of MultiBoxLoss,
+(TRAIN pipeline images/s in one process and from --workers processes, as one stream of all epochs like
+train.py and restarted every epoch), parts (ms of MultiBoxLoss,
 detect_objects and calculate_mAP beside torchvision's matching + loss and post-processing) and
 folder (detect.py over a folder of images vs a plain fp32 torchvision loop that loads, detects,
 draws and saves each image; whole commands, and their loops without Python's and torch's start-up). Both models get the same images and the same precision (--amp: bf16

@@ -294,7 +294,7 @@ class SSD300(nn.Module):
         most the pre_nms_top_k best of them (as the original Caffe SSD and torchvision do: 400),
         suppress boxes overlapping a better one of the same class by more than max_overlap
         (torchvision.ops.batched_nms, on runs of whole images of at most nms_chunk candidates: by
-        default 5,000 on CUDA, 1,000 on a CPU), then keep the top_k best detections per image.
+        default 25,000 on CUDA, 1,000 on a CPU), then keep the top_k best detections per image.
         Whenever fewer than pre_nms_top_k priors of a class pass min_score this equals full NMS.
 
         predicted_locs (N, P, 4), predicted_scores (N, P, C) -> three lists over images of
@@ -313,9 +313,10 @@ class SSD300(nn.Module):
         image_idx, class_idx, scores = image_idx[keep], class_idx[keep], top_scores[keep]  # (K,)
         cand_boxes = boxes[image_idx, top_priors[keep]]  # (K, 4)
         # batched_nms in runs of whole images of at most nms_chunk boxes: torchvision does a run that size in one
-        # NMS call (its coordinate trick), but a larger one class by class and image by image (a call each)
+        # NMS call (its coordinate trick), but a larger one class by class and image by image (a call each, each
+        # with a host sync: 192 for 64 images)
         if nms_chunk is None:
-            nms_chunk = 5000 if device.type == "cuda" else 1000  # torchvision's own cut-offs
+            nms_chunk = 25_000 if device.type == "cuda" else 1000  # torchvision's own cut-offs (since 0.22 on CUDA)
         kept, start, end = [], 0, 0
         for n in torch.bincount(image_idx, minlength=N).tolist() + [nms_chunk + 1]:  # the last one ends the loop
             if end > start and end - start + n > nms_chunk:
@@ -415,7 +416,9 @@ class MultiBoxLoss(nn.Module):
         overlap = self.priors_xy.new_full((N * M, P), -1.).index_copy_(
             0, slots, find_jaccard_overlap(all_boxes, self.priors_xy)).view(N, M, P)
         # padding: a harmless unit box (keeps the encoding finite) and label -1
-        pad_boxes = self.priors_xy.new_tensor([0., 0., 1., 1.]).repeat(N * M, 1).index_copy_(0, slots, all_boxes).view(N, M, 4)
+        pad_boxes = self.priors_xy.new_zeros(N * M, 4)
+        pad_boxes[:, 2:] = 1.  # a fill, not a tensor from the host: no copy, no device sync
+        pad_boxes = pad_boxes.index_copy_(0, slots, all_boxes).view(N, M, 4)
         pad_labels = torch.full((N * M,), -1, dtype=torch.long, device=device).index_copy_(0, slots, all_labels).view(N, M)
         valid = pad_labels >= 0  # (N, M)
 

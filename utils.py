@@ -543,7 +543,7 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     if distort is not None:
         patch = distort(patch.float().div_(255)).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     if (oy0, ox0, oy1, ox1) == (0, 0, out_h, out_w):
-        out = patch
+        out = patch.clone() if distort is None else patch  # never a view of the (possibly cached) input
     else:
         out = torch.tensor(IMAGENET_MEAN_UINT8, dtype=torch.uint8)[:, None, None].repeat(1, out_h, out_w)
         out[:, oy0:oy1, ox0:ox1] = patch
@@ -565,7 +565,10 @@ def normalize(images):
     std (the tutorial's last transform, done here on the device the model runs on)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize() takes uint8 images (0-255), not {images.dtype}")
-    return FT.normalize(images.float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
+    out = images.float().div_(255)
+    for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # Python numbers: no host-to-GPU copy, no sync
+        out[..., c, :, :].sub_(mean).div_(std)
+    return out
 
 
 def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4.):

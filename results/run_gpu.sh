@@ -3,8 +3,8 @@
 #
 #   bash results/run_gpu.sh tune     # bench.py, then 3 recipes trained on train.txt, scored on val.txt
 #   RECIPE="..." bash results/run_gpu.sh final   # the chosen recipe: seeds on trainval scored on test, and on train/val
-#   bash results/run_gpu.sh tune2    # next round (one call, ~9 min): CPU and data-pipeline checks, bench.py, then
-#                                    # 3 recipes of 300 epochs side by side on train.txt, scored on val.txt
+#   bash results/run_gpu.sh tune2    # next round (one call, at most ~9 min): the CUDA-only tests, CPU and data-pipeline
+#                                    # checks, bench.py, then 3 recipes of 250 epochs side by side on train.txt, scored on val.txt
 #
 # Expects BCCD in data/BCCD (copied there, it is git-ignored) and writes everything under $OUT.
 # Knobs for a CPU dry run: DEVICE=cpu EPOCHS=1 BATCH=2 WORKERS=0 TINY=4 BENCH_ARGS="--iters 1 --train-batch 2 --infer-batches 1"
@@ -15,7 +15,7 @@ mkdir -p "$OUT" "$STAGE"
 export PYTHONUNBUFFERED=1
 PHASE=${1:?tune or final}
 DEVICE=${DEVICE:-cuda}
-EPOCHS=${EPOCHS:-$([ "$PHASE" = tune2 ] && echo 300 || echo 200)}
+EPOCHS=${EPOCHS:-$([ "$PHASE" = tune2 ] && echo 250 || echo 200)}
 BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-5}
 TINY=${TINY:-0}
@@ -67,6 +67,7 @@ if [ "$PHASE" = tune ]; then
 elif [ "$PHASE" = tune2 ]; then
   make_lists data/lists-trainval trainval test
   make_lists data/lists-val train val
+  timeout 60 python -m pytest tests -q -k "no_host_synchronization" 2>&1 | tail -3 | tee "$STAGE/cuda-tests.txt"
   log "CPU: nproc $(nproc), cgroup cpu.max '$(cat /sys/fs/cgroup/cpu.max 2>/dev/null)', $(grep -m1 'model name' /proc/cpuinfo)"
   python - <<'EOF' 2>&1 | tee "$STAGE/cpu-scaling.txt"
 import multiprocessing as mp, time
@@ -79,11 +80,12 @@ for n in (1, 4, 8, 14, 16):  # equal times if the CPUs are real and free
         start = time.perf_counter(); pool.map(work, range(n)); print(f"{n} processes: {time.perf_counter() - start:.2f} s")
 EOF
   for w in 4 8 14; do
-    timeout 60 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers $w \
+    timeout 40 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers $w \
       --json "$STAGE/data-w$w.json" 2>&1 | grep "data images\|restarted"
   done
   log "bench"
   timeout 120 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --workers 14 --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
+  tar czf "$OUT/$PHASE.tgz" "$STAGE"  # what is measured so far comes back even if the call is cut short
   log "tune2: 3 recipes side by side on train.txt, $EPOCHS epochs, scored on val.txt every 10 epochs"
   declare -A RECIPES=(
     [A-default]=""

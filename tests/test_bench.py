@@ -38,7 +38,8 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, r
         assert set(res["infer_images_per_s"][name]) == {"batch_1", "batch_2"}
         assert all(v > 0 for v in res["infer_images_per_s"][name].values())
     assert res["calculate_mAP_ms"]["ours"] > 0
-    assert res["data_images_per_s"]["ours_one_process"] > 0 and res["data_images_per_s"]["ours_workers"] > 0
+    data = res["data_images_per_s"]
+    assert data["ours_one_process"] > 0 and data["ours_workers"] > 0 and data["ours_workers_restarted_each_epoch"] > 0
     folder = res["folder_seconds"]
     assert folder["images"] == 2 and folder["ours"] > folder["loop_only"]["ours"] > 0
     assert folder["torchvision"] > folder["loop_only"]["torchvision"] > 0

@@ -522,6 +522,21 @@ def test_normalize_is_the_tutorials_normalization_of_uint8_batches():
     assert utils.normalize(canvas).abs().max() < 0.01  # the zoom-out canvas is the mean, ~0 once normalized
     with pytest.raises(TypeError, match="uint8"):  # normalizing twice would go unnoticed
         utils.normalize(reference)
+    channels_last = utils.normalize(images.contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last) and torch.equal(channels_last, utils.normalize(images))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the claim is about CUDA")
+def test_normalize_makes_no_host_synchronization():
+    """train.py normalizes every batch on the GPU: that must not stall the queue of work."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = utils.normalize(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.allclose(out.cpu(), utils.normalize(images.cpu()))
 
 
 def test_train_boxes_are_valid_and_follow_their_labels(noisy_sample):
