@@ -7,6 +7,9 @@ Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setti
 and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
 their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-style AP averaged
 over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules).
+
+Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
+(min_score 0.2, max_overlap 0.5; --count-min-score, --count-max-overlap) against the annotated ones.
 """
 import argparse
 import os
@@ -39,6 +42,8 @@ def get_args_parser():
                    help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
+    p.add_argument("--count-min-score", type=float, default=0.2, help="counting: detect.py's --min-score")
+    p.add_argument("--count-max-overlap", type=float, default=0.5, help="counting: detect.py's --max-overlap")
     return p
 
 
@@ -76,6 +81,23 @@ def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, 
             "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco}
 
 
+def count_errors(det_labels, true_labels):
+    """How well the detections count each class, per image: lists over images of label tensors ->
+    {class: {"true_mean", "predicted_mean", "mae" (mean absolute error), "bias" (mean signed error),
+    "relative_error" (sum of absolute errors / number of annotated objects)}}."""
+    n = len(bccd_labels) + 1
+
+    def per_image(labels):  # (images, classes) counts, background dropped
+        return torch.stack([torch.bincount(l.long(), minlength=n) for l in labels])[:, 1:].double()
+
+    error = per_image(det_labels) - per_image(true_labels)
+    true = per_image(true_labels)
+    return {name: {"true_mean": true[:, k].mean().item(), "predicted_mean": (true[:, k] + error[:, k]).mean().item(),
+                   "mae": error[:, k].abs().mean().item(), "bias": error[:, k].mean().item(),
+                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum().clamp(min=1)).item()}
+            for k, name in enumerate(bccd_labels)}
+
+
 def main(args):
     rank, world, device = init_distributed(args.device)
     try:
@@ -88,6 +110,8 @@ def main(args):
 def run(args, rank, world, device):
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be positive and --workers >= 0")
+    if not 0 <= args.count_min_score < 1 or not 0 < args.count_max_overlap <= 1:
+        raise UserError("--count-min-score must be in [0, 1) and --count-max-overlap in (0, 1]")
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
@@ -100,28 +124,39 @@ def run(args, rank, world, device):
                         num_workers=args.workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
     results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0)
+    counted = detect_dataset(model, loader, amp=amp, channels_last=channels_last, min_score=args.count_min_score,
+                             max_overlap=args.count_max_overlap)[1]  # the labels detect.py would count
+    results = [*results, counted]
     if world > 1:  # gather every process's detections on rank 0, back in dataset order
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((shard, results), gathered, dst=0)
         if rank != 0:
             return
         order = [i for s, _ in gathered for i in s]
-        merged = [[x for _, r in gathered for x in r[k]] for k in range(6)]
+        merged = [[x for _, r in gathered for x in r[k]] for k in range(len(results))]
         position = sorted(range(len(order)), key=order.__getitem__)
         results = [[column[p] for p in position] for column in merged]
     seconds = time.perf_counter() - start
 
+    *results, counted = results
     metrics = compute_metrics(*results)
+    counts = count_errors(counted, results[4])
     print(f"\n{'class':<12}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
     for name in bccd_labels:
         if name in metrics["AP"]:
             print(f"{name:<12}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
     print(f"{'mAP':<12}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
+    print(f"\ncounting at min_score {args.count_min_score}, max_overlap {args.count_max_overlap} (per image):")
+    print(f"{'class':<12}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
+    for name, c in counts.items():
+        print(f"{name:<12}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{c['relative_error']:>19.1%}")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")
     if args.output:
         write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
-                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "device": str(device),
+                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
+                           "counts": {"min_score": args.count_min_score, "max_overlap": args.count_max_overlap, **counts},
+                           "device": str(device),
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
                            "train_args": ckpt.get("args"), **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")

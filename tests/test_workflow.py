@@ -308,16 +308,16 @@ def test_missing_lists_are_made_from_the_bccd_folder(tiny_voc, tmp_path, capsys)
 # eval.py
 # ---------------------------------------------------------------------------------------------
 
-def independent_detections(checkpoint, data_folder):
+def independent_detections(checkpoint, data_folder, min_score=0.01, max_overlap=0.45):
     """TEST detections as eval.py must make them, by another path: the model rebuilt from the checkpoint
-    file, the BCCDDataset TEST items (difficult objects kept) in one batch, detect_objects at 0.01 / 0.45 / 200.
-    Returns the six lists calculate_mAP takes."""
+    file, the BCCDDataset TEST items (difficult objects kept) in one batch, detect_objects at 0.01 / 0.45 / 200
+    (or the given min_score and max_overlap). Returns the six lists calculate_mAP takes."""
     model = SSD300.from_checkpoint(load(checkpoint)).eval()
     test_set = BCCDDataset(data_folder, "test", keep_difficult=True)
     images, boxes, labels, difficulties = zip(*(test_set[i] for i in range(len(test_set))))
     with torch.no_grad():
         locs, scores = model(FT.normalize(torch.stack(images).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
-        dets = model.detect_objects(locs, scores, min_score=0.01, max_overlap=0.45, top_k=200)
+        dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=200)
     return (*dets, list(boxes), list(labels), list(difficulties))
 
 
@@ -364,8 +364,9 @@ def test_eval_reports_the_maps_of_calculate_mAP_on_independent_detections(eval_l
          "--device", "cpu", "--workers", "0", "--no-amp"]))  # fp32, as the reference detections below
     printed = capsys.readouterr().out
     result = json.loads(output.read_text())
-    # the paper's and the tutorial's evaluation setting (these scores are all above 0.5, so the mAPs can't tell)
-    assert settings == [(0.01, 0.45, 200)]
+    # the paper's and the tutorial's evaluation setting (these scores are all above 0.5, so the mAPs can't tell),
+    # then detect.py's defaults for counting
+    assert settings == [(0.01, 0.45, 200), (0.2, 0.5, 200)]
     monkeypatch.undo()
 
     dets = independent_detections(random_checkpoint, eval_lists)
@@ -384,10 +385,38 @@ def test_eval_reports_the_maps_of_calculate_mAP_on_independent_detections(eval_l
     assert result["images"] == 2
 
     # the table: one row per class and the mAP, VOC07 AP first
-    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.strip()}
+    ap_table, count_table = printed.split("counting at")
+    rows = {line.split()[0]: line.split()[1:] for line in ap_table.splitlines() if line.strip()}
     for name in bccd_labels:
         assert rows[name][0] == f"{aps[name]:.4f}"
     assert rows["mAP"][:3] == [f"{mean_ap:.4f}", f"{mean_ap_all:.4f}", f"{mean_ap_coco:.4f}"]
+
+    # counting: the detections at 0.2 / 0.5 against all annotated objects (difficult ones too), image by image
+    counted = independent_detections(random_checkpoint, eval_lists, min_score=0.2, max_overlap=0.5)[1]
+    assert result["counts"]["min_score"] == 0.2 and result["counts"]["max_overlap"] == 0.5
+    for c, name in enumerate(bccd_labels, start=1):
+        predicted = [int((labels == c).sum()) for labels in counted]
+        true = [int((labels == c).sum()) for labels in dets[4]]
+        errors = [p - t for p, t in zip(predicted, true)]
+        assert result["counts"][name] == pytest.approx(
+            {"true_mean": sum(true) / 2, "predicted_mean": sum(predicted) / 2, "mae": sum(map(abs, errors)) / 2,
+             "bias": sum(errors) / 2, "relative_error": sum(map(abs, errors)) / max(sum(true), 1)})
+        assert count_table.count(f"\n{name} ") == 1
+    assert sum(result["counts"][name]["mae"] for name in bccd_labels) > 0  # the random model miscounts
+
+
+def test_count_errors_by_hand():
+    det = [torch.tensor([1, 1, 1, 3]), torch.tensor([], dtype=torch.long), torch.tensor([2, 1])]
+    true = [torch.tensor([1, 1, 3, 3]), torch.tensor([1]), torch.tensor([2])]
+    counts = eval_script.count_errors(det, true)
+    # RBC: counted 3, 0, 1 of 2, 1, 0 -> errors +1, -1, +1
+    assert counts["RBC"] == pytest.approx({"true_mean": 1, "predicted_mean": 4 / 3, "mae": 1, "bias": 1 / 3,
+                                           "relative_error": 1})
+    assert counts["WBC"] == pytest.approx({"true_mean": 1 / 3, "predicted_mean": 1 / 3, "mae": 0, "bias": 0,
+                                           "relative_error": 0})
+    # Platelets: counted 1, 0, 0 of 2, 0, 0
+    assert counts["Platelets"] == pytest.approx({"true_mean": 2 / 3, "predicted_mean": 1 / 3, "mae": 1 / 3,
+                                                 "bias": -1 / 3, "relative_error": 1 / 2})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,6 +701,7 @@ BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("train", "no-lists-no-bccd", ["--data-folder", "{tmp}/no-lists", "--bccd-folder", "{tmp}/no-BCCD"],
               "BCCD not found"),
              ("eval", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
+             ("eval", "count-min-score-1", ["--count-min-score", "1"], "--count-min-score"),
              ("eval", "device-nonsense", ["--device", "nonsense"], "nonsense"),
              ("eval", "no-lists", ["--data-folder", "{tmp}/no-lists"], "create_data_lists"),
              ("detect", "min-score-2", ["--min-score", "2"], "--min-score"),
