@@ -5,7 +5,9 @@
     $ python bench.py --only data                                    # just the data pipeline (images/s)
     $ python bench.py --only folder --checkpoint runs/ssd300/checkpoint.pt   # detect.py vs a torchvision loop
 
-Measures (--only picks some): train (images/s of forward + loss + backward + SGD step), infer
+Measures (--only picks some): train (images/s of forward + loss + backward + SGD step on one fixed
+batch), pipeline (train.py itself for 4 epochs with --workers: images/s of its epochs, data pipeline
+included, beside the fixed batch's; on CUDA only by default, a CPU takes minutes an epoch), infer
 (images/s of forward + post-processing at min_score 0.01, max_overlap 0.45, top_k 200), data
 (TRAIN pipeline images/s in one process and from --workers processes, as one stream of all epochs like
 train.py and restarted every epoch), parts (ms of MultiBoxLoss,
@@ -16,6 +18,7 @@ autocast); ours also uses channels-last, one of its speed levers. Weights are ra
 --checkpoint is given; timings of different machines must not be compared.
 """
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -36,7 +39,7 @@ from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_check
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
-PARTS = ("train", "infer", "data", "parts", "folder")
+PARTS = ("train", "pipeline", "infer", "data", "parts", "folder")
 
 
 def get_args_parser():
@@ -203,6 +206,28 @@ def bench_infer(args, device, amp, channels_last, out):
     out["infer_images_per_s"] = result
 
 
+def bench_pipeline(args, device, amp, out):
+    """train.py as a user runs it, in a fresh process: the median images/s of its epochs after the first (which
+    starts the workers), so with its data pipeline; beside the train measurement's fixed batch when there is one."""
+    epochs = 4
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--data-folder",
+               args.data_folder, "--out-dir", tmp, "--epochs", str(epochs), "--batch-size", str(args.train_batch),
+               "--workers", str(args.workers), "--device", str(device), "--checkpoint-every", str(epochs),
+               "--amp" if amp else "--no-amp", "--batch-norm" if args.batch_norm else "--no-batch-norm"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"train.py failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        with open(os.path.join(tmp, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+    rate = statistics.median(r["images_per_s"] for r in log[1:] or log)
+    res = {"ours": rate, "batch": args.train_batch, "workers": args.workers, "epochs": epochs}
+    if "train_images_per_s" in out:
+        res["fixed_batch"] = out["train_images_per_s"]["ours"]
+        res["fraction_of_fixed_batch"] = round(rate / res["fixed_batch"], 3)
+    out["train_pipeline_images_per_s"] = res
+
+
 def bench_data(args, device, out):
     """TRAIN images/s: in one process, and from --workers processes as train.py runs them (all epochs in one
     stream), beside a DataLoader restarted every epoch (whose workers wait at each epoch's start)."""
@@ -358,6 +383,9 @@ def print_table(out):
     if "train_images_per_s" in out:
         t = out["train_images_per_s"]
         rows.append((f"train images/s (batch {t['batch']})", t["ours"], t["torchvision"], t["ratio"]))
+    if "train_pipeline_images_per_s" in out:
+        t = out["train_pipeline_images_per_s"]
+        rows.append((f"train.py images/s ({t['workers']} workers)", t["ours"], "", t.get("fraction_of_fixed_batch", "")))
     if "infer_images_per_s" in out:
         t = out["infer_images_per_s"]
         for key in t["ours"]:
@@ -383,7 +411,8 @@ def print_table(out):
     if "train_fraction_of_bf16_peak" in out:
         print(f"training reaches {out['train_tflops']} TFLOP/s, {100 * out['train_fraction_of_bf16_peak']:.1f}% of the "
               f"card's dense bf16 peak ({out['model_gmacs_per_image']} GMAC per image forward)")
-    print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder seconds")
+    print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder seconds; "
+          "train.py / fixed batch for train.py images/s")
 
 
 def main(args):
@@ -396,12 +425,13 @@ def main(args):
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 2)
-    only = args.only or [p for p in PARTS if p != "folder"]
+    only = args.only or [p for p in PARTS if p != "folder" and (cuda or p != "pipeline")]
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     out = {**run_info(device), "amp_bf16": amp}
     steps = {"train": lambda: bench_train(args, device, amp, channels_last, out),
+             "pipeline": lambda: bench_pipeline(args, device, amp, out),
              "infer": lambda: bench_infer(args, device, amp, channels_last, out),
              "data": lambda: bench_data(args, device, out),
              "parts": lambda: bench_parts(args, device, amp, out),

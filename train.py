@@ -171,6 +171,10 @@ def train(args, rank, world, device):
         torch.backends.cudnn.benchmark = True
 
     ckpt = load_checkpoint(args.resume) if args.resume else None
+    earlier = [f for f in ("checkpoint.pt", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
+    if ckpt is None and earlier:  # a new run would overwrite that checkpoint and mix its log with this one
+        raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); continue it with "
+                        f"--resume {os.path.join(args.out_dir, 'checkpoint.pt')}, or choose another --out-dir")
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()

@@ -26,7 +26,7 @@ def bench_run(tmp_path_factory):
 def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, run_script):
     out = bench_run / "bench.json"
     result = run_script("bench.py", "--device", "cpu", "--data-folder", bench_run / "lists", "--checkpoint",
-                        bench_run / "checkpoint.pt", "--only", "train", "infer", "data", "parts", "folder",
+                        bench_run / "checkpoint.pt", "--only", "train", "pipeline", "infer", "data", "parts", "folder",
                         "--train-batch", 2, "--infer-batches", 1, 2, "--iters", 1, "--workers", 1, "--json", out,
                         timeout=600)
     assert result.returncode == 0, result.stderr
@@ -38,11 +38,15 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, r
         assert set(res["infer_images_per_s"][name]) == {"batch_1", "batch_2"}
         assert all(v > 0 for v in res["infer_images_per_s"][name].values())
     assert res["calculate_mAP_ms"]["ours"] > 0
+    pipeline = res["train_pipeline_images_per_s"]  # train.py's own epochs: 4 TRAIN images at batch 2
+    assert pipeline["ours"] > 0 and (pipeline["batch"], pipeline["workers"], pipeline["epochs"]) == (2, 1, 4)
+    assert pipeline["fixed_batch"] == res["train_images_per_s"]["ours"] and pipeline["fraction_of_fixed_batch"] > 0
     data = res["data_images_per_s"]
     assert data["ours_one_process"] > 0 and data["ours_workers"] > 0 and data["ours_workers_restarted_each_epoch"] > 0
     folder = res["folder_seconds"]
     assert folder["images"] == 2 and folder["ours"] > folder["loop_only"]["ours"] > 0
     assert folder["torchvision"] > folder["loop_only"]["torchvision"] > 0
-    for line in ("train images/s (batch 2)", "infer images/s (batch 1)", "detect.py on 2 images, s"):
+    for line in ("train images/s (batch 2)", "train.py images/s (1 workers)", "infer images/s (batch 1)",
+                 "detect.py on 2 images, s"):
         assert line in result.stdout
     assert res["device_name"].startswith("CPU") and "commit" in res

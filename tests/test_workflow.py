@@ -226,6 +226,16 @@ def test_checkpoint_is_plain_data_that_rebuilds_the_model(straight_run):
 
 
 @pytest.mark.slow
+def test_a_new_run_refuses_an_out_dir_that_holds_a_run(straight_run, lists4, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run.out, out)
+    before = sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()
+    with pytest.raises(UserError) as e:
+        train.main(train_args(lists4, out, "--iterations", 1))
+    assert "\n" not in str(e.value) and f"--resume {out / 'checkpoint.pt'}" in str(e.value), str(e.value)
+    assert (sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()) == before  # untouched
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(straight_run, resumed_run):
     straight = load(straight_run.checkpoint)
     first = load(resumed_run.first / "checkpoint.pt")
