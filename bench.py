@@ -316,6 +316,16 @@ def bench_parts(args, device, amp, out):
             out[key]["ratio"] = ratio(v["ours"], v["torchvision"], higher_is_better=False)
     out["parts_batch"] = n
 
+    # detect_objects at the largest inference batch for several NMS run sizes (1: image by image; 10**9: one
+    # batched_nms call, which torchvision itself splits by image and class past its cut-off)
+    big = max(args.infer_batches)
+    locs_big = torch.randn(big, 8732, 4, generator=g).to(device)
+    scores_big = torch.randn(big, 8732, len(label_map), generator=g).to(device)
+    out["detect_objects_ms_by_nms_chunk"] = {"batch": big, **{
+        str(chunk): round(1000 * timeit(lambda: ours.detect_objects(locs_big, scores_big, 0.01, 0.45, 200,
+                                                                    nms_chunk=chunk), device, 5), 2)
+        for chunk in (1, 5000, 25_000, 10 ** 9)}}
+
 
 def bench_folder(args, device, out):
     """detect.py (as a user runs it) vs a plain fp32 torchvision loop: load, detect, draw, save, per image."""
@@ -396,6 +406,11 @@ def print_table(out):
         if key in out:
             t = out[key]
             rows.append((key.replace("_ms", " ms"), t["ours"], t.get("torchvision", ""), t.get("ratio", "")))
+    if "detect_objects_ms_by_nms_chunk" in out:
+        t = out["detect_objects_ms_by_nms_chunk"]
+        for chunk, ms in t.items():
+            if chunk != "batch":
+                rows.append((f"  batch {t['batch']}, nms_chunk {chunk}, ms", ms, "", ""))
     if "data_images_per_s" in out:
         t = out["data_images_per_s"]
         rows.append(("data images/s, 1 process", t["ours_one_process"], "", ""))

@@ -38,6 +38,9 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, r
         assert set(res["infer_images_per_s"][name]) == {"batch_1", "batch_2"}
         assert all(v > 0 for v in res["infer_images_per_s"][name].values())
     assert res["calculate_mAP_ms"]["ours"] > 0
+    by_chunk = res["detect_objects_ms_by_nms_chunk"]
+    assert by_chunk.pop("batch") == 2 and set(by_chunk) == {"1", "5000", "25000", str(10 ** 9)}
+    assert all(ms > 0 for ms in by_chunk.values())
     pipeline = res["train_pipeline_images_per_s"]  # train.py's own epochs: 4 TRAIN images at batch 2
     assert pipeline["ours"] > 0 and (pipeline["batch"], pipeline["workers"], pipeline["epochs"]) == (2, 1, 4)
     assert pipeline["fixed_batch"] == res["train_images_per_s"]["ours"] and pipeline["fraction_of_fixed_batch"] > 0
