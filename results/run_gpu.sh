@@ -43,6 +43,19 @@ EOF
   fi
 }
 
+run_recipes() {  # $1 = timeout (s): every entry of RECIPES trained side by side on train.txt, scored on val.txt
+  for name in "${!RECIPES[@]}"; do
+    timeout "$1" python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 --seed 0 \
+      ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
+  done
+  wait
+  for name in "${!RECIPES[@]}"; do
+    cp "runs/$name/log.jsonl" "$STAGE/log-$name.jsonl" 2>/dev/null
+    tail -c 600 "$STAGE/train-$name.txt" | tr '\r' '\n' | tail -3
+    python -c "import json,sys; r=[json.loads(l) for l in open('runs/$name/log.jsonl')]; print('$name', 'epochs', len(r), 'final val mAP', r[-1].get('mAP'), r[-1].get('AP'), 'img/s', r[-1]['images_per_s'])" 2>/dev/null
+  done
+}
+
 if [ "$PHASE" = tune ]; then
   make_lists data/lists-trainval trainval test
   make_lists data/lists-val train val
@@ -54,16 +67,7 @@ if [ "$PHASE" = tune ]; then
     [B-small-priors]="--prior-scales $SMALL_PRIORS --max-zoom 4"
     [C-small-priors-zoom2]="--prior-scales $SMALL_PRIORS --max-zoom 2"
   )
-  for name in "${!RECIPES[@]}"; do
-    timeout 240 python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 --seed 0 \
-      ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
-  done
-  wait
-  for name in "${!RECIPES[@]}"; do
-    cp "runs/$name/log.jsonl" "$STAGE/log-$name.jsonl" 2>/dev/null
-    tail -c 600 "$STAGE/train-$name.txt" | tr '\r' '\n' | tail -3
-    python -c "import json,sys; r=[json.loads(l) for l in open('runs/$name/log.jsonl')]; print('$name', 'epochs', len(r), 'final val mAP', r[-1].get('mAP'), r[-1].get('AP'), 'img/s', r[-1]['images_per_s'])" 2>/dev/null
-  done
+  run_recipes 240
 elif [ "$PHASE" = tune2 ]; then
   make_lists data/lists-trainval trainval test
   make_lists data/lists-val train val
@@ -92,16 +96,7 @@ EOF
     [B-lr0.008]="--lr 0.008"
     [C-paper-priors]="--prior-scales $SEED_PRIORS"
   )
-  for name in "${!RECIPES[@]}"; do
-    timeout ${TRAIN_TIMEOUT:-280} python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 \
-      --seed 0 ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
-  done
-  wait
-  for name in "${!RECIPES[@]}"; do
-    cp "runs/$name/log.jsonl" "$STAGE/log-$name.jsonl" 2>/dev/null
-    tail -c 600 "$STAGE/train-$name.txt" | tr '\r' '\n' | tail -3
-    python -c "import json,sys; r=[json.loads(l) for l in open('runs/$name/log.jsonl')]; print('$name', 'epochs', len(r), 'final val mAP', r[-1].get('mAP'), r[-1].get('AP'), 'img/s', r[-1]['images_per_s'])" 2>/dev/null
-  done
+  run_recipes ${TRAIN_TIMEOUT:-280}
 elif [ "$PHASE" = final ]; then
   RECIPE=${RECIPE:?the recipe flags chosen on val}
   make_lists data/lists-trainval trainval test
