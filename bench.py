@@ -238,11 +238,13 @@ def bench_data(args, device, out):
         train_set[(i, i)]
     single = n / (time.perf_counter() - start)
     sampler = AugmentationSampler(train_set, seed=0)
-    epochs = 4
+    epochs = 5
     pin = device.type == "cuda"
+    per_epoch = len(EpochBatches(sampler, 32, False, range(1)))
 
     def rate(batches):
-        next(batches)  # the workers are started: time the rest
+        for _ in range(per_epoch):  # a first epoch to start the workers and warm them up; then time 4 epochs
+            next(batches)
         count, start = 0, time.perf_counter()
         for images, *_ in batches:
             count += images.size(0)
@@ -258,8 +260,10 @@ def bench_data(args, device, out):
             sampler.set_epoch(epoch)
             yield from restarted
 
-    out["data_images_per_s"] = {"ours_one_process": round(single, 1), "ours_workers": round(rate(iter(stream)), 1),
-                                "ours_workers_restarted_each_epoch": round(rate(each_epoch()), 1),
+    # whichever runs first is measured slower (seen here: 15-20 %), so each runs twice, alternately: best of two
+    rates = [(rate(iter(stream)), rate(each_epoch())) for _ in range(2)]
+    out["data_images_per_s"] = {"ours_one_process": round(single, 1), "ours_workers": round(max(r[0] for r in rates), 1),
+                                "ours_workers_restarted_each_epoch": round(max(r[1] for r in rates), 1),
                                 "workers": args.workers}
 
 

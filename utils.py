@@ -439,6 +439,34 @@ def _randint(g, low, high):
     return int(torch.randint(low, high + 1, (), generator=g))
 
 
+def adjust_hue(image, hue_factor):
+    """torchvision's adjust_hue for a float (3, h, w) image in [0, 1], step for step the same arithmetic (so
+    the same result), but with elementwise max/min and selections where torchvision reduces over the channel
+    dimension and multiplies by a one-hot mask (an einsum): about 3x faster, and hue is the costliest
+    augmentation. RGB -> HSV, h shifted by hue_factor (in [-0.5, 0.5]) modulo 1, HSV -> RGB."""
+    r, g, b = image.unbind(0)
+    maxc = torch.maximum(torch.maximum(r, g), b)  # = v
+    minc = torch.minimum(torch.minimum(r, g), b)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + hue_factor) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    sector = i.to(torch.int32) % 6
+    p = torch.clamp(maxc * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(maxc * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(maxc * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    # by sector, R is (v, q, p, p, t, v), G (t, v, v, q, p, p) and B (p, p, t, v, v, q): indices into (v, q, p, t)
+    pick = torch.tensor([[0, 1, 2, 2, 3, 0], [3, 0, 0, 1, 2, 2], [2, 2, 3, 0, 0, 1]], device=image.device)
+    return torch.stack([maxc, q, p, t]).gather(0, pick.index_select(1, sector.flatten()).view_as(image))
+
+
 def photometric_distort(image, g=None):
     """Adjust brightness, contrast, saturation and hue, each with 50% chance, in random order.
 
@@ -447,11 +475,11 @@ def photometric_distort(image, g=None):
     of the original visible in the output (see the note above), so contrast blends towards its
     mean grey rather than the whole original image's.
     """
-    distortions = [FT.adjust_brightness, FT.adjust_contrast, FT.adjust_saturation, FT.adjust_hue]
+    distortions = [FT.adjust_brightness, FT.adjust_contrast, FT.adjust_saturation, adjust_hue]
     for i in torch.randperm(4, generator=g).tolist():
         if torch.rand((), generator=g) < 0.5:
             d = distortions[i]
-            factor = _uniform(g, -18 / 255., 18 / 255.) if d is FT.adjust_hue else _uniform(g, 0.5, 1.5)
+            factor = _uniform(g, -18 / 255., 18 / 255.) if d is adjust_hue else _uniform(g, 0.5, 1.5)
             image = d(image, factor)
     return image
 

@@ -727,6 +727,19 @@ def test_resize_fills_outside_the_image_and_flips(coloured_sample):
     assert torch.equal(utils.flip(utils.flip(boxes, window), window), boxes)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_adjust_hue_is_torchvisions_to_the_bit(seed):
+    g = generator(seed)
+    image = torch.rand(3, 37, 53, generator=g)
+    image[:, :4] = image[0:1, :4]  # greys: no hue
+    image[:, 4, :6] = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 1, 1.]])  # pure colours
+    image[:, 5], image[:, 6] = 0., 1.  # black, white
+    if seed % 2:
+        image = (image * 255).round() / 255  # whole grey levels, as from a uint8 image: ties between channels
+    for factor in (-0.5, -18 / 255, 0., 0.01, 0.5, torch.rand((), generator=g).item() - 0.5):
+        assert torch.equal(utils.adjust_hue(image, factor), FT.adjust_hue(image, factor)), factor
+
+
 def test_photometric_distort_each_half_the_time():
     image = torch.rand(3, 16, 16, generator=generator(0))
     unchanged = 0
