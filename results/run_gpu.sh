@@ -84,11 +84,14 @@ for n in (1, 4, 8, 14, 16):  # equal times if the CPUs are real and free
         start = time.perf_counter(); pool.map(work, range(n)); print(f"{n} processes: {time.perf_counter() - start:.2f} s")
 EOF
   for w in 4; do  # and 14 in bench.py below
-    timeout 40 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers $w \
+    timeout 30 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers $w \
       --json "$STAGE/data-w$w.json" 2>&1 | grep "data images\|restarted"
   done
-  log "bench"
-  timeout 150 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --workers 14 --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
+  log "bench"  # in two calls, so that a timeout loses only half
+  timeout 100 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only train infer parts \
+    --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
+  timeout 90 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only pipeline data --workers 14 \
+    --json "$STAGE/bench-gpu-pipeline.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu-pipeline.txt"
   tar czf "$OUT/$PHASE.tgz" "$STAGE"  # what is measured so far comes back even if the call is cut short
   log "tune2: 3 recipes side by side on train.txt, $EPOCHS epochs, scored on val.txt every 10 epochs"
   declare -A RECIPES=(
