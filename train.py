@@ -171,10 +171,13 @@ def train(args, rank, world, device):
         torch.backends.cudnn.benchmark = True
 
     ckpt = load_checkpoint(args.resume) if args.resume else None
+    out_ckpt = os.path.join(args.out_dir, "checkpoint.pt")
     earlier = [f for f in ("checkpoint.pt", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
-    if ckpt is None and earlier:  # a new run would overwrite that checkpoint and mix its log with this one
-        raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); continue it with "
-                        f"--resume {os.path.join(args.out_dir, 'checkpoint.pt')}, or choose another --out-dir")
+    continuing = ckpt is not None and os.path.exists(out_ckpt) and os.path.samefile(args.resume, out_ckpt)
+    if earlier and not continuing:  # this run would overwrite that checkpoint and mix its log with this one
+        hint = f"continue it with --resume {out_ckpt}" if "checkpoint.pt" in earlier else "delete it"
+        raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); {hint}, or choose "
+                        f"another --out-dir")
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()

@@ -443,7 +443,10 @@ def adjust_hue(image, hue_factor):
     """torchvision's adjust_hue for a float (3, h, w) image in [0, 1], step for step the same arithmetic (so
     the same result), but with elementwise max/min and selections where torchvision reduces over the channel
     dimension and multiplies by a one-hot mask (an einsum): about 3x faster, and hue is the costliest
-    augmentation. RGB -> HSV, h shifted by hue_factor (in [-0.5, 0.5]) modulo 1, HSV -> RGB."""
+    augmentation. RGB -> HSV, h shifted by hue_factor (in [-0.5, 0.5]) modulo 1, HSV -> RGB. Other dtypes and
+    shapes go to torchvision's."""
+    if image.dtype != torch.float32 or image.shape[0] != 3 or image.dim() != 3 or not -0.5 <= hue_factor <= 0.5:
+        return FT.adjust_hue(image, hue_factor)
     r, g, b = image.unbind(0)
     maxc = torch.maximum(torch.maximum(r, g), b)  # = v
     minc = torch.minimum(torch.minimum(r, g), b)

@@ -44,11 +44,16 @@ EOF
 }
 
 run_recipes() {  # $1 = timeout (s): every entry of RECIPES trained side by side on train.txt, scored on val.txt
+  declare -A PIDS
   for name in "${!RECIPES[@]}"; do
+    rm -rf "runs/$name"  # a fresh run (train.py refuses a folder that holds one)
     timeout "$1" python train.py --data-folder data/lists-val --out-dir "runs/$name" $COMMON --val-every 10 --seed 0 \
       ${RECIPES[$name]} > "$STAGE/train-$name.txt" 2>&1 &
+    PIDS[$name]=$!
   done
-  wait
+  for name in "${!RECIPES[@]}"; do
+    wait "${PIDS[$name]}"; echo "$name: train.py exit status $? (124: stopped by the timeout)"
+  done
   for name in "${!RECIPES[@]}"; do
     cp "runs/$name/log.jsonl" "$STAGE/log-$name.jsonl" 2>/dev/null
     tail -c 600 "$STAGE/train-$name.txt" | tr '\r' '\n' | tail -3
@@ -88,10 +93,10 @@ EOF
       --json "$STAGE/data-w$w.json" 2>&1 | grep "data images\|restarted"
   done
   log "bench"  # in two calls, so that a timeout loses only half
-  timeout 100 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only train infer parts \
-    --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
-  timeout 90 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only pipeline data --workers 14 \
-    --json "$STAGE/bench-gpu-pipeline.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu-pipeline.txt"
+  timeout 130 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only train pipeline infer parts \
+    --workers 14 --json "$STAGE/bench-gpu.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu.txt"
+  timeout 50 python bench.py --device "$DEVICE" --data-folder data/lists-trainval --only data --workers 14 \
+    --json "$STAGE/bench-gpu-data.json" $BENCH_ARGS 2>&1 | tee "$STAGE/bench-gpu-data.txt"
   tar czf "$OUT/$PHASE.tgz" "$STAGE"  # what is measured so far comes back even if the call is cut short
   log "tune2: 3 recipes side by side on train.txt, $EPOCHS epochs, scored on val.txt every 10 epochs"
   declare -A RECIPES=(
@@ -99,13 +104,14 @@ EOF
     [B-lr0.008]="--lr 0.008"
     [C-paper-priors]="--prior-scales $SEED_PRIORS"
   )
-  run_recipes ${TRAIN_TIMEOUT:-280}
+  run_recipes ${TRAIN_TIMEOUT:-260}
 elif [ "$PHASE" = final ]; then
   RECIPE=${RECIPE:?the recipe flags chosen on val}
   make_lists data/lists-trainval trainval test
   SEEDS=${SEEDS:-0 1}
   log "final: recipe '$RECIPE', seeds $SEEDS on trainval, and seed 0 on train.txt scored on val.txt, side by side"
   make_lists data/lists-val train val
+  rm -rf runs/final-*  # fresh runs (train.py refuses a folder that holds one)
   timeout ${TRAIN_TIMEOUT:-330} python train.py --data-folder data/lists-val --out-dir runs/final-val $COMMON \
     --val-every 10 --seed 0 $RECIPE > "$STAGE/train-val.txt" 2>&1 &
   for seed in $SEEDS; do

@@ -242,3 +242,4 @@ def test_torchrun_evaluation_equals_single_process(tiny_voc, tmp_path):
     assert all(0.05 < ap < 0.9 for ap in single["AP"].values())  # many detections, neither all right nor all wrong
     for key in ("mAP", "AP", "mAP_all_point", "AP_all_point", "mAP_coco", "AP_coco"):
         assert distributed[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+    assert distributed["counts"] == single["counts"]  # counts of the same detections, gathered in image order

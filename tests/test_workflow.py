@@ -233,6 +233,8 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_run(straight_run, lists4, tmp
     with pytest.raises(UserError) as e:
         train.main(train_args(lists4, out, "--iterations", 1))
     assert "\n" not in str(e.value) and f"--resume {out / 'checkpoint.pt'}" in str(e.value), str(e.value)
+    with pytest.raises(UserError, match="already holds a training run"):  # resuming another run into it
+        train.main(train_args(lists4, out, "--iterations", 4, "--resume", straight_run.checkpoint))
     assert (sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()) == before  # untouched
 
 
