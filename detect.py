@@ -71,14 +71,18 @@ def preprocess(image):
 
 
 @torch.no_grad()
-def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, channels_last=True):
-    """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> lists over images of
-    (boxes fractional (n, 4), labels (n,), scores (n,))."""
+def run_model(model, images, amp=True, channels_last=True):
+    """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores)."""
     device = next(model.parameters()).device
     images = normalize(images.to(device, non_blocking=True,
                                  memory_format=torch.channels_last if channels_last else torch.preserve_format))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        locs, scores = model(images)
+        return model(images)
+
+
+def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, channels_last=True):
+    """images: uint8 (N, 3, 300, 300) -> lists over images of (boxes fractional (n, 4), labels (n,), scores (n,))."""
+    locs, scores = run_model(model, images, amp, channels_last)
     return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import predict
+from detect import run_model
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
                    run_info, write_json_atomic)
@@ -49,17 +49,22 @@ def get_args_parser():
 
 @torch.no_grad()
 def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
-                   progress=False):
+                   progress=False, count_at=None):
     """Run the model over a loader of BCCDDataset('test') items.
 
     Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
-    over images of CPU tensors, boxes fractional.
+    over images of CPU tensors, boxes fractional. count_at=(min_score, max_overlap): the same network
+    outputs are also decoded at that setting, and a seventh list holds those detections' labels.
     """
     model.eval()
-    results = ([], [], [], [], [], [])
+    results = tuple([] for _ in range(6 if count_at is None else 7))
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
-        dets = predict(model, images, min_score, max_overlap, top_k, amp=amp, channels_last=channels_last)
-        for store, items in zip(results, (*dets, boxes, labels, difficulties)):
+        locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
+        dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
+        columns = (*dets, boxes, labels, difficulties)
+        if count_at is not None:
+            columns += (model.detect_objects(locs, scores, *count_at, top_k=top_k)[1],)
+        for store, items in zip(results, columns):
             store.extend(t.cpu() for t in items)
     return results
 
@@ -123,11 +128,9 @@ def run(args, rank, world, device):
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
     start = time.perf_counter()
-    results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0)
-    seconds = time.perf_counter() - start  # the evaluation pass, comparable with earlier runs; counting comes next
-    counted = detect_dataset(model, loader, amp=amp, channels_last=channels_last, min_score=args.count_min_score,
-                             max_overlap=args.count_max_overlap)[1]  # the labels detect.py would count
-    results = [*results, counted]
+    # one pass: the evaluation's detections, and the labels detect.py would count (same network outputs)
+    results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0,
+                             count_at=(args.count_min_score, args.count_max_overlap))
     if world > 1:  # gather every process's detections on rank 0, back in dataset order
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((shard, results), gathered, dst=0)
@@ -137,6 +140,7 @@ def run(args, rank, world, device):
         merged = [[x for _, r in gathered for x in r[k]] for k in range(len(results))]
         position = sorted(range(len(order)), key=order.__getitem__)
         results = [[column[p] for p in position] for column in merged]
+    seconds = time.perf_counter() - start
 
     *results, counted = results
     metrics = compute_metrics(*results)
