@@ -1,5 +1,6 @@
 """Detect and count blood cells in images (tutorial, "Inference").
 
+    $ python detect.py img/                  # count cells with the shipped model (weights/ssd300_bccd.pt)
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
 
 Writes, in --output-dir, each image annotated with its detections, counts.csv (image, RBC, WBC,
@@ -11,8 +12,8 @@ skipped; the exit status is then 1.
 From Python, as in the tutorial:
     from PIL import Image
     from detect import detect, load_model
-    model = load_model("runs/ssd300/checkpoint.pt")
-    detect(Image.open("smear.jpg"), min_score=0.2, max_overlap=0.5, top_k=200, model=model).show()
+    model = load_model()                     # the shipped model; or load_model("runs/ssd300/checkpoint.pt")
+    detect(Image.open("smear.jpg"), model=model).show()   # at the model's counting thresholds
 """
 import argparse
 import csv
@@ -30,16 +31,24 @@ from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_c
                    resize, resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
 
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+# The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
+# The tutorial's detection thresholds, used for checkpoints that record no counting thresholds of their own
+TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP = 0.2, 0.5
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
+                   "shipped model, trained on BCCD)")
     p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
-    p.add_argument("--min-score", type=float, default=0.2, help="keep detections scoring above this")
-    p.add_argument("--max-overlap", type=float, default=0.5, help="NMS: suppress boxes overlapping a better one by more (IoU)")
+    p.add_argument("--min-score", type=float, nargs="+", default=None, metavar="S", help="keep detections scoring "
+                   "above this: one value, or one per class in the model's order (default: the thresholds recorded in "
+                   f"the checkpoint, chosen for counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
+    p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
+                   f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
     p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 16 on CUDA; 1 on "
                    "a CPU, where it is the fastest per image)")
@@ -51,9 +60,48 @@ def get_args_parser():
     return p
 
 
-def load_model(checkpoint, device="cpu"):
-    """The model of a train.py checkpoint, on `device`, ready for inference (eval mode, BatchNorm folded)."""
-    model = SSD300.from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+def parse_min_score(values, names, source="--min-score"):
+    """One min_score for all classes (a float), or one per class (a list in label order); checked."""
+    if len(values) not in (1, len(names)):
+        raise UserError(f"{source}: give one value or {len(names)}, one per class ({', '.join(names)}), not {len(values)}")
+    if not all(0 <= v < 1 for v in values):  # also refuses nan
+        raise UserError(f"{source} must lie in [0, 1), not {' '.join(map(str, values))}")
+    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+
+
+def format_min_score(min_score, names=bccd_labels):
+    if isinstance(min_score, float):
+        return f"{min_score:g}"
+    return " ".join(f"{name} {v:g}" for name, v in zip(names, min_score))
+
+
+def counting_defaults(ckpt, source="checkpoint"):
+    """detect.py's (min_score, max_overlap) for a checkpoint: its recorded "count_thresholds" ({"min_score": {class:
+    value}, "max_overlap": value}, chosen for counting on a validation split: the shipped model has them), else the
+    tutorial's 0.2 and 0.5. min_score is a float, or a list in label order."""
+    recorded = ckpt.get("count_thresholds")
+    if recorded is None:
+        return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
+    try:
+        min_score = parse_min_score([recorded["min_score"][name] for name in bccd_labels], bccd_labels, "min_score")
+        max_overlap = float(recorded["max_overlap"])
+        if not 0 < max_overlap <= 1:
+            raise ValueError(f"max_overlap {max_overlap} outside (0, 1]")
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
+    return min_score, max_overlap
+
+
+def load_model(checkpoint=None, device="cpu"):
+    """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
+    BatchNorm folded). model.min_score and model.max_overlap hold its counting thresholds (counting_defaults)."""
+    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
+        raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
+                        f"(git checkout -- weights) or give --checkpoint")
+    ckpt = load_checkpoint(checkpoint)
+    model = SSD300.from_checkpoint(ckpt, checkpoint)
+    model.min_score, model.max_overlap = counting_defaults(ckpt, checkpoint)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
@@ -108,12 +156,15 @@ def to_pixels(boxes, width, height):
     return boxes * boxes.new_tensor([width, height, width, height])
 
 
-def detect(original_image, min_score=0.2, max_overlap=0.5, top_k=200, *, model, amp=None):
+def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None):
     """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
 
-    model: from load_model(). Returns a new PIL image with one colour per class, label and score.
+    model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
+    counting thresholds. Returns a new PIL image with one colour per class, label and score.
     """
     amp = bf16_is_fast(next(model.parameters()).device) if amp is None else amp
+    min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE) if min_score is None else min_score
+    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
     image = pil_to_tensor(original_image)
     boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
     return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores)
@@ -173,9 +224,9 @@ def output_names(paths):
 
 
 def check_args(args):
-    if not 0 <= args.min_score < 1:
-        raise UserError(f"--min-score must be in [0, 1), not {args.min_score}")
-    if not 0 < args.max_overlap <= 1:
+    if args.min_score is not None:
+        parse_min_score(args.min_score, bccd_labels)
+    if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
     if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be positive and --workers >= 0")
@@ -186,6 +237,8 @@ def main(args):
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device)
+    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, bccd_labels)
+    max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     paths, missing = find_images(args.inputs)
     errors = [f"{m}: no such file or folder" for m in missing]
     if not paths and not errors:
@@ -209,7 +262,7 @@ def main(args):
         errors += [x for _, image, x in batch if image is None]
         if not good:
             continue
-        dets = predict(model, torch.stack([x for _, _, x in good]), args.min_score, args.max_overlap, args.top_k, amp)
+        dets = predict(model, torch.stack([x for _, _, x in good]), min_score, max_overlap, args.top_k, amp)
         for (i, image, _), boxes, labels, scores in zip(good, *dets):
             _, h, w = image.shape
             boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
@@ -234,7 +287,8 @@ def main(args):
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in bccd_labels))
     for c in counts:
         print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>9}" for name in bccd_labels))
-    print(f"{len(counts)} image(s) in {seconds:.1f} s; results in {args.output_dir}")
+    print(f"{len(counts)} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score)}, max_overlap "
+          f"{max_overlap:g}; results in {args.output_dir}")
     for e in errors:
         print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
     if errors:

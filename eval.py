@@ -1,6 +1,8 @@
 """Evaluate a checkpoint on BCCD's TEST split (tutorial, "Evaluation").
 
+    $ python eval.py                                   # the shipped model (weights/ssd300_bccd.pt) on data/lists
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
+    $ python eval.py --checkpoint runs/val/checkpoint.pt --data-folder data/lists-val --count-sweep
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
 
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
@@ -9,7 +11,10 @@ their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-
 over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules).
 
 Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
-(min_score 0.2, max_overlap 0.5; --count-min-score, --count-max-overlap) against the annotated ones.
+(those recorded in the checkpoint, else the tutorial's min_score 0.2 and max_overlap 0.5;
+--count-min-score, --count-max-overlap) against the annotated ones. --count-sweep tries a grid of
+thresholds and prints, per class, the min_score that counts best: run it on a validation split
+(lists made with --train-split train --test-split val), never on TEST, to choose detect.py's.
 """
 import argparse
 import os
@@ -21,18 +26,21 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import run_model
+from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_min_score, run_model
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
                    run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
+SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
+SWEEP_MAX_OVERLAPS = (0.3, 0.4, 0.45, 0.5, 0.6)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on BCCD's TEST split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: "
+                   "the shipped model)")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -42,28 +50,34 @@ def get_args_parser():
                    help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
-    p.add_argument("--count-min-score", type=float, default=0.2, help="counting: detect.py's --min-score")
-    p.add_argument("--count-max-overlap", type=float, default=0.5, help="counting: detect.py's --max-overlap")
+    p.add_argument("--count-min-score", type=float, nargs="+", default=None, metavar="S", help="counting: "
+                   "detect.py's --min-score, one value or one per class (default: detect.py's, from the checkpoint)")
+    p.add_argument("--count-max-overlap", type=float, default=None, help="counting: detect.py's --max-overlap "
+                   "(default: detect.py's, from the checkpoint)")
+    p.add_argument("--count-sweep", action="store_true", help="also count at every min_score of "
+                   f"{SWEEP_MIN_SCORES[0]}-{SWEEP_MIN_SCORES[-1]} and max_overlap of {SWEEP_MAX_OVERLAPS} and report the "
+                   "best per class: to choose detect.py's thresholds on a validation split, never on TEST")
     return p
 
 
 @torch.no_grad()
 def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
-                   progress=False, count_at=None):
+                   progress=False, count_at=()):
     """Run the model over a loader of BCCDDataset('test') items.
 
     Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
-    over images of CPU tensors, boxes fractional. count_at=(min_score, max_overlap): the same network
-    outputs are also decoded at that setting, and a seventh list holds those detections' labels.
+    over images of CPU tensors, boxes fractional. count_at: settings (min_score, max_overlap) at
+    which the same network outputs are also decoded; one more list per setting holds those
+    detections' labels.
     """
     model.eval()
-    results = tuple([] for _ in range(6 if count_at is None else 7))
+    results = tuple([] for _ in range(6 + len(count_at)))
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
         locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
         dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
         columns = (*dets, boxes, labels, difficulties)
-        if count_at is not None:
-            columns += (model.detect_objects(locs, scores, *count_at, top_k=top_k)[1],)
+        for setting in count_at:
+            columns += (model.detect_objects(locs, scores, *setting, top_k=top_k)[1],)
         for store, items in zip(results, columns):
             store.extend(t.cpu() for t in items)
     return results
@@ -103,6 +117,26 @@ def count_errors(det_labels, true_labels):
             for k, name in enumerate(bccd_labels)}
 
 
+def sweep_counts(counted, true_labels):
+    """Choose counting thresholds: counted[(min_score, max_overlap)] = detections' labels per image at that
+    setting -> {"errors": {max_overlap: {class: [relative error at each of SWEEP_MIN_SCORES]}}, "chosen":
+    {"max_overlap", "min_score": {class: best}, "relative_error": {class: its error}}}.
+
+    Per class, the min_score with the lowest relative counting error (the lowest such min_score on a tie); then
+    the max_overlap whose best per-class errors sum lowest. Classes are suppressed separately and an image holds
+    far fewer than top_k cells, so each class's count depends on its own min_score only."""
+    errors = {}
+    for mo in SWEEP_MAX_OVERLAPS:
+        at = [count_errors(counted[(ms, mo)], true_labels) for ms in SWEEP_MIN_SCORES]
+        errors[mo] = {name: [c[name]["relative_error"] for c in at] for name in bccd_labels}
+    best = {mo: {name: min(range(len(SWEEP_MIN_SCORES)), key=e.__getitem__) for name, e in per.items()}
+            for mo, per in errors.items()}
+    mo = min(SWEEP_MAX_OVERLAPS, key=lambda m: sum(errors[m][name][i] for name, i in best[m].items()))
+    return {"min_scores": list(SWEEP_MIN_SCORES), "errors": errors,
+            "chosen": {"max_overlap": mo, "min_score": {name: SWEEP_MIN_SCORES[i] for name, i in best[mo].items()},
+                       "relative_error": {name: errors[mo][name][i] for name, i in best[mo].items()}}}
+
+
 def main(args):
     rank, world, device = init_distributed(args.device)
     try:
@@ -115,12 +149,20 @@ def main(args):
 def run(args, rank, world, device):
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be positive and --workers >= 0")
-    if not 0 <= args.count_min_score < 1 or not 0 < args.count_max_overlap <= 1:
-        raise UserError("--count-min-score must be in [0, 1) and --count-max-overlap in (0, 1]")
+    if args.count_max_overlap is not None and not 0 < args.count_max_overlap <= 1:
+        raise UserError(f"--count-max-overlap must be in (0, 1], not {args.count_max_overlap}")
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
     model = SSD300.from_checkpoint(ckpt, args.checkpoint)
+    count_min_score, count_max_overlap = counting_defaults(ckpt, args.checkpoint)
+    if args.count_min_score is not None:
+        count_min_score = parse_min_score(args.count_min_score, bccd_labels, "--count-min-score")
+    if args.count_max_overlap is not None:
+        count_max_overlap = args.count_max_overlap
+    count_at = [(count_min_score, count_max_overlap)]
+    if args.count_sweep:
+        count_at += [(ms, mo) for mo in SWEEP_MAX_OVERLAPS for ms in SWEEP_MIN_SCORES]
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score
@@ -130,7 +172,7 @@ def run(args, rank, world, device):
     start = time.perf_counter()
     # one pass: the evaluation's detections, and the labels detect.py would count (same network outputs)
     results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0,
-                             count_at=(args.count_min_score, args.count_max_overlap))
+                             count_at=count_at)
     if world > 1:  # gather every process's detections on rank 0, back in dataset order
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((shard, results), gathered, dst=0)
@@ -142,24 +184,37 @@ def run(args, rank, world, device):
         results = [[column[p] for p in position] for column in merged]
     seconds = time.perf_counter() - start
 
-    *results, counted = results
+    counts = count_errors(results[6], results[4])
+    counted = dict(zip(count_at[1:], results[7:]))  # the sweep's settings
+    results = results[:6]
     metrics = compute_metrics(*results)
-    counts = count_errors(counted, results[4])
     print(f"\n{'class':<12}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
     for name in bccd_labels:
         if name in metrics["AP"]:
             print(f"{name:<12}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
     print(f"{'mAP':<12}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
-    print(f"\ncounting at min_score {args.count_min_score}, max_overlap {args.count_max_overlap} (per image):")
+    print(f"\ncounting at min_score {format_min_score(count_min_score)}, max_overlap {count_max_overlap} (per image):")
     print(f"{'class':<12}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
     for name, c in counts.items():
         print(f"{name:<12}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{c['relative_error']:>19.1%}")
+    sweep = sweep_counts(counted, results[4]) if args.count_sweep else None
+    if sweep:
+        print(f"\ncounting sweep: error / annotated at each min_score, per max_overlap (choose on a validation split)")
+        print(f"{'max_overlap':<12}{'class':<12}" + "".join(f"{ms:>6}" for ms in SWEEP_MIN_SCORES))
+        for mo, per in sweep["errors"].items():
+            for name, e in per.items():
+                print(f"{mo:<12}{name:<12}" + "".join(f"{100 * v:>5.0f}%" for v in e))
+        chosen = sweep["chosen"]
+        print(f"best: --max-overlap {chosen['max_overlap']} --min-score "
+              f"{' '.join(str(chosen['min_score'][name]) for name in bccd_labels)} ("
+              + ", ".join(f"{name} {e:.1%}" for name, e in chosen["relative_error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")
     if args.output:
         write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
-                           "counts": {"min_score": args.count_min_score, "max_overlap": args.count_max_overlap, **counts},
+                           "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
+                           **({"count_sweep": sweep} if sweep else {}),
                            "device": str(device),
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
                            "train_args": ckpt.get("args"), **run_info(device)}, args.output, indent=2)

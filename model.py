@@ -290,7 +290,8 @@ class SSD300(nn.Module):
                        nms_chunk=None):
         """Decode the predictions into detections (tutorial, "Processing predictions").
 
-        For every image and class: softmax scores, keep priors scoring above min_score, keep at
+        For every image and class: softmax scores, keep priors scoring above min_score (one number, or
+        one per class in label order, background excluded), keep at
         most the pre_nms_top_k best of them (as the original Caffe SSD and torchvision do: 400),
         suppress boxes overlapping a better one of the same class by more than max_overlap
         (torchvision.ops.batched_nms, on runs of whole images of at most nms_chunk candidates: by
@@ -309,6 +310,9 @@ class SSD300(nn.Module):
         top_scores, top_priors = probs.topk(k, dim=1)  # (N, k, C-1)
         image_idx = torch.arange(N, device=device)[:, None, None].expand(N, k, C - 1)
         class_idx = torch.arange(1, C, device=device)[None, None, :].expand(N, k, C - 1)
+        if not isinstance(min_score, (int, float)):  # one threshold per class (background excluded)
+            min_score = torch.as_tensor(min_score, dtype=torch.float, device=device)
+            assert min_score.shape == (C - 1,), f"min_score: one value or {C - 1} (one per class), not {min_score.shape}"
         keep = top_scores > min_score
         image_idx, class_idx, scores = image_idx[keep], class_idx[keep], top_scores[keep]  # (K,)
         cand_boxes = boxes[image_idx, top_priors[keep]]  # (K, 4)

@@ -29,7 +29,7 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
-                   normalize, run_cli, save_atomic)
+                   normalize, run_cli, run_info, save_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -231,6 +231,7 @@ def train(args, rank, world, device):
               f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
               f"{total_iterations} iterations, bf16 autocast {'on' if amp else 'off'}")
     log_path = os.path.join(args.out_dir, "log.jsonl")
+    provenance = (ckpt or {}).get("run_info") or run_info(device)  # where and when the run started (commit, hardware)
     stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs))
     loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
                         pin_memory=cuda)
@@ -293,7 +294,8 @@ def train(args, rank, world, device):
             if (epoch + 1) % args.checkpoint_every == 0 or last:
                 save_atomic({"model": raw_model.state_dict(), "model_args": model_args,
                              "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
-                             "args": vars(args), "label_map": label_map}, os.path.join(args.out_dir, "checkpoint.pt"))
+                             "args": vars(args), "label_map": label_map, "run_info": provenance},
+                            os.path.join(args.out_dir, "checkpoint.pt"))
         if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
             dist.barrier()
     bar.close()

@@ -795,3 +795,24 @@ def test_loss_and_backward_make_no_host_synchronization(priors):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def test_detect_objects_with_one_min_score_per_class_equals_each_class_at_its_own(model):
+    """min_score may be one value per class: each class's detections are those of a decode at its own threshold
+    (NMS and the threshold act class by class; top_k is set above the number of detections, as an image of cells
+    is far below 200)."""
+    g = torch.Generator().manual_seed(240)
+    locs, scores = peaked_predictions(3, g, empty=(1,))
+    per_class = [0.3, 0.9, 0.45]
+    det_boxes, det_labels, det_scores = model.detect_objects(locs, scores, min_score=per_class,
+                                                             max_overlap=MAX_OVERLAP, top_k=1000)
+    for c, threshold in enumerate(per_class, start=1):
+        reference = reference_detect(locs, scores, model.priors_cxcy, threshold, MAX_OVERLAP, 1000)
+        reference = [[d for d in ref if d[1] == c] for ref in reference]
+        mine = [tuple(x[labels == c] for x in (boxes, labels, s))
+                for boxes, labels, s in zip(det_boxes, det_labels, det_scores)]
+        assert_same_detections(tuple(zip(*mine)), reference)
+        assert sum(len(r) for r in reference) > 0
+    # the thresholds do differ: class 2 at 0.9 keeps fewer than at 0.3
+    at_03 = model.detect_objects(locs, scores, min_score=0.3, max_overlap=MAX_OVERLAP, top_k=1000)[1]
+    assert sum(int((l == 2).sum()) for l in det_labels) < sum(int((l == 2).sum()) for l in at_03)

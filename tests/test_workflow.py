@@ -431,6 +431,38 @@ def test_count_errors_by_hand():
                                                  "bias": -1 / 3, "relative_error": 1 / 2})
 
 
+def test_count_sweep_chooses_per_class_the_min_score_that_counts_best():
+    """sweep_counts by hand: two images, 1 RBC and 2 WBC annotated each (no platelets)."""
+    true = [torch.tensor([1, 2, 2]), torch.tensor([1, 2, 2])]
+    ms, mo = eval_script.SWEEP_MIN_SCORES, eval_script.SWEEP_MAX_OVERLAPS
+    # RBC counted right only at 0.5 (3 per image below it, none above); WBC right from 0.3 to 0.45 (4 per image
+    # below, 1 above); at max_overlap 0.3 every count is one too many
+    def labels(s, o):
+        rbc = 1 if s == 0.5 else (3 if s < 0.5 else 0)
+        wbc = 4 if s < 0.3 else (2 if s <= 0.45 else 1)
+        extra = [3] if o == 0.3 else []
+        return [torch.tensor([1] * rbc + [2] * wbc + extra)] * 2
+    counted = {(s, o): labels(s, o) for s in ms for o in mo}
+    sweep = eval_script.sweep_counts(counted, true)
+    assert sweep["chosen"]["max_overlap"] == 0.4  # the first of the equally good ones
+    assert sweep["chosen"]["min_score"] == {"RBC": 0.5, "WBC": 0.3, "Platelets": 0.1}  # lowest of ties
+    assert sweep["chosen"]["relative_error"] == {"RBC": 0, "WBC": 0, "Platelets": 0}
+    assert sweep["errors"][0.5]["RBC"][ms.index(0.1)] == pytest.approx(2.0)  # |3 - 1| x 2 images / 2 annotated
+    assert sweep["errors"][0.3]["Platelets"][0] == pytest.approx(2 / 1)  # none annotated: error / max(0, 1)
+
+
+def test_counting_thresholds_come_from_the_checkpoint_or_the_tutorial(tmp_path):
+    from detect import counting_defaults
+    assert counting_defaults({}) == (0.2, 0.5)
+    recorded = {"count_thresholds": {"min_score": {"WBC": 0.3, "RBC": 0.55, "Platelets": 0.4}, "max_overlap": 0.45}}
+    assert counting_defaults(recorded) == ([0.55, 0.3, 0.4], 0.45)  # label order, whatever the dict's
+    for bad in ({"min_score": {"RBC": 0.5}, "max_overlap": 0.5}, {"min_score": {"RBC": 1.5, "WBC": 0.3,
+                "Platelets": 0.3}, "max_overlap": 0.5}, {"min_score": {"RBC": 0.5, "WBC": 0.3, "Platelets": 0.3},
+                "max_overlap": float("nan")}, "0.5"):
+        with pytest.raises(UserError, match="bad.pt: unusable count_thresholds"):
+            counting_defaults({"count_thresholds": bad}, "bad.pt")
+
+
 # ---------------------------------------------------------------------------------------------
 # detect.py
 # ---------------------------------------------------------------------------------------------
@@ -716,7 +748,11 @@ BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("eval", "count-min-score-1", ["--count-min-score", "1"], "--count-min-score"),
              ("eval", "device-nonsense", ["--device", "nonsense"], "nonsense"),
              ("eval", "no-lists", ["--data-folder", "{tmp}/no-lists"], "create_data_lists"),
+             ("eval", "count-min-score-2-of-3", ["--count-min-score", "0.2", "0.3"], "one per class"),
              ("detect", "min-score-2", ["--min-score", "2"], "--min-score"),
+             ("detect", "min-score-nan", ["--min-score", "nan"], "--min-score"),
+             ("detect", "min-score-2-of-3", ["--min-score", "0.2", "0.3"], "one per class"),
+             ("detect", "max-overlap-0", ["--max-overlap", "0"], "--max-overlap"),
              ("detect", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("detect", "device-nonsense", ["--device", "nonsense"], "nonsense")]
 
