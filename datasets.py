@@ -11,6 +11,7 @@
 
 The lists come from create_data_lists.py.
 """
+import itertools
 import json
 import os
 
@@ -49,7 +50,13 @@ class BCCDDataset(Dataset):
         if len(self.images) != len(self.objects):
             raise UserError(f"{data_folder}: {self.split}_images.json has {len(self.images)} entries but "
                             f"{self.split}_objects.json has {len(self.objects)}; run create_data_lists.py again")
-        self._cache = [load_image(path) for path in self.images] if cache_images else None
+        self._cache = None
+        if cache_images:
+            self.cache()
+
+    def cache(self):
+        """Decode every image now and keep it in memory; DataLoader workers started after that share the cache."""
+        self._cache = [load_image(path) for path in self.images]
 
     @staticmethod
     def _read_json(path):
@@ -121,16 +128,18 @@ class EpochBatches(Sampler):
     and waits for a whole batch to be prepared; with BCCD's ten batches an epoch and many workers
     that wait is a large part of the epoch. One stream lets the workers prepare the next epoch's
     first batches while the current one ends (as Detectron2's infinite TrainingSampler does).
+
+    skip: batches of the first epoch to leave out (those an interrupted run trained before it was saved).
     """
 
-    def __init__(self, sampler, batch_size, drop_last, epochs):
-        self.sampler, self.epochs = sampler, epochs
+    def __init__(self, sampler, batch_size, drop_last, epochs, skip=0):
+        self.sampler, self.epochs, self.skip = sampler, epochs, skip
         self.batches = BatchSampler(sampler, batch_size, drop_last)
 
     def __len__(self):
-        return len(self.epochs) * len(self.batches)
+        return max(len(self.epochs) * len(self.batches) - self.skip, 0)
 
     def __iter__(self):
-        for epoch in self.epochs:
+        for i, epoch in enumerate(self.epochs):
             self.sampler.set_epoch(epoch)
-            yield from self.batches
+            yield from itertools.islice(self.batches, self.skip if i == 0 else 0, None)

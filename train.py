@@ -15,9 +15,13 @@ written to a temporary file and then moved into place) and <out-dir>/log.jsonl (
 per epoch). The lists in --data-folder are made with create_data_lists when missing.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 
 import torch
@@ -29,60 +33,129 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
-                   normalize, run_cli, run_info, save_atomic)
+                   normalize, remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
+
+try:
+    import fcntl  # locks --out-dir against a second run (POSIX)
+except ImportError:
+    fcntl = None
 
 
 DEFAULT_EPOCHS = 200
 # BCCD recipe (results/README): smaller priors than the paper's, for platelets of 4-8% of the image
 BCCD_PRIOR_SCALES = (0.06, 0.15, 0.33, 0.51, 0.69, 0.87)
+# The flags of a run: a flag not given takes the resumed run's value (--resume), else this default
+RECIPE = {"data_folder": "data/lists", "bccd_folder": "data/BCCD", "batch_size": 32, "lr": 0.004, "momentum": 0.9,
+          "weight_decay": 5e-4, "schedule": "cosine", "decay_at": [2 / 3, 5 / 6], "warmup": 300, "grad_clip": 20.,
+          "seed": 0, "base_weights": "none", "batch_norm": True, "prior_scales": list(BCCD_PRIOR_SCALES),
+          "max_zoom": 4., "amp": None, "channels_last": None, "cache_images": True, "val_every": 0,
+          "checkpoint_every": 1}
+ARCHITECTURE = ("batch_norm", "prior_scales")  # must be the resumed model's
+OPERATIONAL = ("data_folder", "bccd_folder", "cache_images", "val_every", "checkpoint_every")  # change nothing learnt
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults, except where a flag's default is "the resumed run's value" (None in the parser)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_workers():
+    """DataLoader workers: a core is left to the training process (its augmentation is light), at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("train.py", description="Train SSD300 on BCCD.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py (made when missing)")
-    p.add_argument("--bccd-folder", default="data/BCCD", help="BCCD, used to make the lists when --data-folder has none")
-    p.add_argument("--out-dir", default="runs/ssd300", help="where checkpoint.pt and log.jsonl go")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step and per process (paper: 32)")
-    p.add_argument("--lr", type=float, default=0.004, help="peak learning rate; biases get twice it (paper: 1e-3 with "
-                   "an ImageNet base; from scratch with BatchNorm, 0.02 diverged on BCCD)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="on convolution weights; none on biases and "
-                   "BatchNorm, as the Caffe SSD does for biases (paper: 5e-4)")
+    p = argparse.ArgumentParser("train.py", description="Train SSD300 on BCCD. Flags not given take the resumed run's "
+                                "values with --resume, else the BCCD recipe's (shown here).", formatter_class=HelpFormatter)
+    r = RECIPE
+    p.add_argument("--data-folder", help=f"JSON lists from create_data_lists.py (made when missing; default: "
+                   f"{r['data_folder']})")
+    p.add_argument("--bccd-folder", help=f"BCCD, used to make the lists when --data-folder has none (default: "
+                   f"{r['bccd_folder']})")
+    p.add_argument("--out-dir", help="where checkpoint.pt and log.jsonl go (default: runs/ssd300; with --resume, the "
+                   "checkpoint's folder)")
+    p.add_argument("--batch-size", type=int, help=f"images per step and per process (paper and default: {r['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate; biases get twice it (paper: 1e-3 with an ImageNet "
+                   f"base; from scratch with BatchNorm, 0.02 diverged on BCCD; default: {r['lr']})")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (paper and default: {r['momentum']})")
+    p.add_argument("--weight-decay", type=float, help="on convolution weights; none on biases and BatchNorm, as the "
+                   f"Caffe SSD does for biases (paper and default: {r['weight_decay']})")
     p.add_argument("--iterations", type=int, default=None, help="training steps (the paper counts iterations: 120000 "
                    "at batch 32 on VOC); converted to epochs with the real batch size")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs over TRAIN; overrides --iterations (default, "
                    f"when neither is given: {DEFAULT_EPOCHS})")
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="cosine decay to zero, or step: x0.1 at each --decay-at (the paper's)")
-    p.add_argument("--decay-at", type=float, nargs="*", default=[2 / 3, 5 / 6], help="step schedule: where the lr is "
-                   "divided by 10, as fractions of training (< 1) or iteration numbers (paper: 80000 100000 of 120000)")
-    p.add_argument("--warmup", type=int, default=300, help="iterations of linear lr warm-up from 1/10 of --lr")
-    p.add_argument("--grad-clip", type=float, default=20., help="clip the gradient norm to this (the tutorial's "
-                   "remedy for exploding gradients; norms start near 100 from scratch); 0 = off")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--schedule", choices=("cosine", "step"), help="cosine decay to zero, or step: x0.1 at each "
+                   f"--decay-at (the paper's) (default: {r['schedule']})")
+    p.add_argument("--decay-at", type=float, nargs="*", help="step schedule: where the lr is divided by 10, as "
+                   "fractions of training (< 1) or iteration numbers (paper: 80000 100000 of 120000; default: 2/3 5/6)")
+    p.add_argument("--warmup", type=int, help=f"iterations of linear lr warm-up from 1/10 of --lr (default: {r['warmup']})")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (the tutorial's remedy for "
+                   f"exploding gradients; norms start near 100 from scratch); 0 = off (default: {r['grad_clip']})")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader worker processes (default: "
+                   "one core fewer than this machine has, at most 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialization, shuffling and augmentation")
+    p.add_argument("--seed", type=int, help=f"seeds initialization, shuffling and augmentation (default: {r['seed']})")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint (model, optimizer, "
-                   "epoch); the schedule follows the flags of this run")
-    p.add_argument("--base-weights", default="none", help="imagenet (torchvision's VGG-16, downloaded), none (from "
-                   "scratch) or PATH to a torchvision VGG-16 state_dict")
-    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="BatchNorm after every base and auxiliary convolution (ScratchDet), needed from scratch")
-    p.add_argument("--prior-scales", type=float, nargs=6, default=list(BCCD_PRIOR_SCALES), metavar="S",
-                   help=f"scales of the priors of conv4_3 ... conv11_2 (paper and tutorial: {' '.join(map(str, PRIOR_SCALES))})")
-    p.add_argument("--max-zoom", type=float, default=4., help="largest zoom-out of the augmentation, as a multiple "
-                   "of the image (paper: 4; 1 turns zoom-out off)")
+                   "epoch, flags): `python train.py --resume runs/ssd300/checkpoint.pt` continues exactly")
+    p.add_argument("--base-weights", help="imagenet (torchvision's VGG-16, downloaded), none (from scratch) or PATH "
+                   f"to a torchvision VGG-16 state_dict (default: {r['base_weights']})")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm after every base and auxiliary convolution (ScratchDet), needed from scratch "
+                   "(default: on)")
+    p.add_argument("--prior-scales", type=float, nargs=6, metavar="S", help="scales of the priors of conv4_3 ... "
+                   f"conv11_2 (paper and tutorial: {' '.join(map(str, PRIOR_SCALES))}; default: "
+                   f"{' '.join(map(str, BCCD_PRIOR_SCALES))})")
+    p.add_argument("--max-zoom", type=float, help="largest zoom-out of the augmentation, as a multiple of the image "
+                   f"(paper and default: {r['max_zoom']:g}; 1 turns zoom-out off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
-    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode TRAIN once and keep it in memory (BCCD: 270 MB)")
-    p.add_argument("--val-every", type=int, default=0, help="evaluate TEST every N epochs and log its mAP, for "
-                   "monitoring only (0 = never); report results from the final checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="save the checkpoint every N epochs (and at the end)")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode TRAIN once and keep it in memory (BCCD: 270 MB) (default: on)")
+    p.add_argument("--val-every", type=int, help="evaluate TEST every N epochs and log its mAP, for monitoring only "
+                   "(0 = never, the default); report results from the final checkpoint")
+    p.add_argument("--checkpoint-every", type=int, help="save the checkpoint every N epochs and at the end (default: 1)")
     return p
+
+
+def resolve_args(args, ckpt, say=print):
+    """Fill in the flags not given: the resumed run's values (ckpt["args"]), else RECIPE's.
+
+    Resuming, a flag given with another value than the run's is said: an architecture flag (ARCHITECTURE) is
+    an error, since the weights are the checkpoint's; another changes the rest of the run, and a note says so."""
+    previous = (ckpt or {}).get("args") or {}
+    changed = []
+    for name, default in RECIPE.items():
+        value, before = getattr(args, name), previous.get(name)
+        if value is None:
+            setattr(args, name, before if before is not None else default)
+        elif ckpt is not None and before is not None and value != before and name not in OPERATIONAL:
+            changed.append(f"--{name.replace('_', '-')} {value} (the run's: {before})")
+    if ckpt is not None:
+        model_args = ckpt.get("model_args") or {}
+        for name in ARCHITECTURE:
+            if name in model_args and getattr(args, name) != model_args[name]:
+                raise UserError(f"--resume {args.resume}: its model has {name.replace('_', ' ')} "
+                                f"{model_args[name]}, not {getattr(args, name)}; leave out --{name.replace('_', '-')} "
+                                f"to resume, or start a new run in another --out-dir")
+        if args.epochs is None and args.iterations is None:
+            args.epochs, args.iterations = previous.get("epochs"), previous.get("iterations")
+        elif (args.epochs, args.iterations) != (previous.get("epochs"), previous.get("iterations")):
+            changed.append(f"--epochs {args.epochs} --iterations {args.iterations} (the run's: "
+                           f"{previous.get('epochs')}, {previous.get('iterations')})")
+        if changed:
+            say(f"note: resuming with other flags than the run's: {'; '.join(changed)}; the rest of the run follows them")
+        if args.out_dir is None:
+            args.out_dir = os.path.dirname(os.path.abspath(args.resume))
+    if args.out_dir is None:
+        args.out_dir = "runs/ssd300"
+    if args.base_weights is None:
+        args.base_weights = RECIPE["base_weights"]
+    return args
 
 
 def check_args(args):
@@ -90,14 +163,20 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and (value < (0 if name == "workers" else 1)):
             raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else 'positive'}, not {value}")
-    if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or args.warmup < 0 or args.val_every < 0:
-        raise UserError("--lr must be positive; --momentum, --weight-decay, --warmup and --val-every must be >= 0")
-    if args.grad_clip < 0:
-        raise UserError(f"--grad-clip must be >= 0, not {args.grad_clip}")
-    if any(s <= 0 or s > 1 for s in args.prior_scales):
-        raise UserError("--prior-scales must lie in (0, 1]")
-    if args.max_zoom < 1:
-        raise UserError(f"--max-zoom must be >= 1, not {args.max_zoom}")
+    for name in ("lr", "momentum", "weight_decay", "grad_clip", "max_zoom", "warmup", "val_every"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                            f"not {value}")
+    if any(not 0 < s <= 1 for s in args.prior_scales):  # also refuses nan
+        raise UserError(f"--prior-scales must lie in (0, 1], not {' '.join(map(str, args.prior_scales))}")
+    if not 1 <= args.max_zoom <= 16:
+        raise UserError(f"--max-zoom must be between 1 and 16 (the paper's is 4), not {args.max_zoom}")
+    if any(not math.isfinite(d) or d <= 0 for d in args.decay_at):
+        raise UserError(f"--decay-at takes fractions of training in (0, 1) or iteration numbers, not "
+                        f"{' '.join(map(str, args.decay_at))}")
+    if args.momentum >= 1:
+        raise UserError(f"--momentum must be below 1, not {args.momentum}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,26 +230,130 @@ def ensure_lists(args, rank):
         create_data_lists(args.bccd_folder, args.data_folder)
 
 
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training: finish the step, save, say how to resume, exit. A second
+    signal stops at once (the checkpoint of the last finished epoch stays)."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C (sent to the whole terminal's process group) to the training process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class RunningLoss:
+    """The loss of every step, for the progress bar, without a host sync: on CUDA each step's loss is copied
+    to pinned memory asynchronously and shown once the copy has landed (a step later); on a CPU at once."""
+
+    def __init__(self, device):
+        self.cuda, self.value, self.step = device.type == "cuda", None, 0
+        if self.cuda:
+            self.buffers = [torch.zeros((), pin_memory=True) for _ in range(2)]
+            self.events = [None, None]
+
+    def update(self, loss):
+        if not self.cuda:
+            self.value = loss.item()
+            return self.value
+        b = self.step % 2
+        if self.events[1 - b] is not None and self.events[1 - b].query():  # the previous step's copy is here
+            self.value = self.buffers[1 - b].item()
+        self.buffers[b].copy_(loss.detach(), non_blocking=True)
+        self.events[b] = torch.cuda.Event()
+        self.events[b].record()
+        self.step += 1
+        return self.value
+
+
+def prepare_out_dir(args):
+    """Create --out-dir, check that it can be written, lock it against a second train.py, and remove what a killed
+    run left: its temporary files, and the log lines of epochs after the checkpoint it is resumed from."""
+    out = args.out_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+        probe = os.path.join(out, f".write-test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out-dir {out}: cannot write there ({e.strerror or e})") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
+        except OSError:
+            os.close(fd)
+            raise UserError(f"--out-dir {out}: another train.py is writing there") from None
+    remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl"))
+    return fd
+
+
+def trim_log(log_path, last_epoch):
+    """Keep the log's lines of epochs 1..last_epoch (those the resumed checkpoint holds), each once."""
+    if not os.path.exists(log_path):
+        return
+    kept = {}
+    with open(log_path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= last_epoch:
+                kept[record["epoch"]] = line if line.endswith("\n") else line + "\n"
+    write_text_atomic("".join(kept[e] for e in sorted(kept)), log_path)
+
+
+def check_batch(args, model_args, sampler):
+    """Refuse, up front, a run whose steps would hold a single image with BatchNorm (which needs two)."""
+    per_step = min(args.batch_size, len(sampler))
+    if model_args.get("batch_norm") and per_step < 2:
+        why = (f"--batch-size {args.batch_size}" if args.batch_size < 2 else
+               f"TRAIN ({args.data_folder}) holds {len(sampler)} image{'s' * (len(sampler) != 1)} per process")
+        raise UserError(f"{why}: with BatchNorm every step needs at least 2 images; use --batch-size 2 or more "
+                        f"{'and more TRAIN images ' if args.batch_size >= 2 else ''}or train with --no-batch-norm")
+
+
 def main(args):
-    check_args(args)
     rank, world, device = init_distributed(args.device)
     try:
-        train(args, rank, world, device)
+        with contextlib.ExitStack() as cleanup:
+            train(args, rank, world, device, cleanup)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def train(args, rank, world, device):
+def train(args, rank, world, device, cleanup):
     is_main = rank == 0
     cuda = device.type == "cuda"
-    amp = bf16_is_fast(device) if args.amp is None else args.amp
-    channels_last = cuda if args.channels_last is None else args.channels_last
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    resolve_args(args, ckpt, say=print if is_main else (lambda _: None))
+    check_args(args)
+    amp = args.amp = bf16_is_fast(device) if args.amp is None else args.amp
+    channels_last = args.channels_last = cuda if args.channels_last is None else args.channels_last
     torch.manual_seed(args.seed)  # the same on every rank; augmentations differ by rank (AugmentationSampler)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
-    ckpt = load_checkpoint(args.resume) if args.resume else None
     out_ckpt = os.path.join(args.out_dir, "checkpoint.pt")
     earlier = [f for f in ("checkpoint.pt", "log.jsonl") if os.path.exists(os.path.join(args.out_dir, f))]
     continuing = ckpt is not None and os.path.exists(out_ckpt) and os.path.samefile(args.resume, out_ckpt)
@@ -178,11 +361,21 @@ def train(args, rank, world, device):
         hint = f"continue it with --resume {out_ckpt}" if "checkpoint.pt" in earlier else "delete it"
         raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); {hint}, or choose "
                         f"another --out-dir")
+    if is_main:
+        cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()
-    train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images, max_zoom=args.max_zoom)
+    train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom)
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
+    base_weights = None if args.base_weights.lower() == "none" else args.base_weights
+    if ckpt is not None:
+        model = SSD300.from_checkpoint(ckpt, args.resume)
+    else:
+        model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
+                       prior_scales=args.prior_scales)
+    model_args = model.model_args
+    check_batch(args, model_args, sampler)
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
     steps_per_epoch = len(EpochBatches(sampler, args.batch_size, drop_last, epochs=range(1)))
     if args.epochs is None and args.iterations is not None:
@@ -191,13 +384,6 @@ def train(args, rank, world, device):
         epochs = args.epochs or DEFAULT_EPOCHS
         total_iterations = epochs * steps_per_epoch
 
-    base_weights = None if args.base_weights.lower() == "none" else args.base_weights
-    if ckpt is not None:
-        model = SSD300.from_checkpoint(ckpt, args.resume)
-    else:
-        model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
-                       prior_scales=args.prior_scales)
-    model_args = model.model_args
     if world > 1 and cuda and model.batch_norm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     elif world > 1 and model.batch_norm and is_main:  # PyTorch's SyncBatchNorm runs on CUDA only
@@ -206,15 +392,20 @@ def train(args, rank, world, device):
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     criterion = MultiBoxLoss(model.priors_cxcy).to(device)
     optimizer = make_optimizer(model, args)
-    start_epoch, iteration = 0, 0
+    start_epoch, iteration, partial = 0, 0, {}
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
-        except (KeyError, ValueError) as e:
+            partial = ckpt.get("partial_epoch") or {}  # an interrupted epoch: its steps done, loss sum, seconds
+        except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"{args.resume}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
     if epochs is None:  # enough epochs for the iterations left (a run may stop in the middle of an epoch)
-        epochs = start_epoch + math.ceil(max(total_iterations - iteration, 0) / steps_per_epoch)
+        epochs = start_epoch + math.ceil(max(total_iterations - iteration + partial.get("steps", 0), 0) / steps_per_epoch)
+    if iteration >= total_iterations:
+        if is_main:
+            print(f"nothing to do: {args.resume} is at iteration {iteration} of {total_iterations}")
+        return
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     raw_model = model.module if world > 1 else model
@@ -224,83 +415,126 @@ def train(args, rank, world, device):
         val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
         val_loader = DataLoader(val_set, batch_size=32, collate_fn=BCCDDataset.collate_fn,
                                 num_workers=min(args.workers, 4), pin_memory=cuda)
+    if args.cache_images:
+        train_set.cache()  # after the checks above: decoding BCCD takes seconds, a large dataset minutes
 
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    provenance = (ckpt or {}).get("run_info") or run_info(device)  # where and when the run started (commit, hardware)
     if is_main:
-        os.makedirs(args.out_dir, exist_ok=True)
+        if continuing:
+            trim_log(log_path, start_epoch)  # epochs logged after the checkpoint was saved are trained again
         print(f"training on {device} x{world}: {len(train_set)} images, {steps_per_epoch} steps/epoch at batch "
               f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
               f"{total_iterations} iterations, bf16 autocast {'on' if amp else 'off'}")
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    provenance = (ckpt or {}).get("run_info") or run_info(device)  # where and when the run started (commit, hardware)
-    stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs))
+    skip = partial.get("steps", 0)
+    stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs), skip=skip)
     loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
-                        pin_memory=cuda)
+                        pin_memory=cuda, worker_init_fn=ignore_sigint)
     batches = iter(loader)  # all epochs in one stream: the workers never wait for the next epoch
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
-    for epoch in range(start_epoch, epochs):
-        if iteration >= total_iterations:
-            break
-        model.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        for _ in range(steps_per_epoch):
+    running = RunningLoss(device)
+
+    def save(epoch, partial_epoch=None):
+        state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
+                 "epoch": epoch, "iteration": iteration, "args": vars(args), "label_map": label_map,
+                 "run_info": provenance}
+        if partial_epoch:
+            state["partial_epoch"] = partial_epoch
+        save_atomic(state, out_ckpt)
+
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
             if iteration >= total_iterations:
                 break
-            images, boxes, labels, _ = next(batches)
-            lr = args.lr * lr_at(iteration, total_iterations, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            images = normalize(images)  # uint8 -> float on the device, in the memory format above
-            boxes = [b.to(device, non_blocking=True) for b in boxes]
-            labels = [l.to(device, non_blocking=True) for l in labels]
-            loss = compute_loss(model, criterion, images, boxes, labels, amp=amp, world=world)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach()
-            n_steps += 1
-            iteration += 1
-            bar.update(1)
-        if n_steps == 0:
-            break
-        epoch_loss = (loss_sum / n_steps)
-        if world > 1:
-            dist.all_reduce(epoch_loss)
-            epoch_loss /= world
-        epoch_loss = epoch_loss.item()  # one host sync per epoch
-        seconds = time.perf_counter() - start
-        if not math.isfinite(epoch_loss):
-            bar.close()
-            raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped. The last good checkpoint "
-                            f"is kept in {args.out_dir}. Try a lower --lr or --grad-clip")
-        record = {"epoch": epoch + 1, "iteration": iteration, "loss": round(epoch_loss, 5), "lr": lr,
-                  "seconds": round(seconds, 3), "images_per_s": round(n_steps * args.batch_size * world / seconds, 1)}
-        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
-        last = epoch + 1 == epochs or iteration >= total_iterations
-        if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
-            from eval import evaluate
-            aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
-            record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
-        if is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if (epoch + 1) % args.checkpoint_every == 0 or last:
-                save_atomic({"model": raw_model.state_dict(), "model_args": model_args,
-                             "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
-                             "args": vars(args), "label_map": label_map, "run_info": provenance},
-                            os.path.join(args.out_dir, "checkpoint.pt"))
-        if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
-            dist.barrier()
+            model.train()
+            start = time.perf_counter() - partial.get("seconds", 0.)
+            loss_sum = partial["loss_sum"].to(device) if partial else torch.zeros((), device=device)
+            n_steps = partial.get("steps", 0)
+            partial = {}
+            for _ in range(n_steps, steps_per_epoch):
+                if iteration >= total_iterations or (stop.signal and world == 1):
+                    break
+                images, boxes, labels, _ = next(batches)
+                lr = args.lr * lr_at(iteration, total_iterations, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_mult"]
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                images = normalize(images)  # uint8 -> float on the device, in the memory format above
+                boxes = [b.to(device, non_blocking=True) for b in boxes]
+                labels = [l.to(device, non_blocking=True) for l in labels]
+                loss = compute_loss(model, criterion, images, boxes, labels, amp=amp, world=world)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                loss_sum += loss.detach()
+                n_steps += 1
+                iteration += 1
+                shown = running.update(loss)
+                if shown is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{shown:.3f}", refresh=False)
+                bar.update(1)
+            if stop.signal and world == 1 and n_steps < steps_per_epoch and iteration < total_iterations:
+                bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
+                save(epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),
+                                             "seconds": time.perf_counter() - start})
+                stopped(stop, out_ckpt, iteration, f"epoch {epoch + 1}, step {n_steps} of {steps_per_epoch}")
+            if n_steps == 0:
+                break
+            epoch_loss = (loss_sum / n_steps)
+            if world > 1:
+                dist.all_reduce(epoch_loss)
+                epoch_loss /= world
+            epoch_loss = epoch_loss.item()  # one host sync per epoch
+            seconds = time.perf_counter() - start
+            if not math.isfinite(epoch_loss):
+                bar.close()
+                raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped. The last good "
+                                f"checkpoint is kept in {args.out_dir}. Try a lower --lr or --grad-clip")
+            record = {"epoch": epoch + 1, "iteration": iteration, "loss": round(epoch_loss, 5), "lr": lr,
+                      "seconds": round(seconds, 3), "images_per_s": round(n_steps * args.batch_size * world / seconds, 1)}
+            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
+            last = epoch + 1 == epochs or iteration >= total_iterations
+            stopping = stop_requested(stop, world, device)
+            if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
+                from eval import evaluate
+                aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
+                record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
+                bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
+            if is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
+                    save(epoch)
+            if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
+                dist.barrier()
+            if stopping and not last:
+                bar.close()
+                stopped(stop, out_ckpt, iteration, f"the end of epoch {epoch + 1}")
     bar.close()
     if is_main:
-        print(f"done: {iteration} iterations; checkpoint in {os.path.join(args.out_dir, 'checkpoint.pt')}")
+        print(f"done: {iteration} iterations; checkpoint in {out_ckpt}")
+
+
+def stop_requested(stop, world, device):
+    """Whether any process got SIGINT/SIGTERM; processes of a distributed run agree at the end of an epoch."""
+    if world == 1:
+        return stop.signal is not None
+    flag = torch.tensor(float(stop.signal is not None), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def stopped(stop, out_ckpt, iteration, where):
+    """After saving on SIGINT/SIGTERM: say where the run stopped and how to resume it, and exit (130 / 143)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        launcher = "torchrun ... train.py" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "python train.py"
+        print(f"stopped at iteration {iteration} ({where}); saved {out_ckpt}. Resume with:\n"
+              f"  {launcher} --resume {out_ckpt}", file=sys.stderr)
+    sys.exit(128 + (stop.signal or signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def run_info(device):
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         name = f"CPU {cpu}, {torch.get_num_threads()} threads"
     return {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "commit": commit,
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "device_name": name}
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "device_name": name}
 
 
 def bf16_is_fast(device):
@@ -128,16 +128,32 @@ def bf16_is_fast(device):
 # ---------------------------------------------------------------------------------------------
 
 def _atomic(path, write):
-    """Call write(tmp_path) and move the result onto `path`: an interrupted write never destroys `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Call write(tmp_path) and move the result onto `path`: an interrupted write never destroys `path`.
+
+    A write the file system refuses (full disk, no permission, a file where a folder should be) is a UserError
+    naming `path`; the temporary file is removed, and one that a killed process left is removed by
+    remove_stale_temporaries."""
     tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is atomic; created with the usual permissions
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "the earlier file is kept" if os.path.exists(path) else "nothing written"
+            raise UserError(f"{path}: cannot write ({e.strerror or e}); {kept}") from None
         raise
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove the temporary files (<name>.<pid>.tmp, see _atomic) that a killed process left beside `names` in
+    `folder`. Call it only while no other process writes there (train.py holds a lock on its folder)."""
+    pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + r")\.\d+\.tmp")
+    for entry in os.listdir(folder):
+        if pattern.fullmatch(entry):
+            os.remove(os.path.join(folder, entry))
 
 
 def save_atomic(obj, path):

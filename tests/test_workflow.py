@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +45,7 @@ from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, bccd_labels, bf16_is_
                    create_data_lists, label_color_map, label_map)
 from datasets import BCCDDataset
 
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "run_info"}
 # A schedule that does not depend on the length of the run, so that a run stopped early and resumed
 # can be compared with one run straight through: 2 iterations of linear warm-up from lr/10, then lr
 # (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
@@ -249,9 +250,6 @@ def test_resume_gives_the_same_weights_as_a_straight_run(straight_run, resumed_r
     assert_same(resumed["model"], straight["model"], "model")  # bit for bit, BatchNorm statistics included
     assert_same(resumed["optimizer"], straight["optimizer"], "optimizer")  # momentum buffers and lr
 
-    def untimed(record):
-        return {k: v for k, v in record.items() if k not in ("seconds", "images_per_s")}
-
     # same losses, same lr (the schedule went on at iteration 2, not from 0), same validation
     assert [untimed(r) for r in read_log(resumed_run.first) + read_log(resumed_run.second)] == \
            [untimed(r) for r in straight_run.log]
@@ -295,8 +293,9 @@ def test_failed_checkpoint_save_keeps_the_old_checkpoint(resumed_run, lists2, tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_that_fails_half_way)
-    with pytest.raises(OSError, match="No space left"):  # lists2: 1 step an epoch, so one step, then the save
+    with pytest.raises(UserError) as e:  # lists2: 1 step an epoch, so one step, then the save
         train.main(train_args(lists2, tmp_path, "--iterations", 3, "--resume", tmp_path / "checkpoint.pt"))
+    assert str(e.value) == f"{tmp_path / 'checkpoint.pt'}: cannot write (No space left on device); the earlier file is kept"
     assert len(written) == 1
     assert written[0].parent == tmp_path and written[0].name != "checkpoint.pt"  # a temporary file beside it
     assert sha256(tmp_path / "checkpoint.pt") == before
@@ -314,6 +313,109 @@ def test_missing_lists_are_made_from_the_bccd_folder(tiny_voc, tmp_path, capsys)
     images = json.loads((lists / "TRAIN_images.json").read_text())
     assert [Path(p).name for p in images] == ["BloodImage_00000.jpg", "BloodImage_00001.jpg"]
     assert load(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
+
+
+def interrupt_at_step(monkeypatch, step, sig=signal.SIGINT):
+    """Make train.py receive `sig` during its `step`-th training step (1-based), as a Ctrl-C or a kill would."""
+    calls, compute_loss = [], train.compute_loss
+
+    def compute_loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), sig)  # the handler runs in this (the main) thread, in the middle of the step
+        return compute_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "compute_loss", compute_loss_then_signal)
+
+
+def untimed(record):
+    return {k: v for k, v in record.items() if k not in ("seconds", "images_per_s")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, step", [(signal.SIGINT, 1), (signal.SIGTERM, 2)], ids=["sigint-mid-epoch",
+                                                                                         "sigterm-end-of-epoch"])
+def test_interrupted_run_saves_says_how_to_resume_and_resumes_exactly(straight_run, lists4, tmp_path, monkeypatch,
+                                                                      capsys, sig, step):
+    """Ctrl-C (SIGINT) or a kill (SIGTERM) finishes the step, saves where it stopped and exits 130 / 143; the
+    printed command then continues bit for bit as the uninterrupted run, and the log holds each epoch once."""
+    out = tmp_path / "run"
+    interrupt_at_step(monkeypatch, step, sig)
+    with pytest.raises(SystemExit) as e:
+        train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1))
+    assert e.value.code == 128 + sig
+    err = capsys.readouterr().err
+    assert f"stopped at iteration {step} (" in err and f"python train.py --resume {out / 'checkpoint.pt'}" in err
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["iteration"] == step
+    assert (ckpt["epoch"], "partial_epoch" in ckpt) == ((-1, True) if step == 1 else (0, False))
+    assert sorted(os.listdir(out)) == (["checkpoint.pt"] if step == 1 else ["checkpoint.pt", "log.jsonl"])
+    monkeypatch.undo()
+    # resumed with the command it printed: every other flag comes from the checkpoint
+    train.main(train.get_args_parser().parse_args(["--resume", str(out / "checkpoint.pt"), "--workers", "0"]))
+    resumed = load(out / "checkpoint.pt")
+    straight = load(straight_run.checkpoint)
+    assert (resumed["epoch"], resumed["iteration"]) == (straight["epoch"], straight["iteration"]) == (1, 3)
+    assert_same(resumed["model"], straight["model"], "model")
+    assert_same(resumed["optimizer"], straight["optimizer"], "optimizer")
+    assert [untimed(r) for r in read_log(out)] == [untimed(r) for r in straight_run.log]
+    assert "partial_epoch" not in resumed
+
+
+@pytest.mark.slow
+def test_resume_removes_what_a_killed_run_left(resumed_run, lists4, tmp_path):
+    """A run killed (SIGKILL) after logging epoch 2 but before saving it, and in the middle of a save: on resume
+    the temporary file is removed and the log holds epochs 1 and 2 once each (2 trained again)."""
+    out = tmp_path / "run"
+    shutil.copytree(resumed_run.first, out)  # checkpoint after epoch 1, log of epoch 1
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "iteration": 3, "loss": 1.0}) + "\n" + '{"epoch": 3, "itera')
+    (out / "checkpoint.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1, "--resume", out / "checkpoint.pt"))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    assert [r["epoch"] for r in read_log(out)] == [1, 2] and read_log(out)[1]["loss"] != 1.0
+
+
+def test_a_split_too_small_for_batch_norm_is_refused_up_front_and_trains_without_it(lists4, tmp_path, capsys):
+    one = truncate_lists(lists4, tmp_path / "one", 1, 1)
+    with pytest.raises(UserError, match=r"TRAIN \(.*\) holds 1 image per process: with BatchNorm every step needs at "
+                                        "least 2 images; use --batch-size 2 or more and more TRAIN images or train "
+                                        "with --no-batch-norm"):
+        train.main(train_args(one, tmp_path / "run", "--iterations", 1))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    train.main(train_args(one, tmp_path / "run", "--iterations", 1, "--no-batch-norm", "--batch-size", 1))
+    assert load(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
+
+
+def test_a_second_run_into_a_locked_out_dir_is_refused(lists4, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    import fcntl
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        with pytest.raises(UserError, match=f"--out-dir {out}: another train.py is writing there"):
+            train.main(train_args(lists4, out, "--iterations", 1))
+    finally:
+        os.close(fd)
+    assert os.listdir(out) == []
+
+
+@pytest.mark.slow
+def test_resume_takes_the_runs_flags_refuses_other_architecture_and_notes_other_settings(resumed_run, lists4,
+                                                                                         tmp_path, capsys):
+    ckpt_path = resumed_run.first / "checkpoint.pt"
+    for flag, says in ((["--no-batch-norm"], "its model has batch norm True, not False"),
+                       (["--prior-scales", "0.1", "0.2", "0.375", "0.55", "0.725", "0.9"], "its model has prior scales")):
+        with pytest.raises(UserError, match=says):
+            train.main(train.get_args_parser().parse_args(["--resume", str(ckpt_path), "--out-dir", str(tmp_path / "x"),
+                                                           *flag]))
+    args = train.get_args_parser().parse_args(["--resume", str(ckpt_path), "--out-dir", str(tmp_path / "y"),
+                                               "--iterations", "3", "--lr", "0.002", "--workers", "0"])
+    train.main(args)
+    assert "note: resuming with other flags than the run's: --lr 0.002 (the run's: 0.001)" in capsys.readouterr().out
+    assert (args.batch_size, args.warmup, args.schedule, args.decay_at) == (2, 2, "step", [])  # the run's
+    assert (args.data_folder, args.cache_images) == (str(lists4), False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,7 +823,7 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
     (folder / "notes.txt").write_text("not a checkpoint\n")
     five = SSD300(n_classes=5, base_weights=None, batch_norm=True, prior_scales=train.BCCD_PRIOR_SCALES)
     torch.save({"model": five.state_dict(), "model_args": {**five.model_args, "n_classes": 4}}, folder / "wrong_shape.pt")
-    optimizer = train.make_optimizer(five, train.get_args_parser().parse_args([]))
+    optimizer = train.make_optimizer(five, train.resolve_args(train.get_args_parser().parse_args([]), None))
     torch.save({"model": five.state_dict(), "model_args": five.model_args, "optimizer": optimizer.state_dict(),
                 "epoch": 0, "iteration": 2, "args": {}, "label_map": {**label_map, "Lymphocyte": 4}},
                folder / "five_classes.pt")
@@ -742,6 +844,17 @@ BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("train", "lr-negative", ["--lr", "-1"], "--lr"),
              ("train", "device-nonsense", ["--device", "nonsense"], "nonsense"),
              ("train", "max-zoom-0.5", ["--max-zoom", "0.5"], "--max-zoom"),
+             ("train", "max-zoom-1e9", ["--max-zoom", "1e9"], "--max-zoom"),
+             ("train", "lr-nan", ["--lr", "nan"], "--lr must be a finite number > 0, not nan"),
+             ("train", "lr-inf", ["--lr", "inf"], "--lr must be a finite number"),
+             ("train", "lr-0", ["--lr", "0"], "--lr must be a finite number > 0"),
+             ("train", "weight-decay-nan", ["--weight-decay", "nan"], "--weight-decay"),
+             ("train", "grad-clip-inf", ["--grad-clip", "inf"], "--grad-clip"),
+             ("train", "momentum-1", ["--momentum", "1"], "--momentum must be below 1"),
+             ("train", "prior-scales-nan", ["--prior-scales", "nan", "0.2", "0.3", "0.4", "0.5", "0.6"], "--prior-scales"),
+             ("train", "decay-at-nan", ["--schedule", "step", "--decay-at", "nan"], "--decay-at"),
+             ("train", "batch-size-1-batch-norm", ["--batch-size", "1"], "with BatchNorm every step needs at least 2"),
+             ("train", "out-dir-under-a-file", ["--out-dir", "{tmp}/file/run"], "cannot write there"),
              ("train", "no-lists-no-bccd", ["--data-folder", "{tmp}/no-lists", "--bccd-folder", "{tmp}/no-BCCD"],
               "BCCD not found"),
              ("eval", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
@@ -773,6 +886,7 @@ def test_bad_checkpoint_is_one_line_user_error(script, case, says, must_not_say,
 
 @pytest.mark.parametrize("script, case, argv, says", BAD_FLAGS, ids=[f"{s}-{c}" for s, c, _, _ in BAD_FLAGS])
 def test_bad_flag_or_missing_data_is_one_line_user_error(script, case, argv, says, bad_checkpoints, lists4, tmp_path):
+    (tmp_path / "file").write_text("a file where a folder should be")
     argv = [a.format(tmp=tmp_path) for a in argv]
     base = command_line(script, bad_checkpoints.random, lists4, list_test_images(lists4)[0], tmp_path)
     if script == "train":
@@ -785,7 +899,7 @@ def test_bad_flag_or_missing_data_is_one_line_user_error(script, case, argv, say
 
 # one user error per script as a command: status 1, one line on stderr, no traceback
 @pytest.mark.parametrize("script, argv, says", [
-    ("train.py", ["--max-zoom", "0.5"], "--max-zoom must be >= 1"),
+    ("train.py", ["--max-zoom", "0.5"], "--max-zoom must be between 1 and 16"),
     ("eval.py", ["--checkpoint", "{tmp}/missing.pt"], "missing.pt: no such checkpoint file"),
     ("detect.py", ["--checkpoint", "{tmp}/missing.pt", "{tmp}/smear.jpg", "--min-score", "2"], "--min-score")])
 def test_user_error_as_a_command_is_one_line_and_status_1(script, argv, says, run_script, tmp_path):
