@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import predict
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, calculate_mAP, label_map, load_checkpoint, normalize, resolve_device,
-                   run_cli, run_info, write_json_atomic)
+from utils import (UserError, bf16_is_fast, calculate_mAP, check_writable, label_map, load_checkpoint, normalize,
+                   resolve_device, run_cli, run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -438,7 +438,28 @@ def print_table(out):
           "train.py / fixed batch for train.py images/s")
 
 
+def check_args(args):
+    """Flags, the output place and the checkpoint, checked before minutes of measuring."""
+    for name in ("train_batch", "iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+    if args.train_batch == 1 and args.batch_norm:
+        raise UserError("--train-batch 1: BatchNorm needs at least 2 images a step; use 2 or more, or --no-batch-norm")
+    if args.infer_batches is not None and min(args.infer_batches) < 1:
+        raise UserError(f"--infer-batches must be positive, not {' '.join(map(str, args.infer_batches))}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, not {args.workers}")
+    if args.folder is not None and not os.path.isdir(args.folder):
+        raise UserError(f"--folder {args.folder}: no such folder")
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.checkpoint:
+        SSD300.from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+
+
 def main(args):
+    check_args(args)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     amp = bf16_is_fast(device) if args.amp is None else args.amp

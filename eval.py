@@ -28,8 +28,8 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_min_score, run_model
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
-                   run_info, write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_writable, init_distributed,
+                   load_checkpoint, run_cli, run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -151,6 +151,8 @@ def run(args, rank, world, device):
         raise UserError("--batch-size must be positive and --workers >= 0")
     if args.count_max_overlap is not None and not 0 < args.count_max_overlap <= 1:
         raise UserError(f"--count-max-overlap must be in (0, 1], not {args.count_max_overlap}")
+    if args.output and rank == 0:
+        check_writable(args.output, "--output")
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)

@@ -32,8 +32,9 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
-                   normalize, remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
+from utils import (UserError, bf16_is_fast, check_writable, create_data_lists, init_distributed, label_map,
+                   load_checkpoint, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
+                   write_text_atomic)
 
 try:
     import fcntl  # locks --out-dir against a second run (POSIX)
@@ -287,15 +288,8 @@ def prepare_out_dir(args):
     """Create --out-dir, check that it can be written, lock it against a second train.py, and remove what a killed
     run left: its temporary files, and the log lines of epochs after the checkpoint it is resumed from."""
     out = args.out_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-        probe = os.path.join(out, f".write-test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out-dir {out}: cannot write there ({e.strerror or e})") from None
+    check_writable(out, "--out-dir", folder=True)
+    fd = os.open(out, os.O_RDONLY)
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends

@@ -13,6 +13,7 @@ Boxes are `(x_min, y_min, x_max, y_max)` ("xy") unless a name says otherwise: "c
 Nothing here does work at import time.
 """
 import datetime
+import errno
 import json
 import os
 import pickle
@@ -20,6 +21,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -145,6 +147,21 @@ def _atomic(path, write):
             kept = "the earlier file is kept" if os.path.exists(path) else "nothing written"
             raise UserError(f"{path}: cannot write ({e.strerror or e}); {kept}") from None
         raise
+
+
+def check_writable(path, flag, folder=False):
+    """Before any long work: create the folder of the output `path` (or `path` itself, a folder) and check that a
+    file can be written there. UserError naming the flag and path otherwise (read-only, a file in the way, ...)."""
+    where = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+    try:
+        if not folder and os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
+        os.makedirs(where, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 def remove_stale_temporaries(folder, names):
