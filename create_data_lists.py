@@ -1,12 +1,17 @@
-"""Parse BCCD into the JSON lists that datasets.BCCDDataset reads (tutorial, "Parse raw data").
+"""Parse BCCD, or any Pascal VOC dataset, into the JSON lists that datasets.BCCDDataset reads (tutorial,
+"Parse raw data").
 
     python create_data_lists.py                      # data/BCCD -> data/lists
     python create_data_lists.py --download           # fetch BCCD into data/BCCD first
     python create_data_lists.py --data-folder ../shared/data/BCCD --output-folder data/lists
     python create_data_lists.py --train-split train --test-split val   # tune without the test set
+    python create_data_lists.py --data-folder my_cells --output-folder my_lists --classes "Sickle cell" Normal
 
 BCCD (MIT licence) is the BCCD folder of https://github.com/Shenggan/BCCD_Dataset: 364 VOC XML
-annotations of 640x480 blood smear images, classes RBC, WBC and Platelets.
+annotations of 640x480 blood smear images, classes RBC, WBC and Platelets. Another dataset needs the
+same layout, as annotation tools export it (Pascal VOC): Annotations/<id>.xml, JPEGImages/ (any image
+format) and ImageSets/Main/<split>.txt.
+The classes are written beside the lists, in label_map.json (see utils.create_data_lists for their order).
 """
 import argparse
 import os
@@ -25,10 +30,15 @@ BCCD_IMAGES = 364
 
 def get_args_parser():
     parser = argparse.ArgumentParser("create_data_lists.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-folder", default="data/BCCD", help="BCCD folder (holding Annotations, ImageSets, JPEGImages)")
+    parser.add_argument("--data-folder", default="data/BCCD", help="BCCD, or another VOC folder (Annotations, "
+                        "ImageSets/Main, JPEGImages)")
     parser.add_argument("--output-folder", default="data/lists", help="where the JSON lists are written")
     parser.add_argument("--train-split", default="trainval", help="ImageSets/Main/<name>.txt used as TRAIN (trainval: 292 images; train: 205)")
     parser.add_argument("--test-split", default="test", help="ImageSets/Main/<name>.txt used as TEST (test: 72 images; val: 87)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                        help="class names in label order (label 1, 2, ...); an annotated object of another class is an "
+                        "error. Default: the annotations' classes, in BCCD's order when they are BCCD's, else sorted by "
+                        "name ignoring case")
     parser.add_argument("--download", action="store_true", help="download BCCD into --data-folder first, if it is not there")
     parser.add_argument("--url", default=BCCD_ARCHIVE_URL, help="archive of the BCCD repository to download")
     return parser
@@ -79,7 +89,8 @@ def main(args):
         if not args.download:
             raise UserError(missing_data_message(args.data_folder))
         download_bccd(args.data_folder, args.url)
-    create_data_lists(args.data_folder, args.output_folder, train_split=args.train_split, test_split=args.test_split)
+    create_data_lists(args.data_folder, args.output_folder, train_split=args.train_split, test_split=args.test_split,
+                      classes=args.classes)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torchvision.ops import box_iou
 
 import create_data_lists as cdl
 import utils
-from conftest import annotation_xml, image_id
+from conftest import CLASSES, annotation_xml, image_id
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
 
@@ -274,7 +274,7 @@ def _malformed_xml(voc):
     return str(path), r"malformed"
 
 
-def _unknown_class(voc):
+def _unknown_class(voc):  # with the classes given (--classes); else the annotations' classes make the label map
     path = voc / "Annotations" / f"{image_id(1)}.xml"
     path.write_text(path.read_text().replace("<name>RBC</name>", "<name>Neutrophil</name>"))
     return str(path), r"unknown class.*Neutrophil"
@@ -316,11 +316,11 @@ def test_problem_is_an_error_and_nothing_is_written(problem, tiny_voc, tmp_path)
     assert sorted(before) == sorted(LIST_FILES)
     thing, reason = problem(voc)
     with pytest.raises(UserError) as e:
-        create_data_lists(voc, lists, verbose=False)
+        create_data_lists(voc, lists, classes=CLASSES, verbose=False)
     assert any(thing in line and re.search(reason, line) for line in str(e.value).splitlines()), str(e.value)
     assert snapshot(lists) == before
     with pytest.raises(UserError):
-        create_data_lists(voc, tmp_path / "new", verbose=False)
+        create_data_lists(voc, tmp_path / "new", classes=CLASSES, verbose=False)
     assert not (tmp_path / "new").exists()
 
 
@@ -330,7 +330,7 @@ def test_cli_reports_all_errors_together(tiny_voc, tmp_path, run_script):
     create_data_lists(voc, lists, verbose=False)
     before = snapshot(lists)
     problems = [problem(voc) for problem in PROBLEMS]
-    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", lists)
+    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", lists, "--classes", *CLASSES)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
