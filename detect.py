@@ -2,11 +2,11 @@
 
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
 
-Writes, in --output-dir, each image annotated with its detections, counts.csv (image, RBC, WBC,
-Platelets) and detections.json (boxes in pixels of the original image, labels, scores), and prints
-the counts. Takes image files and folders (searched recursively); any image PIL opens works,
-whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
-skipped; the exit status is then 1.
+Writes, in --output-dir, each image annotated with its detections, counts.csv (image, then one
+column per class of the checkpoint: RBC, WBC, Platelets for BCCD; UTF-8) and detections.json (boxes
+in pixels of the original image, labels, scores), and prints the counts. Takes image files and
+folders (searched recursively); any image PIL opens works, whatever its mode, bit depth, EXIF
+orientation or size. A file that cannot be read is reported and skipped; the exit status is then 1.
 
 From Python, as in the tutorial:
     from PIL import Image
@@ -26,10 +26,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, normalize, pil_to_tensor,
-                   resize, resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
-
-IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+from utils import (UserError, bf16_is_fast, class_names, image_extensions, load_checkpoint, normalize, pil_to_tensor,
+                   resize, resolve_device, run_cli, write_json_atomic, write_text_atomic)
 
 
 def get_args_parser():
@@ -52,7 +50,8 @@ def get_args_parser():
 
 
 def load_model(checkpoint, device="cpu"):
-    """The model of a train.py checkpoint, on `device`, ready for inference (eval mode, BatchNorm folded)."""
+    """The model of a train.py checkpoint, on `device`, ready for inference (eval mode, BatchNorm folded). It knows
+    its classes: model.label_map (name -> label), model.rev_label_map (label -> name), model.label_color_map."""
     model = SSD300.from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
@@ -86,8 +85,9 @@ def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, 
     return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
 
 
-def annotate(image, boxes, labels, scores):
-    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image."""
+def annotate(image, boxes, labels, scores, rev_label_map, label_color_map):
+    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image.
+    rev_label_map: label -> class name; label_color_map: class name -> colour (the model's)."""
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -97,6 +97,8 @@ def annotate(image, boxes, labels, scores):
         color = label_color_map[name]
         draw.rectangle(box, outline=color, width=width)
         text = f"{name} {score:.2f}"
+        if not isinstance(font, ImageFont.FreeTypeFont):  # PIL's bitmap font (Pillow < 10.1, no FreeType): Latin-1 only
+            text = text.encode("latin-1", "replace").decode("latin-1")
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
         draw.rectangle([box[0], y, box[0] + right - left + 4, y + bottom - top + 2], fill=color)
@@ -116,7 +118,8 @@ def detect(original_image, min_score=0.2, max_overlap=0.5, top_k=200, *, model, 
     amp = bf16_is_fast(next(model.parameters()).device) if amp is None else amp
     image = pil_to_tensor(original_image)
     boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
-    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores)
+    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores, model.rev_label_map,
+                    model.label_color_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def find_images(inputs):
     for item in inputs:
         if os.path.isdir(item):
             for root, _, files in sorted(os.walk(item)):
-                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -186,6 +189,7 @@ def main(args):
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device)
+    classes, rev_label_map, colors = class_names(model.label_map), model.rev_label_map, model.label_color_map
     paths, missing = find_images(args.inputs)
     errors = [f"{m}: no such file or folder" for m in missing]
     if not paths and not errors:
@@ -214,9 +218,10 @@ def main(args):
             _, h, w = image.shape
             boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            annotate(pil, boxes, labels, scores).save(os.path.join(args.output_dir, names[i]), quality=90)
-            n = torch.bincount(labels, minlength=len(bccd_labels) + 1).tolist()
-            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(bccd_labels)}})
+            annotate(pil, boxes, labels, scores, rev_label_map, colors).save(os.path.join(args.output_dir, names[i]),
+                                                                             quality=90)
+            n = torch.bincount(labels, minlength=len(classes) + 1).tolist()
+            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(classes)}})
             records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
                             "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                             "labels": [rev_label_map[l] for l in labels.tolist()],
@@ -224,16 +229,16 @@ def main(args):
     seconds = time.perf_counter() - start
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", *bccd_labels], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["image", *classes], lineterminator="\n")
     writer.writeheader()
     writer.writerows(counts)
     write_text_atomic(buf.getvalue(), os.path.join(args.output_dir, "counts.csv"))
     write_json_atomic(records, os.path.join(args.output_dir, "detections.json"), indent=1)
 
     width = max([len("image")] + [len(c["image"]) for c in counts])
-    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in bccd_labels))
+    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes))
     for c in counts:
-        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>9}" for name in bccd_labels))
+        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>{max(9, len(name))}}" for name in classes))
     print(f"{len(counts)} image(s) in {seconds:.1f} s; results in {args.output_dir}")
     for e in errors:
         print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

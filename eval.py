@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on BCCD's TEST split (tutorial, "Evaluation").
+"""Evaluate a checkpoint on BCCD's TEST split, or another VOC dataset's (tutorial, "Evaluation").
 
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
@@ -6,7 +6,9 @@
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
 and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
 their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-style AP averaged
-over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules).
+over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules). The classes
+are the checkpoint's, and the lists must be of the same classes (label_map.json). A class without
+(non-difficult) objects in TEST has no AP: it is reported as "not in TEST" and left out of the means.
 
 Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
 (min_score 0.2, max_overlap 0.5; --count-min-score, --count-max-overlap) against the annotated ones.
@@ -23,14 +25,14 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import run_model
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, init_distributed, load_checkpoint, run_cli,
-                   run_info, write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, class_names, init_distributed,
+                   load_checkpoint, run_cli, run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on BCCD's TEST split.",
+    p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on the TEST split of its lists.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
@@ -69,28 +71,38 @@ def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01
     return results
 
 
+def label_names(model):
+    """{label: class name} of the model's classes, background left out, as calculate_mAP takes them."""
+    return {label: name for label, name in model.rev_label_map.items() if label != 0}
+
+
 def evaluate(model, loader, amp=False, channels_last=False):
     """VOC2007 mAP of `model` on `loader`: (dict class -> AP, mAP). Used by train.py --val-every."""
-    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last))
+    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last),
+                         label_names=label_names(model))
 
 
-def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties):
-    """The three figures eval.py reports, as a JSON-ready dict."""
+def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties, label_names):
+    """The three figures eval.py reports, as a JSON-ready dict. label_names: {label: class name}, background left
+    out. A class without (non-difficult) objects has no AP (calculate_mAP leaves it out): "not_in_test" lists them."""
     args = (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties)
-    aps, mean_ap = calculate_mAP(*args)
-    aps_all, mean_ap_all = calculate_mAP(*args, interpolation="all")
-    coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point") for t in COCO_THRESHOLDS]
+    aps, mean_ap = calculate_mAP(*args, label_names=label_names)
+    aps_all, mean_ap_all = calculate_mAP(*args, interpolation="all", label_names=label_names)
+    coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point", label_names=label_names)
+            for t in COCO_THRESHOLDS]
     aps_coco = {name: sum(c[0][name] for c in coco) / len(coco) for name in aps}
     return {"mAP": mean_ap, "AP": aps,
             "mAP_all_point": mean_ap_all, "AP_all_point": aps_all,
-            "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco}
+            "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco,
+            "not_in_test": [name for _, name in sorted(label_names.items()) if name not in aps]}
 
 
-def count_errors(det_labels, true_labels):
-    """How well the detections count each class, per image: lists over images of label tensors ->
-    {class: {"true_mean", "predicted_mean", "mae" (mean absolute error), "bias" (mean signed error),
-    "relative_error" (sum of absolute errors / number of annotated objects)}}."""
-    n = len(bccd_labels) + 1
+def count_errors(det_labels, true_labels, names=bccd_labels):
+    """How well the detections count each class, per image: lists over images of label tensors, and the class
+    names in label order (label 1, 2, ...) -> {class: {"true_mean", "predicted_mean", "mae" (mean absolute error),
+    "bias" (mean signed error), "relative_error" (sum of absolute errors / number of annotated objects; None
+    without annotated objects)}}."""
+    n = len(names) + 1
 
     def per_image(labels):  # (images, classes) counts, background dropped
         return torch.stack([torch.bincount(l.long(), minlength=n) for l in labels])[:, 1:].double()
@@ -99,8 +111,8 @@ def count_errors(det_labels, true_labels):
     true = per_image(true_labels)
     return {name: {"true_mean": true[:, k].mean().item(), "predicted_mean": (true[:, k] + error[:, k]).mean().item(),
                    "mae": error[:, k].abs().mean().item(), "bias": error[:, k].mean().item(),
-                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum().clamp(min=1)).item()}
-            for k, name in enumerate(bccd_labels)}
+                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum()).item() if true[:, k].any() else None}
+            for k, name in enumerate(names)}
 
 
 def main(args):
@@ -124,6 +136,8 @@ def run(args, rank, world, device):
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score
+    check_same_classes(model.label_map, test_set.label_map, args.checkpoint, args.data_folder)
+    names = class_names(model.label_map)
     shard = list(range(rank, len(test_set), world))  # each process a disjoint share, nothing padded
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -143,21 +157,25 @@ def run(args, rank, world, device):
     seconds = time.perf_counter() - start
 
     *results, counted = results
-    metrics = compute_metrics(*results)
-    counts = count_errors(counted, results[4])
-    print(f"\n{'class':<12}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
-    for name in bccd_labels:
+    metrics = compute_metrics(*results, label_names=label_names(model))
+    counts = count_errors(counted, results[4], names)
+    w = max(12, *(len(name) + 2 for name in names))  # the class column
+    print(f"\n{'class':<{w}}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
+    for name in names:
         if name in metrics["AP"]:
-            print(f"{name:<12}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
-    print(f"{'mAP':<12}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
+            print(f"{name:<{w}}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
+        else:
+            print(f"{name:<{w}}{'not in TEST (no AP; left out of the means)':>46}")
+    print(f"{'mAP':<{w}}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
     print(f"\ncounting at min_score {args.count_min_score}, max_overlap {args.count_max_overlap} (per image):")
-    print(f"{'class':<12}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
+    print(f"{'class':<{w}}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
     for name, c in counts.items():
-        print(f"{name:<12}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{c['relative_error']:>19.1%}")
+        relative = "-" if c["relative_error"] is None else f"{c['relative_error']:.1%}"
+        print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")
     if args.output:
-        write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
+        write_json_atomic({"classes": names, **metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
                            "counts": {"min_score": args.count_min_score, "max_overlap": args.count_max_overlap, **counts},
                            "device": str(device),

@@ -1,4 +1,4 @@
-"""Train SSD300 on BCCD (tutorial, "Training").
+"""Train SSD300 on BCCD, or on the lists of any VOC dataset (tutorial, "Training").
 
 On one GPU, from scratch, with the BCCD recipe (the defaults; see README "Results"):
     $ python train.py --out-dir runs/ssd300
@@ -12,7 +12,8 @@ On several GPUs (--batch-size is per process):
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
 written to a temporary file and then moved into place) and <out-dir>/log.jsonl (one JSON line
-per epoch). The lists in --data-folder are made with create_data_lists when missing.
+per epoch). The lists in --data-folder are made with create_data_lists when missing. The model
+has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
+from utils import (UserError, bf16_is_fast, check_same_classes, create_data_lists, init_distributed, load_checkpoint,
                    normalize, run_cli, save_atomic)
 
 
@@ -40,7 +41,8 @@ BCCD_PRIOR_SCALES = (0.06, 0.15, 0.33, 0.51, 0.69, 0.87)
 def get_args_parser():
     p = argparse.ArgumentParser("train.py", description="Train SSD300 on BCCD.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py (made when missing)")
+    p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py (made when "
+                   "missing); the model gets the classes of their label_map.json")
     p.add_argument("--bccd-folder", default="data/BCCD", help="BCCD, used to make the lists when --data-folder has none")
     p.add_argument("--out-dir", default="runs/ssd300", help="where checkpoint.pt and log.jsonl go")
     p.add_argument("--batch-size", type=int, default=32, help="images per step and per process (paper: 32)")
@@ -192,11 +194,13 @@ def train(args, rank, world, device):
         total_iterations = epochs * steps_per_epoch
 
     base_weights = None if args.base_weights.lower() == "none" else args.base_weights
+    label_map = train_set.label_map  # the classes of the lists (label_map.json)
     if ckpt is not None:
         model = SSD300.from_checkpoint(ckpt, args.resume)
+        check_same_classes(model.label_map, label_map, args.resume, args.data_folder)
     else:
         model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
-                       prior_scales=args.prior_scales)
+                       prior_scales=args.prior_scales, label_map=label_map)
     model_args = model.model_args
     if world > 1 and cuda and model.batch_norm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch

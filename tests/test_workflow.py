@@ -602,7 +602,8 @@ def test_detect_function_returns_the_original_size_annotated(random_checkpoint):
     changed = (pixels != 128).any(-1)
     ys, xs = changed.nonzero()
     assert abs(xs.min() - x0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5, ((xs.min(), ys.max()), (x0, y1))
-    color = hex_rgb(label_color_map[detect.rev_label_map[int(labels[0][0])]])
+    assert model.label_color_map == label_color_map  # BCCD's own colours
+    color = hex_rgb(model.label_color_map[model.rev_label_map[int(labels[0][0])]])
     assert (pixels[changed] == color).all(-1).any()  # drawn in its class colour
 
 
@@ -703,8 +704,7 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
 BAD_CHECKPOINTS = [("missing", "no such checkpoint file", None),
                    ("text", "", "pickled"),  # a text file holds no pickled objects: don't say it does
                    ("state_dict", "not a checkpoint of this project", None),
-                   ("wrong_shape", "", None),  # SSD300 with 5 classes saved with model_args of 4
-                   ("five_classes", "", None)]  # a consistent 5-class model: not this project's 3 classes + background
+                   ("wrong_shape", "", None)]  # SSD300 with 5 classes saved with model_args of 4
 # (script, case, arguments, what the message must say): bad flag values and missing data
 BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("train", "lr-negative", ["--lr", "-1"], "--lr"),
@@ -733,6 +733,20 @@ def test_bad_checkpoint_is_one_line_user_error(script, case, says, must_not_say,
     message = str(e.value)
     assert "\n" not in message and str(checkpoint) in message and says in message, message
     assert must_not_say is None or must_not_say not in message, message
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_checkpoint_of_other_classes_is_refused_on_bccd_lists(script, bad_checkpoints, lists4, tmp_path):
+    """A consistent model of 4 classes + background is a good checkpoint (detect.py uses it: test_classes.py), but
+    training or evaluating it on lists of BCCD's classes is refused, in one line naming both sets of classes."""
+    module = SCRIPTS[script]
+    args = module.get_args_parser().parse_args(command_line(script, bad_checkpoints.five_classes, lists4, None, tmp_path))
+    with pytest.raises(UserError) as e:
+        module.main(args)
+    message = str(e.value)
+    assert "\n" not in message and str(bad_checkpoints.five_classes) in message, message
+    assert "RBC, WBC, Platelets, Lymphocyte" in message and str(lists4) in message and "label_map.json" in message
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script, case, argv, says", BAD_FLAGS, ids=[f"{s}-{c}" for s, c, _, _ in BAD_FLAGS])
