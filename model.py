@@ -189,7 +189,8 @@ class SSD300(nn.Module):
                  label_map=None):
         super().__init__()
         if label_map is None:
-            label_map = bccd_label_map if n_classes == len(bccd_label_map) else make_label_map(f"class {i}" for i in range(1, n_classes))
+            label_map = (bccd_label_map if n_classes == len(bccd_label_map)
+                         else make_label_map(f"class {i}" for i in range(1, n_classes)))
         if len(label_map) != n_classes:
             raise ValueError(f"a label map of {len(label_map)} entries for {n_classes} classes")
         self.n_classes = n_classes
