@@ -737,8 +737,9 @@ def test_bad_checkpoint_is_one_line_user_error(script, case, says, must_not_say,
 
 @pytest.mark.parametrize("script", ["train", "eval"])
 def test_checkpoint_of_other_classes_is_refused_on_bccd_lists(script, bad_checkpoints, lists4, tmp_path):
-    """A consistent model of 4 classes + background is a good checkpoint (detect.py uses it: test_classes.py), but
-    training or evaluating it on lists of BCCD's classes is refused, in one line naming both sets of classes."""
+    """A consistent model of 4 classes + background is a good checkpoint (detect.py counts the classes of any such
+    checkpoint: test_classes.py), but training or evaluating it on lists of BCCD's classes is refused, in one line
+    naming both sets of classes."""
     module = SCRIPTS[script]
     args = module.get_args_parser().parse_args(command_line(script, bad_checkpoints.five_classes, lists4, None, tmp_path))
     with pytest.raises(UserError) as e:
