@@ -1,4 +1,4 @@
-"""The BCCD Dataset for PyTorch (tutorial, "PyTorch Dataset" and "PyTorch DataLoader").
+"""The BCCD Dataset for PyTorch, or any VOC dataset's lists (tutorial, "PyTorch Dataset" and "PyTorch DataLoader").
 
     from datasets import BCCDDataset, AugmentationSampler, EpochBatches
     train_set = BCCDDataset("data/lists", "train")
@@ -18,14 +18,16 @@ import os
 import torch
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
-from utils import UserError, load_image, transform
+from utils import UserError, check_label_map, load_image, transform
 
 
 class BCCDDataset(Dataset):
-    """BCCD images with their boxes, labels and difficulties, transformed as the tutorial does.
+    """BCCD images (or another VOC dataset's) with their boxes, labels and difficulties, transformed as the
+    tutorial does.
 
     Args:
-        data_folder: folder with the JSON lists written by create_data_lists.py.
+        data_folder: folder with the JSON lists written by create_data_lists.py; its label_map.json,
+            {"background": 0, class name: label, ...}, becomes self.label_map.
         split: 'train' or 'test', in any case. TRAIN is augmented (see utils.transform).
         keep_difficult: keep objects marked difficult (BCCD has none; VOC-style data may).
         cache_images: decode every image once, here, and keep it in memory (BCCD's 292 train
@@ -45,6 +47,8 @@ class BCCDDataset(Dataset):
         self.data_folder = data_folder
         self.keep_difficult = keep_difficult
         self.max_zoom = max_zoom
+        label_map_path = os.path.join(data_folder, "label_map.json")
+        self.label_map = check_label_map(self._read_json(label_map_path), label_map_path)
         self.images = self._read_json(os.path.join(data_folder, self.split + "_images.json"))
         self.objects = self._read_json(os.path.join(data_folder, self.split + "_objects.json"))
         if len(self.images) != len(self.objects):
@@ -61,7 +65,7 @@ class BCCDDataset(Dataset):
     @staticmethod
     def _read_json(path):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 return json.load(f)
         except FileNotFoundError:
             raise UserError(f"{path}: not found; make the lists with create_data_lists.py") from None

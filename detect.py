@@ -3,11 +3,11 @@
     $ python detect.py img/                  # count cells with the shipped model (weights/ssd300_bccd.pt)
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
 
-Writes, in --output-dir, each image annotated with its detections, counts.csv (image, RBC, WBC,
-Platelets) and detections.json (boxes in pixels of the original image, labels, scores), and prints
-the counts. Takes image files and folders (searched recursively); any image PIL opens works,
-whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
-skipped; the exit status is then 1.
+Writes, in --output-dir, each image annotated with its detections, counts.csv (image, then one
+column per class of the checkpoint: RBC, WBC, Platelets for BCCD; UTF-8) and detections.json (boxes
+in pixels of the original image, labels, scores), and prints the counts. Takes image files and
+folders (searched recursively); any image PIL opens works, whatever its mode, bit depth, EXIF
+orientation or size. A file that cannot be read is reported and skipped; the exit status is then 1.
 
 From Python, as in the tutorial:
     from PIL import Image
@@ -27,10 +27,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, normalize, pil_to_tensor,
-                   resize, resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
+from utils import (UserError, bf16_is_fast, class_names, image_extensions, load_checkpoint, normalize, pil_to_tensor,
+                   resize, resolve_device, run_cli, write_json_atomic, write_text_atomic)
 
-IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
 # The tutorial's detection thresholds, used for checkpoints that record no counting thresholds of their own
@@ -69,21 +68,22 @@ def parse_min_score(values, names, source="--min-score"):
     return float(values[0]) if len(values) == 1 else [float(v) for v in values]
 
 
-def format_min_score(min_score, names=bccd_labels):
+def format_min_score(min_score, names):
     if isinstance(min_score, float):
         return f"{min_score:g}"
     return " ".join(f"{name} {v:g}" for name, v in zip(names, min_score))
 
 
-def counting_defaults(ckpt, source="checkpoint"):
-    """detect.py's (min_score, max_overlap) for a checkpoint: its recorded "count_thresholds" ({"min_score": {class:
-    value}, "max_overlap": value}, chosen for counting on a validation split: the shipped model has them), else the
-    tutorial's 0.2 and 0.5. min_score is a float, or a list in label order."""
+def counting_defaults(ckpt, classes, source="checkpoint"):
+    """detect.py's (min_score, max_overlap) for a checkpoint of these classes (names in label order): its recorded
+    "count_thresholds" ({"min_score": {class: value}, "max_overlap": value}, chosen for counting on a validation
+    split: the shipped model has them), else the tutorial's 0.2 and 0.5. min_score is a float, or a list in label
+    order."""
     recorded = ckpt.get("count_thresholds")
     if recorded is None:
         return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
     try:
-        min_score = parse_min_score([recorded["min_score"][name] for name in bccd_labels], bccd_labels, "min_score")
+        min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
         max_overlap = float(recorded["max_overlap"])
         if not 0 < max_overlap <= 1:
             raise ValueError(f"max_overlap {max_overlap} outside (0, 1]")
@@ -94,14 +94,15 @@ def counting_defaults(ckpt, source="checkpoint"):
 
 def load_model(checkpoint=None, device="cpu"):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
-    BatchNorm folded). model.min_score and model.max_overlap hold its counting thresholds (counting_defaults)."""
+    BatchNorm folded). It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
+    model.label_color_map; and its counting thresholds: model.min_score, model.max_overlap (counting_defaults)."""
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
         raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
                         f"(git checkout -- weights) or give --checkpoint")
     ckpt = load_checkpoint(checkpoint)
     model = SSD300.from_checkpoint(ckpt, checkpoint)
-    model.min_score, model.max_overlap = counting_defaults(ckpt, checkpoint)
+    model.min_score, model.max_overlap = counting_defaults(ckpt, class_names(model.label_map), checkpoint)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
@@ -134,8 +135,9 @@ def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, 
     return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
 
 
-def annotate(image, boxes, labels, scores):
-    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image."""
+def annotate(image, boxes, labels, scores, rev_label_map, label_color_map):
+    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image.
+    rev_label_map: label -> class name; label_color_map: class name -> colour (the model's)."""
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -145,6 +147,8 @@ def annotate(image, boxes, labels, scores):
         color = label_color_map[name]
         draw.rectangle(box, outline=color, width=width)
         text = f"{name} {score:.2f}"
+        if not isinstance(font, ImageFont.FreeTypeFont):  # PIL's bitmap font (Pillow < 10.1, no FreeType): Latin-1 only
+            text = text.encode("latin-1", "replace").decode("latin-1")
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
         draw.rectangle([box[0], y, box[0] + right - left + 4, y + bottom - top + 2], fill=color)
@@ -167,7 +171,8 @@ def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model
     max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
     image = pil_to_tensor(original_image)
     boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
-    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores)
+    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores, model.rev_label_map,
+                    model.label_color_map)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +185,7 @@ def find_images(inputs):
     for item in inputs:
         if os.path.isdir(item):
             for root, _, files in sorted(os.walk(item)):
-                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -224,8 +229,8 @@ def output_names(paths):
 
 
 def check_args(args):
-    if args.min_score is not None:
-        parse_min_score(args.min_score, bccd_labels)
+    if args.min_score is not None and not all(0 <= v < 1 for v in args.min_score):  # the count: once the model is known
+        raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
     if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
     if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.workers or 0) < 0:
@@ -237,7 +242,8 @@ def main(args):
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device)
-    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, bccd_labels)
+    classes, rev_label_map, colors = class_names(model.label_map), model.rev_label_map, model.label_color_map
+    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     paths, missing = find_images(args.inputs)
     errors = [f"{m}: no such file or folder" for m in missing]
@@ -267,9 +273,10 @@ def main(args):
             _, h, w = image.shape
             boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            annotate(pil, boxes, labels, scores).save(os.path.join(args.output_dir, names[i]), quality=90)
-            n = torch.bincount(labels, minlength=len(bccd_labels) + 1).tolist()
-            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(bccd_labels)}})
+            annotate(pil, boxes, labels, scores, rev_label_map, colors).save(os.path.join(args.output_dir, names[i]),
+                                                                             quality=90)
+            n = torch.bincount(labels, minlength=len(classes) + 1).tolist()
+            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(classes)}})
             records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
                             "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                             "labels": [rev_label_map[l] for l in labels.tolist()],
@@ -277,17 +284,17 @@ def main(args):
     seconds = time.perf_counter() - start
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", *bccd_labels], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["image", *classes], lineterminator="\n")
     writer.writeheader()
     writer.writerows(counts)
     write_text_atomic(buf.getvalue(), os.path.join(args.output_dir, "counts.csv"))
     write_json_atomic(records, os.path.join(args.output_dir, "detections.json"), indent=1)
 
     width = max([len("image")] + [len(c["image"]) for c in counts])
-    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in bccd_labels))
+    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes))
     for c in counts:
-        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>9}" for name in bccd_labels))
-    print(f"{len(counts)} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score)}, max_overlap "
+        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>{max(9, len(name))}}" for name in classes))
+    print(f"{len(counts)} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
           f"{max_overlap:g}; results in {args.output_dir}")
     for e in errors:
         print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

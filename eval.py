@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on BCCD's TEST split (tutorial, "Evaluation").
+"""Evaluate a checkpoint on BCCD's TEST split, or another VOC dataset's (tutorial, "Evaluation").
 
     $ python eval.py                                   # the shipped model (weights/ssd300_bccd.pt) on data/lists
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
@@ -8,7 +8,9 @@
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
 and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
 their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-style AP averaged
-over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules).
+over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules). The classes
+are the checkpoint's, and the lists must be of the same classes (label_map.json). A class without
+(non-difficult) objects in TEST has no AP: it is reported as "not in TEST" and left out of the means.
 
 Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
 (those recorded in the checkpoint, else the tutorial's min_score 0.2 and max_overlap 0.5;
@@ -28,7 +30,8 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_min_score, run_model
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_writable, init_distributed,
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, check_writable,
+                   class_names, init_distributed,
                    load_checkpoint, run_cli, run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
@@ -37,7 +40,7 @@ SWEEP_MAX_OVERLAPS = (0.3, 0.4, 0.45, 0.5, 0.6)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on BCCD's TEST split.",
+    p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on the TEST split of its lists.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: "
                    "the shipped model)")
@@ -83,28 +86,38 @@ def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01
     return results
 
 
+def label_names(model):
+    """{label: class name} of the model's classes, background left out, as calculate_mAP takes them."""
+    return {label: name for label, name in model.rev_label_map.items() if label != 0}
+
+
 def evaluate(model, loader, amp=False, channels_last=False):
     """VOC2007 mAP of `model` on `loader`: (dict class -> AP, mAP). Used by train.py --val-every."""
-    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last))
+    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last),
+                         label_names=label_names(model))
 
 
-def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties):
-    """The three figures eval.py reports, as a JSON-ready dict."""
+def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties, label_names):
+    """The three figures eval.py reports, as a JSON-ready dict. label_names: {label: class name}, background left
+    out. A class without (non-difficult) objects has no AP (calculate_mAP leaves it out): "not_in_test" lists them."""
     args = (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties)
-    aps, mean_ap = calculate_mAP(*args)
-    aps_all, mean_ap_all = calculate_mAP(*args, interpolation="all")
-    coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point") for t in COCO_THRESHOLDS]
+    aps, mean_ap = calculate_mAP(*args, label_names=label_names)
+    aps_all, mean_ap_all = calculate_mAP(*args, interpolation="all", label_names=label_names)
+    coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point", label_names=label_names)
+            for t in COCO_THRESHOLDS]
     aps_coco = {name: sum(c[0][name] for c in coco) / len(coco) for name in aps}
     return {"mAP": mean_ap, "AP": aps,
             "mAP_all_point": mean_ap_all, "AP_all_point": aps_all,
-            "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco}
+            "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco,
+            "not_in_test": [name for _, name in sorted(label_names.items()) if name not in aps]}
 
 
-def count_errors(det_labels, true_labels):
-    """How well the detections count each class, per image: lists over images of label tensors ->
-    {class: {"true_mean", "predicted_mean", "mae" (mean absolute error), "bias" (mean signed error),
-    "relative_error" (sum of absolute errors / number of annotated objects)}}."""
-    n = len(bccd_labels) + 1
+def count_errors(det_labels, true_labels, names=bccd_labels):
+    """How well the detections count each class, per image: lists over images of label tensors, and the class
+    names in label order (label 1, 2, ...) -> {class: {"true_mean", "predicted_mean", "mae" (mean absolute error),
+    "bias" (mean signed error), "relative_error" (sum of absolute errors / number of annotated objects; None
+    without annotated objects)}}."""
+    n = len(names) + 1
 
     def per_image(labels):  # (images, classes) counts, background dropped
         return torch.stack([torch.bincount(l.long(), minlength=n) for l in labels])[:, 1:].double()
@@ -113,28 +126,30 @@ def count_errors(det_labels, true_labels):
     true = per_image(true_labels)
     return {name: {"true_mean": true[:, k].mean().item(), "predicted_mean": (true[:, k] + error[:, k]).mean().item(),
                    "mae": error[:, k].abs().mean().item(), "bias": error[:, k].mean().item(),
-                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum().clamp(min=1)).item()}
-            for k, name in enumerate(bccd_labels)}
+                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum()).item() if true[:, k].any() else None}
+            for k, name in enumerate(names)}
 
 
-def sweep_counts(counted, true_labels):
+def sweep_counts(counted, true_labels, names=bccd_labels):
     """Choose counting thresholds: counted[(min_score, max_overlap)] = detections' labels per image at that
-    setting -> {"errors": {max_overlap: {class: [relative error at each of SWEEP_MIN_SCORES]}}, "chosen":
-    {"max_overlap", "min_score": {class: best}, "relative_error": {class: its error}}}.
+    setting -> {"errors": {max_overlap: {class: [error at each of SWEEP_MIN_SCORES]}}, "chosen": {"max_overlap",
+    "min_score": {class: best}, "error": {class: its error}}}. The error is count_errors' relative error (the sum
+    of absolute errors / annotated objects), or its mean absolute error for a class with no annotated object.
 
-    Per class, the min_score with the lowest relative counting error (the lowest such min_score on a tie); then
-    the max_overlap whose best per-class errors sum lowest. Classes are suppressed separately and an image holds
-    far fewer than top_k cells, so each class's count depends on its own min_score only."""
+    Per class, the min_score with the lowest error (the lowest such min_score on a tie); then the max_overlap
+    whose best per-class errors sum lowest. Classes are suppressed separately and an image holds far fewer than
+    top_k cells, so each class's count depends on its own min_score only."""
     errors = {}
     for mo in SWEEP_MAX_OVERLAPS:
-        at = [count_errors(counted[(ms, mo)], true_labels) for ms in SWEEP_MIN_SCORES]
-        errors[mo] = {name: [c[name]["relative_error"] for c in at] for name in bccd_labels}
+        at = [count_errors(counted[(ms, mo)], true_labels, names) for ms in SWEEP_MIN_SCORES]
+        errors[mo] = {name: [c[name]["mae"] if c[name]["relative_error"] is None else c[name]["relative_error"]
+                             for c in at] for name in names}
     best = {mo: {name: min(range(len(SWEEP_MIN_SCORES)), key=e.__getitem__) for name, e in per.items()}
             for mo, per in errors.items()}
     mo = min(SWEEP_MAX_OVERLAPS, key=lambda m: sum(errors[m][name][i] for name, i in best[m].items()))
     return {"min_scores": list(SWEEP_MIN_SCORES), "errors": errors,
             "chosen": {"max_overlap": mo, "min_score": {name: SWEEP_MIN_SCORES[i] for name, i in best[mo].items()},
-                       "relative_error": {name: errors[mo][name][i] for name, i in best[mo].items()}}}
+                       "error": {name: errors[mo][name][i] for name, i in best[mo].items()}}}
 
 
 def main(args):
@@ -157,9 +172,10 @@ def run(args, rank, world, device):
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
     model = SSD300.from_checkpoint(ckpt, args.checkpoint)
-    count_min_score, count_max_overlap = counting_defaults(ckpt, args.checkpoint)
+    names = class_names(model.label_map)
+    count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
     if args.count_min_score is not None:
-        count_min_score = parse_min_score(args.count_min_score, bccd_labels, "--count-min-score")
+        count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score")
     if args.count_max_overlap is not None:
         count_max_overlap = args.count_max_overlap
     count_at = [(count_min_score, count_max_overlap)]
@@ -168,6 +184,7 @@ def run(args, rank, world, device):
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score
+    check_same_classes(model.label_map, test_set.label_map, args.checkpoint, args.data_folder)
     shard = list(range(rank, len(test_set), world))  # each process a disjoint share, nothing padded
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -186,34 +203,38 @@ def run(args, rank, world, device):
         results = [[column[p] for p in position] for column in merged]
     seconds = time.perf_counter() - start
 
-    counts = count_errors(results[6], results[4])
+    counts = count_errors(results[6], results[4], names)
     counted = dict(zip(count_at[1:], results[7:]))  # the sweep's settings
     results = results[:6]
-    metrics = compute_metrics(*results)
-    print(f"\n{'class':<12}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
-    for name in bccd_labels:
+    metrics = compute_metrics(*results, label_names=label_names(model))
+    w = max(12, *(len(name) + 2 for name in names))  # the class column
+    print(f"\n{'class':<{w}}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
+    for name in names:
         if name in metrics["AP"]:
-            print(f"{name:<12}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
-    print(f"{'mAP':<12}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
-    print(f"\ncounting at min_score {format_min_score(count_min_score)}, max_overlap {count_max_overlap} (per image):")
-    print(f"{'class':<12}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
+            print(f"{name:<{w}}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
+        else:
+            print(f"{name:<{w}}{'not in TEST (no AP; left out of the means)':>46}")
+    print(f"{'mAP':<{w}}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
+    print(f"\ncounting at min_score {format_min_score(count_min_score, names)}, max_overlap {count_max_overlap} (per image):")
+    print(f"{'class':<{w}}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
     for name, c in counts.items():
-        print(f"{name:<12}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{c['relative_error']:>19.1%}")
-    sweep = sweep_counts(counted, results[4]) if args.count_sweep else None
+        relative = "-" if c["relative_error"] is None else f"{c['relative_error']:.1%}"
+        print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}")
+    sweep = sweep_counts(counted, results[4], names) if args.count_sweep else None
     if sweep:
         print(f"\ncounting sweep: error / annotated at each min_score, per max_overlap (choose on a validation split)")
-        print(f"{'max_overlap':<12}{'class':<12}" + "".join(f"{ms:>6}" for ms in SWEEP_MIN_SCORES))
+        print(f"{'max_overlap':<12}{'class':<{w}}" + "".join(f"{ms:>6}" for ms in SWEEP_MIN_SCORES))
         for mo, per in sweep["errors"].items():
             for name, e in per.items():
-                print(f"{mo:<12}{name:<12}" + "".join(f"{100 * v:>5.0f}%" for v in e))
+                print(f"{mo:<12}{name:<{w}}" + "".join(f"{100 * v:>5.0f}%" for v in e))
         chosen = sweep["chosen"]
         print(f"best: --max-overlap {chosen['max_overlap']} --min-score "
-              f"{' '.join(str(chosen['min_score'][name]) for name in bccd_labels)} ("
-              + ", ".join(f"{name} {e:.1%}" for name, e in chosen["relative_error"].items()) + " error / annotated)")
+              f"{' '.join(str(chosen['min_score'][name]) for name in names)} ("
+              + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")
     if args.output:
-        write_json_atomic({**metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
+        write_json_atomic({"classes": names, **metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
                            **({"count_sweep": sweep} if sweep else {}),

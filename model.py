@@ -19,8 +19,9 @@ import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import batched_nms
 
-from utils import (UserError, cxcy_to_gcxgcy, cxcy_to_xy, decimate, find_jaccard_overlap,
-                   gcxgcy_to_cxcy, label_map, xy_to_cxcy)
+from utils import (UserError, check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
+                   find_jaccard_overlap, gcxgcy_to_cxcy, make_label_map, xy_to_cxcy)
+from utils import label_map as bccd_label_map
 
 # The six feature maps that predict boxes, their sizes, prior scales and aspect ratios (paper, Sec. 2.2-3).
 FMAPS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
@@ -179,12 +180,21 @@ class SSD300(nn.Module):
             torch.save, or None to start from scratch.
         batch_norm: BatchNorm after every convolution of the base and auxiliary layers.
         prior_scales: the six prior scales (default: the paper's 0.1 ... 0.9, as in the tutorial).
+        label_map: {"background": 0, class name: label, ...} of n_classes entries (default: BCCD's for 4
+            classes, else "class 1", "class 2", ...). Not part of the network: the names it predicts.
     `model(images)` with images (N, 3, 300, 300) returns locs (N, 8732, 4) and scores (N, 8732, C).
     """
 
-    def __init__(self, n_classes=4, base_weights="imagenet", batch_norm=False, prior_scales=PRIOR_SCALES):
+    def __init__(self, n_classes=4, base_weights="imagenet", batch_norm=False, prior_scales=PRIOR_SCALES,
+                 label_map=None):
         super().__init__()
+        if label_map is None:
+            label_map = (bccd_label_map if n_classes == len(bccd_label_map)
+                         else make_label_map(f"class {i}" for i in range(1, n_classes)))
+        if len(label_map) != n_classes:
+            raise ValueError(f"a label map of {len(label_map)} entries for {n_classes} classes")
         self.n_classes = n_classes
+        self.label_map = dict(label_map)  # class name -> label, background 0
         self.batch_norm = batch_norm
         self.prior_scales = tuple(float(s) for s in prior_scales)
         self.base = VGGBase(batch_norm)
@@ -202,6 +212,16 @@ class SSD300(nn.Module):
     def model_args(self):
         """What rebuilds this model: saved in checkpoints as plain data."""
         return {"n_classes": self.n_classes, "batch_norm": self.batch_norm, "prior_scales": list(self.prior_scales)}
+
+    @property
+    def rev_label_map(self):
+        """label -> class name, background included: decodes the labels of detect_objects."""
+        return {v: k for k, v in self.label_map.items()}
+
+    @property
+    def label_color_map(self):
+        """class name -> colour for drawing (utils.class_colors)."""
+        return class_colors(class_names(self.label_map))
 
     def init_weights(self):
         """Xavier-uniform weights and zero biases for the convolutions, as the tutorial does for new layers."""
@@ -252,17 +272,20 @@ class SSD300(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, source="checkpoint"):
-        """Rebuild the model saved in a checkpoint dict (see utils.load_checkpoint).
+        """Rebuild the model saved in a checkpoint dict (see utils.load_checkpoint), with its label map.
 
-        Raises UserError, naming `source`, for a checkpoint of other classes or whose weights do not fit.
+        A checkpoint without "label_map" (written before the classes were data) is BCCD's. Raises
+        UserError, naming `source`, for a label map that does not fit the model or weights that do not fit.
         """
         model_args = ckpt["model_args"]
         n_classes = model_args.get("n_classes") if isinstance(model_args, dict) else None
-        if n_classes != len(label_map) or ckpt.get("label_map", label_map) != label_map:
-            raise UserError(f"{source}: a model of {n_classes} classes with label map {ckpt.get('label_map')}; this "
-                            f"project's is {label_map}")
+        classes = check_label_map(ckpt.get("label_map", bccd_label_map), f"{source}: label_map")
+        if n_classes != len(classes):
+            saved = "a label map" if "label_map" in ckpt else "no label map, so BCCD's"
+            raise UserError(f"{source}: a model of {n_classes} classes (background included) with {saved} of "
+                            f"{len(classes)}")
         try:
-            model = cls(base_weights=None, **model_args)
+            model = cls(base_weights=None, label_map=classes, **model_args)
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

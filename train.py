@@ -1,4 +1,4 @@
-"""Train SSD300 on BCCD (tutorial, "Training").
+"""Train SSD300 on BCCD, or on the lists of any VOC dataset (tutorial, "Training").
 
 On one GPU, from scratch, with the BCCD recipe (the defaults; see README "Results"):
     $ python train.py --out-dir runs/ssd300
@@ -12,7 +12,8 @@ On several GPUs (--batch-size is per process):
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
 written to a temporary file and then moved into place) and <out-dir>/log.jsonl (one JSON line
-per epoch). The lists in --data-folder are made with create_data_lists when missing.
+per epoch). The lists in --data-folder are made with create_data_lists when missing. The model
+has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
 import contextlib
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, check_writable, create_data_lists, init_distributed, label_map,
+from utils import (UserError, bf16_is_fast, check_same_classes, check_writable, create_data_lists, init_distributed,
                    load_checkpoint, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
                    write_text_atomic)
 
@@ -72,8 +73,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("train.py", description="Train SSD300 on BCCD. Flags not given take the resumed run's "
                                 "values with --resume, else the BCCD recipe's (shown here).", formatter_class=HelpFormatter)
     r = RECIPE
-    p.add_argument("--data-folder", help=f"JSON lists from create_data_lists.py (made when missing; default: "
-                   f"{r['data_folder']})")
+    p.add_argument("--data-folder", help=f"JSON lists from create_data_lists.py (made when missing); the model gets "
+                   f"the classes of their label_map.json (default: {r['data_folder']})")
     p.add_argument("--bccd-folder", help=f"BCCD, used to make the lists when --data-folder has none (default: "
                    f"{r['bccd_folder']})")
     p.add_argument("--out-dir", help="where checkpoint.pt and log.jsonl go (default: runs/ssd300; with --resume, the "
@@ -355,21 +356,23 @@ def train(args, rank, world, device, cleanup):
         hint = f"continue it with --resume {out_ckpt}" if "checkpoint.pt" in earlier else "delete it"
         raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); {hint}, or choose "
                         f"another --out-dir")
-    if is_main:
-        cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()
     train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom)
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     base_weights = None if args.base_weights.lower() == "none" else args.base_weights
+    label_map = train_set.label_map  # the classes of the lists (label_map.json)
     if ckpt is not None:
         model = SSD300.from_checkpoint(ckpt, args.resume)
+        check_same_classes(model.label_map, label_map, args.resume, args.data_folder)
     else:
         model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
-                       prior_scales=args.prior_scales)
+                       prior_scales=args.prior_scales, label_map=label_map)
     model_args = model.model_args
     check_batch(args, model_args, sampler)
+    if is_main:  # the checks above passed: the run may write
+        cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
     steps_per_epoch = len(EpochBatches(sampler, args.batch_size, drop_last, epochs=range(1)))
     if args.epochs is None and args.iterations is not None:

@@ -1,7 +1,9 @@
-"""Helpers shared by the scripts: BCCD parsing, box math, data transforms and calculate_mAP.
+"""Helpers shared by the scripts: label maps, VOC parsing, box math, data transforms and calculate_mAP.
 
 Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
-  * Parse raw data   -> parse_annotation, create_data_lists
+  * Label map        -> label_map, rev_label_map, label_color_map (BCCD's, the defaults), make_label_map,
+                        class_names, class_colors, check_classes, check_label_map, check_same_classes
+  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
@@ -14,11 +16,14 @@ Nothing here does work at import time.
 """
 import datetime
 import errno
+import functools
 import json
+import math
 import os
 import pickle
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,12 +40,74 @@ from PIL import Image
 
 # ---------------------------------------------------------------------------------------------
 # Label map
+#
+# The classes are data: create_data_lists writes label_map.json beside the lists, train.py stores it in
+# the checkpoint, and eval.py and detect.py take the class names from there (model.label_map). The
+# names below are BCCD's, the default; nothing assumes they are the classes in use.
 # ---------------------------------------------------------------------------------------------
 
+def make_label_map(names):
+    """Class names, in label order -> {"background": 0, names[0]: 1, names[1]: 2, ...}."""
+    return {"background": 0, **{name: i + 1 for i, name in enumerate(names)}}
+
+
+def class_names(label_map):
+    """The class names of a label map in label order, background left out."""
+    return [name for name, label in sorted(label_map.items(), key=lambda item: item[1]) if label != 0]
+
+
 bccd_labels = ("RBC", "WBC", "Platelets")
-label_map = {"background": 0, **{name: i + 1 for i, name in enumerate(bccd_labels)}}
+label_map = make_label_map(bccd_labels)
 rev_label_map = {v: k for k, v in label_map.items()}  # inverse mapping, used to decode predictions
 label_color_map = {"RBC": "#e6194b", "WBC": "#3cb44b", "Platelets": "#4363d8"}
+# colours of other classes, in label order: like BCCD's three, from Sasha Trubetskoy's list of 20 distinct
+# colours, without those too light for white text
+PALETTE = ("#f58231", "#911eb4", "#008080", "#f032e6", "#9a6324", "#800000", "#808000", "#000075", "#808080", "#000000")
+
+
+def class_colors(names):
+    """{name: colour} for class names: BCCD's own colours for RBC, WBC and Platelets, PALETTE in order for the
+    others (it repeats after 10 of them)."""
+    others = [name for name in names if name not in label_color_map]
+    return {name: label_color_map.get(name) or PALETTE[others.index(name) % len(PALETTE)] for name in names}
+
+
+def check_classes(names, source="--classes"):
+    """Class names a user gives, stripped of surrounding white space; UserError for an empty name, "background"
+    (in any case: label 0, which the model predicts for "no object") or a name given twice."""
+    names = [name.strip() for name in names]
+    for i, name in enumerate(names):
+        if not name:
+            raise UserError(f"{source}: an empty name")
+        if name.casefold() == "background":
+            raise UserError(f"{source}: {name!r} is reserved (label 0, the model's 'no object')")
+        if name in names[:i]:
+            raise UserError(f"{source}: {name!r} given twice")
+    if not names:
+        raise UserError(f"{source}: no class names")
+    return names
+
+
+def check_label_map(label_map, source):
+    """A label map read from a file (label_map.json, a checkpoint) must be {"background": 0, name: 1, ...,
+    name: n}; returns it, else raises UserError naming `source`."""
+    if not (isinstance(label_map, dict) and label_map.get("background") == 0
+            and all(isinstance(name, str) and name.strip() for name in label_map)
+            and all(type(label) is int for label in label_map.values())
+            and sorted(label_map.values()) == list(range(len(label_map))) and len(label_map) > 1):
+        raise UserError(f"{source}: not a label map ({{\"background\": 0, class: 1, ...}} expected, found "
+                        f"{str(label_map)[:120]})")
+    return label_map
+
+
+def check_same_classes(model_label_map, lists_label_map, checkpoint, data_folder):
+    """UserError, one line, when a model's classes are not those of the lists it is to be trained or evaluated on."""
+    if model_label_map != lists_label_map:
+        names = class_names(model_label_map)
+        raise UserError(f"{checkpoint}: a model of the classes {', '.join(names)}, but the lists in {data_folder} are of "
+                        f"{', '.join(class_names(lists_label_map))} (label_map.json); make lists of the model's "
+                        f"classes: create_data_lists.py --classes {' '.join(shlex.quote(n) for n in names)}")
+
 
 # ImageNet statistics: the VGG base was trained on images normalized this way (tutorial, "Images").
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,14 +216,21 @@ def _atomic(path, write):
         raise
 
 
-def check_writable(path, flag, folder=False):
-    """Before any long work: create the folder of the output `path` (or `path` itself, a folder) and check that a
-    file can be written there. UserError naming the flag and path otherwise (read-only, a file in the way, ...)."""
-    where = path if folder else (os.path.dirname(os.path.abspath(path)) or ".")
+def check_writable(path, flag, folder=False, create=True):
+    """Before any long work: check that the output `path` (a file, or a folder if `folder`) can be written,
+    creating its folder (create=True) or, without creating anything, in the nearest folder above it that
+    exists. UserError naming the flag and path otherwise (read-only, a file in the way, ...)."""
+    where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
     try:
         if not folder and os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
-        os.makedirs(where, exist_ok=True)
+        if create:
+            os.makedirs(where, exist_ok=True)
+        else:
+            while not os.path.exists(where) and os.path.dirname(where) != where:
+                where = os.path.dirname(where)
+            if not os.path.isdir(where):
+                raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file, not a folder")
         fd, probe = tempfile.mkstemp(dir=where, prefix=".write-test-")
         os.close(fd)
         os.remove(probe)
@@ -180,13 +254,34 @@ def save_atomic(obj, path):
 
 def write_text_atomic(text, path):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     _atomic(path, write)
 
 
 def write_json_atomic(obj, path, indent=None):
     write_text_atomic(json.dumps(obj, indent=indent) + "\n", path)
+
+
+def write_json_files_atomic(files):
+    """Write several JSON files that belong together ({path: obj}): all to temporary files first, then each moved
+    into place, so that a failed write (a full disk) leaves the earlier set whole, never half old, half new."""
+    written = []
+    try:
+        for path, obj in files.items():
+            tmp = f"{path}.{os.getpid()}.tmp"
+            written.append((tmp, path))
+            with open(tmp, "w") as f:
+                f.write(json.dumps(obj) + "\n")
+    except BaseException as e:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"{written[-1][1]}: cannot write ({e.strerror or e}); the earlier files are kept") from None
+        raise
+    for tmp, path in written:
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -217,12 +312,31 @@ def load_checkpoint(path):
 # Parse raw data
 # ---------------------------------------------------------------------------------------------
 
-def parse_annotation(annotation_path, image_size=None):
-    """Parse one VOC XML annotation of BCCD.
+@functools.lru_cache(maxsize=None)
+def image_extensions():
+    """File extensions of the image formats PIL opens: .jpg, .jpeg, .png, .tif, .bmp, ... (lower case)."""
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def read_annotation(annotation_path):
+    """The root element of a VOC XML file; UserError naming the file if it is malformed or unreadable."""
+    try:
+        return ET.parse(annotation_path).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"{annotation_path}: malformed XML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{annotation_path}: cannot read ({e.strerror})") from None
+
+
+def parse_annotation(annotation_path, image_size=None, label_map=label_map, root=None):
+    """Parse one VOC XML annotation (BCCD's, or any annotation tool's Pascal VOC export).
 
     Args:
         annotation_path: path of the XML file.
         image_size: (width, height) of the image, used to clip boxes; defaults to the XML's <size>.
+        label_map: class name -> label (default BCCD's); an object of another class is an error. None:
+            any class but "background", and the labels returned are the class names.
+        root: the file's parsed XML (read_annotation), when the caller has it.
     Returns:
         (objects, warnings): objects = {"boxes": [[x_min, y_min, x_max, y_max], ...] in pixels,
         "labels": [...], "difficulties": [...]}; warnings = list of one-line strings.
@@ -236,13 +350,7 @@ def parse_annotation(annotation_path, image_size=None):
     (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss infinite).
     """
     name = os.path.basename(annotation_path)
-    try:
-        root = ET.parse(annotation_path).getroot()
-    except ET.ParseError as e:
-        raise UserError(f"{annotation_path}: malformed XML ({e})") from None
-    except OSError as e:
-        raise UserError(f"{annotation_path}: cannot read ({e.strerror})") from None
-
+    root = read_annotation(annotation_path) if root is None else root
     if image_size is None:
         try:
             image_size = (float(root.find("size/width").text), float(root.find("size/height").text))
@@ -253,14 +361,20 @@ def parse_annotation(annotation_path, image_size=None):
     boxes, labels, difficulties, warnings = [], [], [], []
     for i, obj in enumerate(root.iter("object")):
         cls = (obj.findtext("name") or "").strip()
-        if cls not in label_map or cls == "background":
-            raise UserError(f"{annotation_path}: object {i}: unknown class {cls!r} (expected one of {', '.join(bccd_labels)})")
+        if label_map is not None and (cls not in label_map or cls == "background"):
+            raise UserError(f"{annotation_path}: object {i}: unknown class {cls!r} (expected one of "
+                            f"{', '.join(class_names(label_map))})")
+        if label_map is None and (not cls or cls.casefold() == "background"):
+            raise UserError(f"{annotation_path}: object {i}: " + (f"class {cls!r} is reserved (label 0, the model's "
+                            f"'no object')" if cls else "no class <name>"))
         difficult = (obj.findtext("difficult") or "0").strip()
         try:
             difficult = int(float(difficult))
             box = [float(obj.find("bndbox/" + k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, OverflowError):
             raise UserError(f"{annotation_path}: object {i} ({cls}): missing or non-numeric <bndbox>/<difficult>") from None
+        if not all(math.isfinite(v) for v in box):
+            raise UserError(f"{annotation_path}: object {i} ({cls}): box {box} is not finite")
         clipped = [min(max(box[0], 0.), width), min(max(box[1], 0.), height),
                    min(max(box[2], 0.), width), min(max(box[3], 0.), height)]
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
@@ -269,44 +383,96 @@ def parse_annotation(annotation_path, image_size=None):
         if clipped != box:
             warnings.append(f"{name}: clipped {cls} box {box} to the {width:g}x{height:g} image: {clipped}")
         boxes.append(clipped)
-        labels.append(label_map[cls])
+        labels.append(cls if label_map is None else label_map[cls])
         difficulties.append(1 if difficult else 0)
     return {"boxes": boxes, "labels": labels, "difficulties": difficulties}, warnings
 
 
-def create_data_lists(bccd_path, output_folder, train_split="trainval", test_split="test", verbose=True):
-    """Parse BCCD and write the JSON lists the Dataset reads (tutorial, "Parse raw data").
+def find_image(voc_path, image_id, filename=None, listings=None):
+    """The image file of annotation `image_id`: JPEGImages/<filename> when the XML's <filename> names a file
+    there, else JPEGImages/<image_id>.<ext> for any extension PIL opens (the first in sorted order); None if
+    there is none. listings: a dict that keeps folder listings from one call to the next."""
+    folder = os.path.join(voc_path, "JPEGImages")
+    if filename and not os.path.isabs(filename) and ".." not in re.split(r"[\\/]", filename):
+        if os.path.isfile(os.path.join(folder, filename)):
+            return os.path.join(folder, filename)
+    folder, stem = os.path.split(os.path.join(folder, image_id))
+    listings = {} if listings is None else listings
+    if folder not in listings:
+        listings[folder] = {}
+        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if os.path.splitext(f)[1].lower() in image_extensions():
+                listings[folder].setdefault(os.path.splitext(f)[0], f)
+    found = listings[folder].get(stem)
+    return os.path.join(folder, found) if found else None
 
+
+def create_data_lists(voc_path, output_folder, train_split="trainval", test_split="test", classes=None, verbose=True):
+    """Parse a Pascal VOC dataset (BCCD by default) and write the JSON lists the Dataset reads (tutorial,
+    "Parse raw data").
+
+    voc_path holds Annotations/<id>.xml, ImageSets/Main/<split>.txt (one id a line) and JPEGImages/
+    (the image is the one the XML's <filename> names, else <id> with any image extension; see find_image).
     Writes, in `output_folder`: TRAIN_images.json, TRAIN_objects.json, TEST_images.json,
     TEST_objects.json (entry i: {"boxes": [[x_min, y_min, x_max, y_max], ...] in pixels, "labels",
-    "difficulties"}, in the order of the split file) and label_map.json.
+    "difficulties"}, in the order of the split file) and label_map.json ({"background": 0, class: 1, ...}).
 
-    TRAIN comes from ImageSets/Main/<train_split>.txt (trainval: 292 images), TEST from
+    classes: the class names in label order (label 1, 2, ...): an object of another class is an error.
+    None: the classes of the annotations of both splits; in BCCD's order when they are all BCCD's (the
+    label map is then BCCD's, so that BCCD lists and checkpoints stay valid), else sorted by name,
+    ignoring case (str.casefold, then the name itself).
+
+    TRAIN comes from ImageSets/Main/<train_split>.txt (BCCD's trainval: 292 images), TEST from
     <test_split>.txt (test: 72). Every problem found is collected; if there is any, a UserError
     lists them all (one per line) and no file is written, so earlier lists stay as they were.
-    Returns a summary dict {split: {"images": n, "objects": n, per class: n}}.
+    Returns a summary dict {split: {"images": n, "objects": n, "classes": {name: n}}}.
     """
-    bccd_path = os.path.abspath(bccd_path)
-    errors, warnings, lists = [], [], {}
+    voc_path = os.path.abspath(voc_path)
+    given = None if classes is None else make_label_map(check_classes(classes))
+    missing = [d for d in ("Annotations", "JPEGImages") if not os.path.isdir(os.path.join(voc_path, d))]
+    if missing:
+        raise UserError(f"{voc_path}: no {' and no '.join(missing)} folder; a Pascal VOC dataset has Annotations/, "
+                        f"ImageSets/Main/ and JPEGImages/")
+    check_writable(output_folder, "--output-folder", folder=True, create=False)  # before the parsing, not after
+    errors, warnings, lists, listings, split_ids = [], [], {}, {}, {}
     for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
-        split_file = os.path.join(bccd_path, "ImageSets", "Main", split_name + ".txt")
+        split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
         if not os.path.isfile(split_file):
-            errors.append(f"{split_file}: split file not found")
+            errors.append(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
+                          f"create_data_lists.py --test-fraction 0.2)")
             continue
-        with open(split_file) as f:
-            ids = [line.split()[0] for line in f if line.strip()]
+        try:
+            with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
+                ids = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})")
+            continue
         if not ids:
             errors.append(f"{split_file}: empty split")
             continue
+        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+        if twice:
+            errors.append(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
+                          f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
+            continue
+        split_ids[split] = (split_name, set(ids))
         images, objects = [], []
         for image_id in ids:
-            xml_path = os.path.join(bccd_path, "Annotations", image_id + ".xml")
-            img_path = os.path.join(bccd_path, "JPEGImages", image_id + ".jpg")
+            xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
             if not os.path.isfile(xml_path):
                 errors.append(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
                 continue
-            if not os.path.isfile(img_path):
-                errors.append(f"{img_path}: image missing (annotated in {image_id}.xml)")
+            try:
+                root = read_annotation(xml_path)
+            except UserError as e:
+                errors.append(str(e))
+                continue
+            filename = (root.findtext("filename") or "").strip()
+            img_path = find_image(voc_path, image_id, filename, listings)
+            if img_path is None:
+                expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
+                errors.append(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image "
+                              f"extension> either)")
                 continue
             try:
                 with Image.open(img_path) as im:  # reads the header only
@@ -315,7 +481,7 @@ def create_data_lists(bccd_path, output_folder, train_split="trainval", test_spl
                 errors.append(f"{img_path}: not a readable image ({type(e).__name__})")
                 continue
             try:
-                objs, warns = parse_annotation(xml_path, image_size=size)
+                objs, warns = parse_annotation(xml_path, image_size=size, label_map=given, root=root)
             except UserError as e:
                 errors.append(str(e))
                 continue
@@ -324,26 +490,43 @@ def create_data_lists(bccd_path, output_folder, train_split="trainval", test_spl
             objects.append(objs)
         lists[split] = (images, objects)
 
+    if len(split_ids) == 2 and split_ids["TRAIN"][1] & split_ids["TEST"][1]:
+        shared = split_ids["TRAIN"][1] & split_ids["TEST"][1]
+        warnings.append(f"{len(shared)} image(s) are in both {split_ids['TRAIN'][0]}.txt (TRAIN) and "
+                        f"{split_ids['TEST'][0]}.txt (TEST): a score on TEST would be partly a training score")
     for w in dict.fromkeys(warnings):  # an image in both splits warns once
         print(f"warning: {w}", file=sys.stderr)
     if errors:
-        raise UserError(f"{len(errors)} problem(s) in {bccd_path}; no list written:\n" + "\n".join(errors))
+        raise UserError(f"{len(errors)} problem(s) in {voc_path}; no list written:\n" + "\n".join(errors))
 
+    label_map = given
+    if label_map is None:  # the annotations' classes; their labels are still names
+        found = {name for _, objects in lists.values() for o in objects for name in o["labels"]}
+        label_map = make_label_map(bccd_labels if found <= set(bccd_labels) else
+                                   sorted(found, key=lambda name: (name.casefold(), name)))
+        for _, objects in lists.values():
+            for o in objects:
+                o["labels"] = [label_map[name] for name in o["labels"]]
+    names = class_names(label_map)
     summary = {}
     for split, (images, objects) in lists.items():
-        counts = {name: sum(o["labels"].count(label_map[name]) for o in objects) for name in bccd_labels}
-        summary[split] = {"images": len(images), "objects": sum(counts.values()), **counts}
+        counts = {name: sum(o["labels"].count(label_map[name]) for o in objects) for name in names}
+        summary[split] = {"images": len(images), "objects": sum(counts.values()), "classes": counts}
 
     os.makedirs(output_folder, exist_ok=True)
-    for split, (images, objects) in lists.items():
-        write_json_atomic(images, os.path.join(output_folder, f"{split}_images.json"))
-        write_json_atomic(objects, os.path.join(output_folder, f"{split}_objects.json"))
-    write_json_atomic(label_map, os.path.join(output_folder, "label_map.json"))
+    files = {os.path.join(output_folder, f"{split}_{kind}.json"): data
+             for split, (images, objects) in lists.items() for kind, data in (("images", images), ("objects", objects))}
+    write_json_files_atomic({**files, os.path.join(output_folder, "label_map.json"): label_map})
 
     if verbose:
+        print(f"classes ({'--classes' if given else 'from the annotations'}): "
+              + ", ".join(f"{label} {name}" for name, label in label_map.items()))
         for split, s in summary.items():
-            per_class = ", ".join(f"{name} {s[name]}" for name in bccd_labels)
+            per_class = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
             print(f"{split}: {s['images']} images, {s['objects']} objects ({per_class})")
+        for name, n in summary["TRAIN"]["classes"].items():
+            if n == 0:
+                print(f"warning: no {name} object in TRAIN: the model cannot learn that class", file=sys.stderr)
         print(f"lists saved to {os.path.abspath(output_folder)}")
     return summary
 

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:  # `import utils, datasets` whatever the working d
 CLASSES = ("RBC", "WBC", "Platelets")
 # Objects are drawn as filled rectangles in their class colour, so a model can learn them.
 CLASS_COLORS = {"RBC": (200, 40, 40), "WBC": (60, 40, 200), "Platelets": (40, 170, 60)}
+OTHER_COLORS = ((230, 140, 20), (20, 20, 20), (20, 150, 150), (150, 20, 150), (120, 90, 30))  # other classes, in order
 
 
 def pytest_configure(config):
@@ -68,34 +69,41 @@ def annotation_xml(filename, size, objects):
     return "\n".join(parts) + "\n"
 
 
-def random_objects(rng, index, size):
-    """3-5 objects of 10-30% of the image side, one of each class at least, for the index-th image."""
+def random_objects(rng, index, size, classes=CLASSES):
+    """3-5 objects of 10-30% of the image side, of the classes in turn starting at the index-th, for the
+    index-th image (so with 3 classes, one of each at least)."""
     width, height = size
     objects = []
     for j in range(3 + int(rng.integers(0, 3))):
         w = max(2, int(width * rng.uniform(0.1, 0.3)))
         h = max(2, int(height * rng.uniform(0.1, 0.3)))
         x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-        objects.append({"name": CLASSES[(index + j) % 3], "box": [x, y, x + w, y + h], "difficult": 0})
+        objects.append({"name": classes[(index + j) % len(classes)], "box": [x, y, x + w, y + h], "difficult": 0})
     return objects
 
 
-def draw_image(rng, size, objects):
+def class_colors(classes=CLASSES):
+    """{class name: RGB} for drawing: BCCD's names get CLASS_COLORS, the others OTHER_COLORS in turn."""
+    others = [name for name in classes if name not in CLASS_COLORS]
+    return {name: CLASS_COLORS.get(name) or OTHER_COLORS[others.index(name) % len(OTHER_COLORS)] for name in classes}
+
+
+def draw_image(rng, size, objects, colors=CLASS_COLORS):
     """uint8 (H, W, 3): noisy pink background, each object a filled rectangle in its class colour."""
     width, height = size
     image = rng.integers(200, 240, (height, width, 3)).astype(np.uint8)
     image[..., 1] -= 40  # pinkish, like a stained smear
     for obj in objects:
-        if obj["name"].strip() not in CLASS_COLORS:
+        if obj["name"].strip() not in colors:
             continue
         x0, y0, x1, y1 = (int(round(float(v))) for v in obj["box"])
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         if x1 > x0 and y1 > y0:
-            image[y0:y1, x0:x1] = CLASS_COLORS[obj["name"].strip()]
+            image[y0:y1, x0:x1] = colors[obj["name"].strip()]
     return image
 
 
-def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0):
+def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0, classes=CLASSES):
     """Write a tiny BCCD-like VOC dataset at `root` and return `root` as a Path.
 
     Images are `image_id(i)` = BloodImage_00000, BloodImage_00001, ...: the first `n_trainval` make
@@ -106,6 +114,7 @@ def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0):
         x_max, y_max] (ints or floats, written as given; may be degenerate or reach outside),
         "difficult": 0 or 1, or None to leave the tag out (default 0)}.
     seed: seeds the random objects and pixels, so a call is reproducible.
+    classes: the class names of the random objects (written verbatim, UTF-8), each drawn in a colour of its own.
     To break the dataset (a malformed XML, a missing image, ...) change the files afterwards.
     """
     root = Path(root)
@@ -115,9 +124,10 @@ def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ids = [image_id(i) for i in range(n_trainval + n_test)]
     for i, name in enumerate(ids):
-        objs = objects[name] if name in objects else random_objects(rng, i, size)
-        (root / "Annotations" / f"{name}.xml").write_text(annotation_xml(f"{name}.jpg", size, objs))
-        Image.fromarray(draw_image(rng, size, objs)).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        objs = objects[name] if name in objects else random_objects(rng, i, size, classes)
+        (root / "Annotations" / f"{name}.xml").write_text(annotation_xml(f"{name}.jpg", size, objs), encoding="utf-8")
+        Image.fromarray(draw_image(rng, size, objs, class_colors(classes))).save(root / "JPEGImages" / f"{name}.jpg",
+                                                                                 quality=95)
     trainval, test = ids[:n_trainval], ids[n_trainval:]
     n_train = max(1, (3 * len(trainval)) // 4)
     splits = {"trainval": trainval, "test": test, "train": trainval[:n_train], "val": trainval[n_train:]}
@@ -157,7 +167,7 @@ def data_lists(bccd_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_voc(tmp_path):
     """Factory: tiny_voc(**options) makes a new tiny VOC dataset under tmp_path and returns its path.
-    Options as make_voc's (n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0)."""
+    Options as make_voc's (n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0, classes=CLASSES)."""
     made = []
 
     def make(**options):

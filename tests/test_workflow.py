@@ -548,21 +548,21 @@ def test_count_sweep_chooses_per_class_the_min_score_that_counts_best():
     sweep = eval_script.sweep_counts(counted, true)
     assert sweep["chosen"]["max_overlap"] == 0.4  # the first of the equally good ones
     assert sweep["chosen"]["min_score"] == {"RBC": 0.5, "WBC": 0.3, "Platelets": 0.1}  # lowest of ties
-    assert sweep["chosen"]["relative_error"] == {"RBC": 0, "WBC": 0, "Platelets": 0}
+    assert sweep["chosen"]["error"] == {"RBC": 0, "WBC": 0, "Platelets": 0}
     assert sweep["errors"][0.5]["RBC"][ms.index(0.1)] == pytest.approx(2.0)  # |3 - 1| x 2 images / 2 annotated
-    assert sweep["errors"][0.3]["Platelets"][0] == pytest.approx(2 / 1)  # none annotated: error / max(0, 1)
+    assert sweep["errors"][0.3]["Platelets"][0] == pytest.approx(1.0)  # none annotated: mean absolute error
 
 
 def test_counting_thresholds_come_from_the_checkpoint_or_the_tutorial(tmp_path):
     from detect import counting_defaults
-    assert counting_defaults({}) == (0.2, 0.5)
+    assert counting_defaults({}, bccd_labels) == (0.2, 0.5)
     recorded = {"count_thresholds": {"min_score": {"WBC": 0.3, "RBC": 0.55, "Platelets": 0.4}, "max_overlap": 0.45}}
-    assert counting_defaults(recorded) == ([0.55, 0.3, 0.4], 0.45)  # label order, whatever the dict's
+    assert counting_defaults(recorded, bccd_labels) == ([0.55, 0.3, 0.4], 0.45)  # label order, whatever the dict's
     for bad in ({"min_score": {"RBC": 0.5}, "max_overlap": 0.5}, {"min_score": {"RBC": 1.5, "WBC": 0.3,
                 "Platelets": 0.3}, "max_overlap": 0.5}, {"min_score": {"RBC": 0.5, "WBC": 0.3, "Platelets": 0.3},
                 "max_overlap": float("nan")}, "0.5"):
         with pytest.raises(UserError, match="bad.pt: unusable count_thresholds"):
-            counting_defaults({"count_thresholds": bad}, "bad.pt")
+            counting_defaults({"count_thresholds": bad}, bccd_labels, "bad.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,7 +736,8 @@ def test_detect_function_returns_the_original_size_annotated(random_checkpoint):
     changed = (pixels != 128).any(-1)
     ys, xs = changed.nonzero()
     assert abs(xs.min() - x0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5, ((xs.min(), ys.max()), (x0, y1))
-    color = hex_rgb(label_color_map[detect.rev_label_map[int(labels[0][0])]])
+    assert model.label_color_map == label_color_map  # BCCD's own colours
+    color = hex_rgb(model.label_color_map[model.rev_label_map[int(labels[0][0])]])
     assert (pixels[changed] == color).all(-1).any()  # drawn in its class colour
 
 
@@ -837,8 +838,7 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
 BAD_CHECKPOINTS = [("missing", "no such checkpoint file", None),
                    ("text", "", "pickled"),  # a text file holds no pickled objects: don't say it does
                    ("state_dict", "not a checkpoint of this project", None),
-                   ("wrong_shape", "", None),  # SSD300 with 5 classes saved with model_args of 4
-                   ("five_classes", "", None)]  # a consistent 5-class model: not this project's 3 classes + background
+                   ("wrong_shape", "", None)]  # SSD300 with 5 classes saved with model_args of 4
 # (script, case, arguments, what the message must say): bad flag values and missing data
 BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("train", "lr-negative", ["--lr", "-1"], "--lr"),
@@ -882,6 +882,21 @@ def test_bad_checkpoint_is_one_line_user_error(script, case, says, must_not_say,
     message = str(e.value)
     assert "\n" not in message and str(checkpoint) in message and says in message, message
     assert must_not_say is None or must_not_say not in message, message
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_checkpoint_of_other_classes_is_refused_on_bccd_lists(script, bad_checkpoints, lists4, tmp_path):
+    """A consistent model of 4 classes + background is a good checkpoint (detect.py counts the classes of any such
+    checkpoint: test_classes.py), but training or evaluating it on lists of BCCD's classes is refused, in one line
+    naming both sets of classes."""
+    module = SCRIPTS[script]
+    args = module.get_args_parser().parse_args(command_line(script, bad_checkpoints.five_classes, lists4, None, tmp_path))
+    with pytest.raises(UserError) as e:
+        module.main(args)
+    message = str(e.value)
+    assert "\n" not in message and str(bad_checkpoints.five_classes) in message, message
+    assert "RBC, WBC, Platelets, Lymphocyte" in message and str(lists4) in message and "label_map.json" in message
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("script, case, argv, says", BAD_FLAGS, ids=[f"{s}-{c}" for s, c, _, _ in BAD_FLAGS])
