@@ -51,9 +51,15 @@ class BCCDDataset(Dataset):
         self.label_map = check_label_map(self._read_json(label_map_path), label_map_path)
         self.images = self._read_json(os.path.join(data_folder, self.split + "_images.json"))
         self.objects = self._read_json(os.path.join(data_folder, self.split + "_objects.json"))
-        if len(self.images) != len(self.objects):
+        if not isinstance(self.images, list) or not all(isinstance(p, str) for p in self.images):
+            raise UserError(f"{os.path.join(data_folder, self.split + '_images.json')}: not a list of image paths; run "
+                            f"create_data_lists.py again")
+        if not isinstance(self.objects, list) or len(self.images) != len(self.objects):
             raise UserError(f"{data_folder}: {self.split}_images.json has {len(self.images)} entries but "
-                            f"{self.split}_objects.json has {len(self.objects)}; run create_data_lists.py again")
+                            f"{self.split}_objects.json has {len(self.objects) if isinstance(self.objects, list) else 'no list of'}"
+                            f"; run create_data_lists.py again")
+        for i, objects in enumerate(self.objects):
+            self._check_entry(i, objects)
         self._cache = None
         if cache_images:
             self.cache()
@@ -61,6 +67,26 @@ class BCCDDataset(Dataset):
     def cache(self):
         """Decode every image now and keep it in memory; DataLoader workers started after that share the cache."""
         self._cache = [load_image(path) for path in self.images]
+
+    def _check_entry(self, i, objects):
+        """An entry of the objects list as create_data_lists writes it, else a UserError naming the file and entry:
+        a damaged or hand-edited list fails here, in one line, not later in a DataLoader worker or as a nan loss."""
+        path = os.path.join(self.data_folder, self.split + "_objects.json")
+        where = f"{path}: entry {i} ({os.path.basename(self.images[i])})"
+        try:
+            boxes, labels, difficulties = objects["boxes"], objects["labels"], objects["difficulties"]
+            ok = (len(boxes) == len(labels) == len(difficulties)
+                  and all(isinstance(l, int) and not isinstance(l, bool) for l in labels + difficulties))
+            boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4) if ok else None
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{where}: not {{'boxes': [[x_min, y_min, x_max, y_max], ...], 'labels': [int, ...], "
+                            f"'difficulties': [0 or 1, ...]}}; run create_data_lists.py again")
+        if not torch.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
+            raise UserError(f"{where}: a box is not finite or has no area; run create_data_lists.py again")
+        if any(not 0 < l < len(self.label_map) for l in labels):
+            raise UserError(f"{where}: a label outside 1-{len(self.label_map) - 1}, the classes of label_map.json")
 
     @staticmethod
     def _read_json(path):

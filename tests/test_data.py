@@ -887,3 +887,24 @@ def test_unreadable_image_is_a_user_error_naming_it(tiny_lists, damage):
         dataset[(2, 0)]
     with pytest.raises(UserError, match=re.escape(str(path))):
         BCCDDataset(tiny_lists, "train", cache_images=True)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda o: o[0]["boxes"][0].__setitem__(0, float("nan")), "a box is not finite or has no area"),
+    (lambda o: o[0]["boxes"][0].__setitem__(2, -1), "a box is not finite or has no area"),
+    (lambda o: o[0]["labels"].__setitem__(0, 9), "a label outside 1-3"),
+    (lambda o: o[0]["labels"].__setitem__(0, 1.5), "not {'boxes'"),
+    (lambda o: o[0].pop("difficulties"), "not {'boxes'"),
+    (lambda o: o[0]["boxes"].append([1, 2, 3]), "not {'boxes'"),
+    (lambda o: o.__setitem__(0, "x"), "not {'boxes'"),
+], ids=["nan", "no-area", "label-9", "label-float", "no-difficulties", "box-of-3", "not-a-dict"])
+def test_damaged_list_entry_is_one_line_naming_file_and_entry(damage, says, tiny_voc, tmp_path):
+    lists = tmp_path / "lists"
+    create_data_lists(tiny_voc(), lists, verbose=False)
+    objects = json.loads((lists / "TRAIN_objects.json").read_text())
+    damage(objects)
+    (lists / "TRAIN_objects.json").write_text(json.dumps(objects))
+    with pytest.raises(UserError) as e:
+        BCCDDataset(lists, "train")
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{lists / 'TRAIN_objects.json'}: entry 0 ("), str(e.value)
+    assert says in str(e.value)
