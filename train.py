@@ -29,7 +29,7 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, create_data_lists, init_distributed, label_map, load_checkpoint,
-                   normalize, run_cli, save_atomic)
+                   median_image_size, normalize, run_cli, save_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -182,6 +182,7 @@ def train(args, rank, world, device):
     if world > 1:
         dist.barrier()
     train_set = BCCDDataset(args.data_folder, "train", cache_images=args.cache_images, max_zoom=args.max_zoom)
+    field = median_image_size(train_set.images)  # (width, height) of the training images: detect.py tiles larger ones
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
     steps_per_epoch = len(EpochBatches(sampler, args.batch_size, drop_last, epochs=range(1)))
@@ -293,7 +294,8 @@ def train(args, rank, world, device):
             if (epoch + 1) % args.checkpoint_every == 0 or last:
                 save_atomic({"model": raw_model.state_dict(), "model_args": model_args,
                              "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration,
-                             "args": vars(args), "label_map": label_map}, os.path.join(args.out_dir, "checkpoint.pt"))
+                             "args": vars(args), "label_map": label_map, "field": list(field)},
+                            os.path.join(args.out_dir, "checkpoint.pt"))
         if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
             dist.barrier()
     bar.close()

@@ -44,7 +44,7 @@ from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, bccd_labels, bf16_is_
                    create_data_lists, label_color_map, label_map)
 from datasets import BCCDDataset
 
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "field"}
 # A schedule that does not depend on the length of the run, so that a run stopped early and resumed
 # can be compared with one run straight through: 2 iterations of linear warm-up from lr/10, then lr
 # (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
@@ -216,6 +216,7 @@ def test_checkpoint_is_plain_data_that_rebuilds_the_model(straight_run):
     json.dumps({k: ckpt[k] for k in ("model_args", "epoch", "iteration", "args", "label_map")})  # plain data
     assert ckpt["label_map"] == label_map
     assert ckpt["args"]["batch_size"] == 2 and ckpt["args"]["lr"] == LR
+    assert ckpt["field"] == [64, 48]  # the median size of the TRAIN images, for detect.py's tiling
 
     model = SSD300.from_checkpoint(ckpt)  # nothing else needed
     assert_same(model.state_dict(), ckpt["model"], "model")
