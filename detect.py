@@ -1,6 +1,7 @@
 """Detect and count blood cells in images (tutorial, "Inference").
 
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
+    $ python detect.py --checkpoint runs/ssd300/checkpoint.pt scan-4k.jpg --rbc-width 160   # red cells ~160 px wide
 
 Writes, in --output-dir, each image annotated with its detections, counts.csv (image, RBC, WBC,
 Platelets) and detections.json (boxes in pixels of the original image, labels, scores), and prints
@@ -8,28 +9,51 @@ the counts. Takes image files and folders (searched recursively); any image PIL 
 whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
 skipped; the exit status is then 1.
 
+The model sees 300x300 pixels. An image much larger than the field it was trained on (BCCD's
+640x480) is cut into overlapping windows of that field's size (x --scale, for cells that appear
+larger or smaller than in BCCD), which go through the model in batches, and their detections are
+merged into one set for the image (tile_windows, merge_windows); --tile off resizes every image whole.
+
 From Python, as in the tutorial:
     from PIL import Image
-    from detect import detect, load_model
+    from detect import detect, detect_image, load_model
     model = load_model("runs/ssd300/checkpoint.pt")
     detect(Image.open("smear.jpg"), min_score=0.2, max_overlap=0.5, top_k=200, model=model).show()
+    boxes, labels, scores = detect_image(Image.open("scan-4k.jpg"), model, scale=1.5)  # boxes in pixels
 """
 import argparse
 import csv
 import io
+import math
 import os
+import re
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, label_color_map, load_checkpoint, normalize, pil_to_tensor,
-                   resize, resolve_device, rev_label_map, run_cli, write_json_atomic, write_text_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, find_intersection, label_color_map, load_checkpoint, normalize,
+                   pil_to_tensor, resize, resize_placement, resolve_device, rev_label_map, run_cli, window_boxes_to_image,
+                   write_json_atomic, write_text_atomic)
 
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
+# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
+# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
+BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
+LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
+RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
+EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
+# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
+OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
+TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
+COVERED = 0.5  # a cut box with at least this fraction of its area inside a whole box of its class is that cell
 
 
 def get_args_parser():
@@ -40,9 +64,17 @@ def get_args_parser():
     p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
     p.add_argument("--min-score", type=float, default=0.2, help="keep detections scoring above this")
     p.add_argument("--max-overlap", type=float, default=0.5, help="NMS: suppress boxes overlapping a better one by more (IoU)")
-    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 16 on CUDA; 1 on "
-                   "a CPU, where it is the fastest per image)")
+    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
+                   "of a tiled image)")
+    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
+                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
+                   "WxH: windows of W x H pixels")
+    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
+                   "(default 1: as large); the windows follow")
+    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
+                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
+    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
+                   "CUDA; 1 on a CPU, where it is the fastest per image)")
     p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
                    "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -52,8 +84,17 @@ def get_args_parser():
 
 
 def load_model(checkpoint, device="cpu"):
-    """The model of a train.py checkpoint, on `device`, ready for inference (eval mode, BatchNorm folded)."""
-    model = SSD300.from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    """The model of a train.py checkpoint, on `device`, ready for inference (eval mode, BatchNorm folded).
+
+    model.field is the (width, height) of the images it was trained on (the checkpoint's record; BCCD_FIELD
+    for checkpoints older than the record): detect_image tiles larger images with windows of that size.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model = SSD300.from_checkpoint(ckpt, checkpoint)
+    field = ckpt.get("field", BCCD_FIELD)
+    if not (isinstance(field, (list, tuple)) and len(field) == 2 and all(isinstance(v, int) and v > 0 for v in field)):
+        raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels, not {field!r}")
+    model.field = tuple(field)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
@@ -108,15 +149,224 @@ def to_pixels(boxes, width, height):
     return boxes * boxes.new_tensor([width, height, width, height])
 
 
-def detect(original_image, min_score=0.2, max_overlap=0.5, top_k=200, *, model, amp=None):
+# ---------------------------------------------------------------------------------------------
+# large images: windows of the training field, through the model in batches, merged back
+# ---------------------------------------------------------------------------------------------
+
+class Tiling(NamedTuple):
+    """Windows of `window` (width, height) pixels whose neighbours overlap by at least `overlap` pixels; a box
+    within `margin` pixels of a window edge inside the image is cut by it."""
+    window: tuple
+    overlap: int
+    margin: float
+
+
+def check_scale(scale, flag=None):
+    if not (isinstance(scale, (int, float)) and 0.1 <= scale <= 100):
+        raise UserError(f"{flag or '--scale ' + repr(scale)}: cells must be 0.1 to 100 times as large as BCCD's (red "
+                        f"cells {RBC_WIDTH / 10:g} to {RBC_WIDTH * 100:g} px wide)")
+
+
+def tiling(field, tile="auto", scale=1.0):
+    """How to cut images for a model trained on images of `field` (width, height): a Tiling, or None (tile 'off').
+
+    tile: 'auto' (windows of the field x scale), 'off', or a window (width, height), also as the text 'WxH'.
+    scale: cells appear this many times as large as in the training images (see rbc_scale); with a window
+    given, the scale is the larger of its ratios to the field. The overlap and the edge margin grow with
+    the scale, as cells do. Bad values raise a one-line UserError.
+    """
+    check_scale(scale)
+    given = tile
+    if isinstance(tile, str) and tile not in ("auto", "off"):
+        m = re.fullmatch(r"(\d+)x(\d+)", tile.strip().lower())
+        tile = (int(m[1]), int(m[2])) if m else None
+    if tile not in ("auto", "off") and not (isinstance(tile, (tuple, list)) and len(tile) == 2
+                                            and all(isinstance(v, int) and v >= 1 for v in tile)):
+        raise UserError(f"--tile must be auto, off or WIDTHxHEIGHT in pixels (e.g. 1280x960), not {given!r}")
+    if tile == "off":
+        return None
+    if tile == "auto":
+        window = (round(field[0] * scale), round(field[1] * scale))
+    elif scale != 1:
+        raise UserError("give a window (--tile WxH) or a scale (--scale, --rbc-width), not both")
+    else:
+        window = tuple(tile)
+        scale = max(window[0] / field[0], window[1] / field[1])
+    share = field_share(field)
+    overlap = math.ceil(OVERLAP * share * scale)
+    if overlap >= min(window):
+        raise UserError(f"windows of {window[0]}x{window[1]} px must be larger than their overlap, {overlap} px (the "
+                        f"largest BCCD cell and two edge margins, {OVERLAP} px of a BCCD field, at scale {scale:.3g})")
+    return Tiling(window, overlap, EDGE_MARGIN * share * scale)
+
+
+def field_share(field):
+    """Pixels of a training field (width, height) per pixel of BCCD's: cells fill the same share of it."""
+    return min(field[0] / BCCD_FIELD[0], field[1] / BCCD_FIELD[1])
+
+
+def rbc_scale(rbc_width, field=BCCD_FIELD):
+    """The scale at which a red cell is rbc_width pixels wide, for a model trained on images of `field`."""
+    return rbc_width / (RBC_WIDTH * field_share(field))
+
+
+def window_starts(length, size, overlap):
+    """Where windows of `size` start along an image side of `length`, neighbours overlapping by >= `overlap`.
+
+    The fewest windows that do, evenly spread: the first at 0, the last flush with the far border, the
+    steps differing by at most a pixel. A side no longer than a window gets one window, centred on it.
+    """
+    if length <= size:
+        return [-((size - length) // 2)]
+    n = math.ceil((length - size) / (size - overlap)) + 1
+    return [i * (length - size) // (n - 1) for i in range(n)]
+
+
+def tile_windows(width, height, tiles):
+    """The windows (x_min, y_min, x_max, y_max) of a width x height image, or None if it is resized whole.
+
+    The rule: an image more than TILE_ABOVE times as wide or as tall as a window is tiled (an image of the
+    training field's size, or up to 1.25 times it, is resized whole as before: the plain path shrinks its
+    cells by at most a fifth). Along each side, window_starts. On a side shorter than a window (a long,
+    narrow image) the window reaches past the image, and resize() fills the outside with the ImageNet mean,
+    like training's zoom-out: cells keep their size.
+    """
+    if tiles is None:
+        return None
+    (w, h), overlap = tiles.window, tiles.overlap
+    if width <= TILE_ABOVE * w and height <= TILE_ABOVE * h:
+        return None
+    return [(x, y, x + w, y + h) for y in window_starts(height, h, overlap) for x in window_starts(width, w, overlap)]
+
+
+def prepare(image, tiles):
+    """uint8 (3, H, W) -> (windows or None, the model's inputs uint8 (n, 3, 300, 300)): n windows of a tiled
+    image, or the whole image resized (windows None), exactly as preprocess() does it."""
+    _, h, w = image.shape
+    windows = tile_windows(w, h, tiles)
+    if windows is None:
+        return None, preprocess(image)[None]
+    no_boxes = image.new_zeros(0, 4, dtype=torch.float)
+    return windows, torch.stack([resize(image, window, no_boxes)[0] for window in windows])
+
+
+def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overlap):
+    """One image's detections from those of its windows: (boxes (n, 4) in pixels of the image, labels (n,),
+    scores (n,)), by decreasing score.
+
+    boxes, labels, scores: lists over the windows, as detect_objects gives them (boxes fractional).
+    1. Boxes go back to pixels of the image (the inverse of resize's mapping), clipped to it; a box on the
+       canvas around an image narrower than a window is dropped.
+    2. A box within `margin` of a window edge that lies inside the image is cut: the window may cut its
+       cell. The overlap guarantees that a cell up to LARGEST_CELL is whole, away from the edges, in some
+       window; so a cut box is dropped when a whole box of its class covers it (COVERED of its area inside
+       it), and so is one that a larger cut box of its class covers: of the parts of a cell that no whole box
+       covers (a cell larger than the overlap, which no window sees whole, or one the model missed where it
+       was whole) the largest is kept, and any that does not overlap it. The image's own border cuts
+       nothing: cells there are cut by the image, as in BCCD, which annotates them.
+    3. Class-wise NMS at max_overlap across windows (within each, detect_objects did it already): a cell
+       that two windows see whole is counted once.
+    """
+    counts = torch.tensor([len(b) for b in boxes])
+    frac, labels, scores = torch.cat(boxes).float().cpu(), torch.cat(labels).cpu(), torch.cat(scores).cpu()
+    placements = [resize_placement(window, image_size) for window in windows]
+    visible, placed = (torch.tensor([p[k] for p in placements], dtype=torch.float).repeat_interleave(counts, 0)
+                       for k in (0, 1))  # (K, 4) each: every box's window's
+    pixels = window_boxes_to_image(frac, visible, placed)  # (K, 4)
+    win = torch.tensor(windows, dtype=torch.float).repeat_interleave(counts, 0)  # (K, 4)
+    interior = torch.cat([win[:, :2] > 0, win[:, 2:] < win.new_tensor(image_size)], 1)  # (K, 4) edges inside the image
+    near = torch.cat([pixels[:, :2] < win[:, :2] + margin, pixels[:, 2:] > win[:, 2:] - margin], 1)
+    on_image = (pixels[:, 2:] > pixels[:, :2]).all(1)
+    cut = (interior & near).any(1) & on_image
+    keep = on_image & ~cut
+    idx = on_image.nonzero().squeeze(1)  # the boxes that may cover a cut one
+    area = box_area(pixels)  # (K,)
+    key = torch.where(cut[idx], area[idx] - area.sum() - 1, area[idx])  # whole boxes first, then cut ones by size
+    rank = torch.empty_like(idx)
+    rank[torch.argsort(key, descending=True, stable=True)] = torch.arange(len(idx))  # a box may cover those after it
+    for chunk in cut.nonzero().squeeze(1).split(max(1, 2 ** 22 // max(1, len(idx)))):  # (chunk, idx) matrices <= 4M
+        inside = find_intersection(pixels[chunk], pixels[idx]) >= COVERED * area[chunk, None]
+        covered = inside & (labels[chunk, None] == labels[idx]) & (rank[None] < rank[torch.searchsorted(idx, chunk), None])
+        keep[chunk] = ~covered.any(1)
+    idx = keep.nonzero().squeeze(1)
+    idx = idx[batched_nms(pixels[idx], scores[idx], labels[idx], max_overlap)]  # by decreasing score
+    return pixels[idx], labels[idx], scores[idx]
+
+
+def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap=0.5, top_k=200, amp=True):
+    """Detections for a stream of prepared images, whose windows go through the model batch_size at a time
+    (those of consecutive images share batches: an image of the training field's size is one window).
+
+    items: iterable of (key, (width, height), windows, inputs) with (windows, inputs) from prepare(image, tiles).
+    Yields (key, boxes (n, 4) in pixels of the image, labels (n,), scores (n,)) for each item, in order. top_k
+    applies to each model input: an image resized whole, or a window.
+    """
+    waiting, queue, done = [], [], ([], [], [])  # images not yet yielded; inputs not yet run; outputs per input
+
+    def run(n):
+        dets = predict(model, torch.stack(queue[:n]), min_score, max_overlap, top_k, amp)
+        del queue[:n]
+        for store, outputs in zip(done, dets):
+            store.extend(x.cpu() for x in outputs)
+
+    def finished():
+        while waiting and len(done[0]) >= (1 if waiting[0][2] is None else len(waiting[0][2])):
+            key, (width, height), windows = waiting.pop(0)
+            n = 1 if windows is None else len(windows)
+            boxes, labels, scores = (d[:n] for d in done)
+            for d in done:
+                del d[:n]
+            if windows is None:  # resized whole, as the tutorial does
+                yield key, to_pixels(boxes[0], width, height), labels[0], scores[0]
+            else:
+                yield key, *merge_windows(boxes, labels, scores, windows, (width, height), tiles.margin, max_overlap)
+
+    for key, size, windows, inputs in items:
+        waiting.append((key, size, windows))
+        queue.extend(inputs.unbind(0))
+        while len(queue) >= batch_size:
+            run(batch_size)
+            yield from finished()
+    if queue:
+        run(len(queue))
+    yield from finished()
+
+
+def default_batch_size(device):
+    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
+
+
+def detect_image(image, model, min_score=0.2, max_overlap=0.5, top_k=200, tile="auto", scale=1.0, amp=None,
+                 batch_size=None):
+    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
+    by decreasing score, on the CPU.
+
+    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
+    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
+    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
+    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
+    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
+    window when tiled).
+    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
+    """
+    device = next(model.parameters()).device
+    amp = bf16_is_fast(device) if amp is None else amp
+    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
+    windows, inputs = prepare(pil_to_tensor(image), tiles)
+    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
+                                                 batch_size or default_batch_size(device), min_score, max_overlap,
+                                                 top_k, amp)
+    return boxes, labels, scores
+
+
+def detect(original_image, min_score=0.2, max_overlap=0.5, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
     """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
 
-    model: from load_model(). Returns a new PIL image with one colour per class, label and score.
+    model: from load_model(). Returns a new PIL image with one colour per class, label and score. A large
+    image is tiled (tile, scale: see detect_image).
     """
-    amp = bf16_is_fast(next(model.parameters()).device) if amp is None else amp
-    image = pil_to_tensor(original_image)
-    boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
-    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores)
+    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
+    return annotate(original_image, boxes, labels, scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +388,11 @@ def find_images(inputs):
 
 
 class ImageFiles(Dataset):
-    """Reads and preprocesses image files; an unreadable file yields its error message instead."""
+    """Reads and prepares image files (prepare(image, tiles)); an unreadable file yields its error message instead."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, tiles=None):
         self.paths = paths
+        self.tiles = tiles
 
     def __len__(self):
         return len(self.paths)
@@ -152,7 +403,7 @@ class ImageFiles(Dataset):
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds: report and go on
             return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-        return i, image, preprocess(image)
+        return i, image, prepare(image, self.tiles)
 
     @staticmethod
     def collate_fn(batch):
@@ -179,6 +430,19 @@ def check_args(args):
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
     if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be positive and --workers >= 0")
+    if args.scale is not None and args.rbc_width is not None:
+        raise UserError("give --scale or --rbc-width, not both")
+    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
+        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
+    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
+
+
+def tile_settings(args, field):
+    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
+    if args.rbc_width is None:
+        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
+    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
+    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
 
 
 def main(args):
@@ -198,29 +462,32 @@ def main(args):
                         f"choose another folder")
     os.makedirs(args.output_dir, exist_ok=True)
 
-    batch_size = args.batch_size or (16 if device.type == "cuda" else 1)
+    tiles = tile_settings(args, model.field)
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    loader = DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
-                        collate_fn=ImageFiles.collate_fn)
+    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers, collate_fn=ImageFiles.collate_fn)
+
+    def readable():  # the unreadable files are reported at the end
+        for i, image, prepared in loader:
+            if image is None:
+                errors.append(prepared)
+            else:
+                yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
+
     counts, records = [], []
     start = time.perf_counter()
-    for batch in loader:
-        good = [(i, image, x) for i, image, x in batch if image is not None]
-        errors += [x for _, image, x in batch if image is None]
-        if not good:
-            continue
-        dets = predict(model, torch.stack([x for _, _, x in good]), args.min_score, args.max_overlap, args.top_k, amp)
-        for (i, image, _), boxes, labels, scores in zip(good, *dets):
-            _, h, w = image.shape
-            boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
-            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            annotate(pil, boxes, labels, scores).save(os.path.join(args.output_dir, names[i]), quality=90)
-            n = torch.bincount(labels, minlength=len(bccd_labels) + 1).tolist()
-            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(bccd_labels)}})
-            records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
-                            "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
-                            "labels": [rev_label_map[l] for l in labels.tolist()],
-                            "scores": [round(s, 4) for s in scores.tolist()]})
+    for (i, image, windows), boxes, labels, scores in detect_windows(
+            model, readable(), tiles, args.batch_size or default_batch_size(device), args.min_score, args.max_overlap,
+            args.top_k, amp):
+        _, h, w = image.shape
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        annotate(pil, boxes, labels, scores).save(os.path.join(args.output_dir, names[i]), quality=90)
+        n = torch.bincount(labels, minlength=len(bccd_labels) + 1).tolist()
+        counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(bccd_labels)}})
+        records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
+                        "windows": 1 if windows is None else len(windows),
+                        "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
+                        "labels": [rev_label_map[l] for l in labels.tolist()],
+                        "scores": [round(s, 4) for s in scores.tolist()]})
     seconds = time.perf_counter() - start
 
     buf = io.StringIO()
