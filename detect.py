@@ -353,7 +353,7 @@ def default_batch_size(device):
 def detect_image(image, model, min_score=0.2, max_overlap=0.5, top_k=200, tile="auto", scale=1.0, amp=None,
                  batch_size=None):
     """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
-    by decreasing score, on the CPU.
+    CPU tensors, by decreasing score.
 
     An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
     scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
