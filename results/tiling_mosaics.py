@@ -15,7 +15,7 @@ Detections come from detect.detect_image, as detect.py makes them; each window's
 both settings. Writes --output (JSON: the figures, command, commit, date, device) and prints a table.
 A mosaic has seams that a real large image has not: a window across one sees the borders of two images
 side by side, and the cells they cut, which each source image shows at its border.
-About 500 forward passes with the defaults (4 minutes on an idle 2-core CPU, seconds on a GPU).
+About 500 forward passes with the defaults: one per window and source image (the two settings share them).
 """
 import argparse
 import hashlib
