@@ -13,9 +13,14 @@ included, beside the fixed batch's; on CUDA only by default, a CPU takes minutes
 train.py and restarted every epoch), parts (ms of MultiBoxLoss,
 detect_objects and calculate_mAP beside torchvision's matching + loss and post-processing) and
 folder (detect.py over a folder of images vs a plain fp32 torchvision loop that loads, detects,
-draws and saves each image; whole commands, and their loops without Python's and torch's start-up). Both models get the same images and the same precision (--amp: bf16
-autocast); ours also uses channels-last, one of its speed levers. Weights are random unless
---checkpoint is given; timings of different machines must not be compared.
+draws and saves each image; whole commands, and their loops without Python's and torch's start-up) and
+tiling (seconds per megapixel of detect.detect_image on mosaics of TEST images of --tiling-sizes,
+tiled into windows of BCCD's field vs resized whole; ours only, not run by default). Both models get
+the same images and the same precision (--amp: bf16 autocast); ours also uses channels-last, one of
+its speed levers. Weights are random unless --checkpoint is given; timings of different machines
+must not be compared.
+
+    $ python bench.py --only tiling --device cpu --checkpoint runs/ssd300/checkpoint.pt   # tiled vs whole, s/MP
 """
 import argparse
 import json
@@ -29,17 +34,18 @@ import time
 
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from detect import predict
+from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
 from model import SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, calculate_mAP, check_writable, label_map, load_checkpoint, normalize,
                    resolve_device, run_cli, run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
-PARTS = ("train", "pipeline", "infer", "data", "parts", "folder")
+PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling")
 
 
 def get_args_parser():
@@ -48,7 +54,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these measurements "
-                   "(default: all but folder, which needs --checkpoint)")
+                   "(default: all but folder, which needs --checkpoint, and tiling)")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
     p.add_argument("--checkpoint", default=None, help="use these weights for ours (folder, and an extra inference row)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 32 on CUDA, 8 on CPU)")
@@ -60,6 +66,8 @@ def get_args_parser():
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
+    p.add_argument("--tiling-sizes", nargs="+", default=["640x480", "1280x960", "1920x1080", "3840x2160"],
+                   metavar="WxH", help="image sizes for the tiling measurement (mosaics of TEST images)")
     return p
 
 
@@ -395,8 +403,37 @@ print(time.perf_counter() - start)
                                            "ours_over_torchvision": round(loop_ours / loop_tv, 3)}}
 
 
+def bench_tiling(args, device, amp, out):
+    """Seconds per megapixel of detect_image at detect.py's defaults on mosaics of TEST images (cells at BCCD's
+    size), tiled (windows of BCCD's field, batch 1 on a CPU) and resized whole (--tile off): ours only."""
+    if args.checkpoint:
+        model = load_model(args.checkpoint, device)
+    else:
+        model = SSD300(n_classes=len(label_map), base_weights=None, batch_norm=args.batch_norm)
+        model = model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
+    sources = [Image.open(p).convert("RGB") for p in BCCDDataset(args.data_folder, "test").images[:16]]
+    result = {}
+    for size in args.tiling_sizes:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--tiling-sizes: {size!r} is not WIDTHxHEIGHT") from None
+        image, k = Image.new("RGB", (width, height)), 0
+        for y in range(0, height, sources[0].height):  # TEST images side by side, as many as fill it
+            for x in range(0, width, sources[0].width):
+                image.paste(sources[k % len(sources)], (x, y))
+                k += 1
+        windows = tile_windows(width, height, tiling(getattr(model, "field", BCCD_FIELD)))
+        t_tiled, t_whole = (timeit(lambda tile=tile: detect_image(image, model, tile=tile, amp=amp), device, args.iters,
+                                   warmup=1) for tile in ("auto", "off"))
+        mp = width * height / 1e6
+        result[size] = {"megapixels": round(mp, 3), "windows": 1 if windows is None else len(windows),
+                        "tiled_s_per_mp": round(t_tiled / mp, 3), "whole_s_per_mp": round(t_whole / mp, 3),
+                        "tiled_over_whole": round(t_tiled / t_whole, 2)}
+    out["tiling_seconds_per_megapixel"] = result
+
+
 def print_table(out):
-    print(f"\n{'measurement':<34}{'ours':>12}{'torchvision':>14}{'ratio':>9}")
     rows = []
     if "train_images_per_s" in out:
         t = out["train_images_per_s"]
@@ -429,13 +466,20 @@ def print_table(out):
         rows.append((f"detect.py on {t['images']} images, s", t["ours"], t["torchvision"], t["ours_over_torchvision"]))
         loop = t["loop_only"]
         rows.append(("  its loop, without start-up, s", loop["ours"], loop["torchvision"], loop["ours_over_torchvision"]))
+    if rows:
+        print(f"\n{'measurement':<34}{'ours':>12}{'torchvision':>14}{'ratio':>9}")
     for name, a, b, r in rows:
         print(f"{name:<34}{a:>12}{b:>14}{r:>9}")
     if "train_fraction_of_bf16_peak" in out:
         print(f"training reaches {out['train_tflops']} TFLOP/s, {100 * out['train_fraction_of_bf16_peak']:.1f}% of the "
               f"card's dense bf16 peak ({out['model_gmacs_per_image']} GMAC per image forward)")
-    print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder seconds; "
-          "train.py / fixed batch for train.py images/s")
+    if rows:
+        print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder "
+              "seconds; train.py / fixed batch for train.py images/s")
+    if "tiling_seconds_per_megapixel" in out:
+        print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
+        for size, t in out["tiling_seconds_per_megapixel"].items():
+            print(f"{size:<34}{t['windows']:>9}{t['tiled_s_per_mp']:>9}{t['whole_s_per_mp']:>9}{t['tiled_over_whole']:>9}")
 
 
 def check_args(args):
@@ -469,7 +513,7 @@ def main(args):
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 2)
-    only = args.only or [p for p in PARTS if p != "folder" and (cuda or p != "pipeline")]
+    only = args.only or [p for p in PARTS if p not in ("folder", "tiling") and (cuda or p != "pipeline")]
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -479,7 +523,8 @@ def main(args):
              "infer": lambda: bench_infer(args, device, amp, channels_last, out),
              "data": lambda: bench_data(args, device, out),
              "parts": lambda: bench_parts(args, device, amp, out),
-             "folder": lambda: bench_folder(args, device, out)}
+             "folder": lambda: bench_folder(args, device, out),
+             "tiling": lambda: bench_tiling(args, device, amp, out)}
     for name in PARTS:
         if name in only:
             print(f"measuring {name} ...", flush=True)

@@ -2,38 +2,65 @@
 
     $ python detect.py img/                  # count cells with the shipped model (weights/ssd300_bccd.pt)
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt smear1.jpg smears/ --output-dir detections
+    $ python detect.py --checkpoint runs/ssd300/checkpoint.pt scan-4k.jpg --rbc-width 160   # red cells ~160 px wide
 
 Writes, in --output-dir, each image annotated with its detections, counts.csv (image, then one
 column per class of the checkpoint: RBC, WBC, Platelets for BCCD; UTF-8) and detections.json (boxes
-in pixels of the original image, labels, scores), and prints the counts. Takes image files and
-folders (searched recursively); any image PIL opens works, whatever its mode, bit depth, EXIF
-orientation or size. A file that cannot be read is reported and skipped; the exit status is then 1.
+in pixels of the original image, labels, scores), and prints the counts. Takes image files and folders (searched recursively); any image PIL opens works,
+whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
+skipped; the exit status is then 1.
+
+The model sees 300x300 pixels. An image much larger than the field it was trained on (BCCD's
+640x480) is cut into overlapping windows of that field's size (x --scale, for cells that appear
+larger or smaller than in BCCD), which go through the model in batches, and their detections are
+merged into one set for the image (tile_windows, merge_windows); --tile off resizes every image whole.
+
+counts.csv and detections.json are written as the images are done: a run that is interrupted (Ctrl-C,
+SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run.
 
 From Python, as in the tutorial:
     from PIL import Image
-    from detect import detect, load_model
+    from detect import detect, detect_image, load_model
     model = load_model()                     # the shipped model; or load_model("runs/ssd300/checkpoint.pt")
     detect(Image.open("smear.jpg"), model=model).show()   # at the model's counting thresholds
+    boxes, labels, scores = detect_image(Image.open("scan-4k.jpg"), model, scale=1.5)  # boxes in pixels
 """
 import argparse
 import csv
-import io
+import json
+import math
 import os
+import re
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
-from utils import (UserError, bf16_is_fast, class_names, image_extensions, load_checkpoint, normalize, pil_to_tensor,
-                   resize, resolve_device, run_cli, write_json_atomic, write_text_atomic)
+from utils import (UserError, bf16_is_fast, check_writable, class_names, find_intersection, image_extensions,
+                   load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device, run_cli,
+                   window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
 # The tutorial's detection thresholds, used for checkpoints that record no counting thresholds of their own
 TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP = 0.2, 0.5
+
+# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
+# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
+# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
+BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
+LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
+RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
+EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
+# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
+OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
+TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
+COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
 
 def get_args_parser():
@@ -48,9 +75,17 @@ def get_args_parser():
                    f"the checkpoint, chosen for counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
     p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
                    f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
-    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 16 on CUDA; 1 on "
-                   "a CPU, where it is the fastest per image)")
+    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
+                   "of a tiled image)")
+    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
+                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
+                   "WxH: windows of W x H pixels")
+    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
+                   "(default 1: as large); the windows follow")
+    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
+                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
+    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
+                   "CUDA; 1 on a CPU, where it is the fastest per image)")
     p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
                    "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -94,8 +129,13 @@ def counting_defaults(ckpt, classes, source="checkpoint"):
 
 def load_model(checkpoint=None, device="cpu"):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
-    BatchNorm folded). It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
-    model.label_color_map; and its counting thresholds: model.min_score, model.max_overlap (counting_defaults)."""
+    BatchNorm folded).
+
+    It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
+    model.label_color_map; its counting thresholds: model.min_score, model.max_overlap (counting_defaults); and
+    model.field, the (width, height) of the images it was trained on (the checkpoint's record; BCCD_FIELD for
+    checkpoints older than the record): detect_image tiles larger images with windows of that size.
+    """
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
         raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
@@ -103,6 +143,10 @@ def load_model(checkpoint=None, device="cpu"):
     ckpt = load_checkpoint(checkpoint)
     model = SSD300.from_checkpoint(ckpt, checkpoint)
     model.min_score, model.max_overlap = counting_defaults(ckpt, class_names(model.label_map), checkpoint)
+    field = ckpt.get("field", BCCD_FIELD)
+    if not (isinstance(field, (list, tuple)) and len(field) == 2 and all(isinstance(v, int) and v > 0 for v in field)):
+        raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels, not {field!r}")
+    model.field = tuple(field)
     device = torch.device(device)
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
@@ -160,44 +204,287 @@ def to_pixels(boxes, width, height):
     return boxes * boxes.new_tensor([width, height, width, height])
 
 
-def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None):
+# ---------------------------------------------------------------------------------------------
+# large images: windows of the training field, through the model in batches, merged back
+# ---------------------------------------------------------------------------------------------
+
+class Tiling(NamedTuple):
+    """Windows of `window` (width, height) pixels whose neighbours overlap by at least `overlap` pixels; a box
+    within `margin` pixels of a window edge inside the image is cut by it."""
+    window: tuple
+    overlap: int
+    margin: float
+
+
+def check_scale(scale, flag=None):
+    if not (isinstance(scale, (int, float)) and 0.1 <= scale <= 100):
+        raise UserError(f"{flag or '--scale ' + repr(scale)}: cells must be 0.1 to 100 times as large as BCCD's (red "
+                        f"cells {RBC_WIDTH / 10:g} to {RBC_WIDTH * 100:g} px wide)")
+
+
+def tiling(field, tile="auto", scale=1.0):
+    """How to cut images for a model trained on images of `field` (width, height): a Tiling, or None (tile 'off').
+
+    tile: 'auto' (windows of the field x scale), 'off', or a window (width, height), also as the text 'WxH'.
+    scale: cells appear this many times as large as in the training images (see rbc_scale); with a window
+    given, the scale is the larger of its ratios to the field. The overlap and the edge margin grow with
+    the scale, as cells do. Bad values raise a one-line UserError.
+    """
+    check_scale(scale)
+    given = tile
+    if isinstance(tile, str) and tile not in ("auto", "off"):
+        m = re.fullmatch(r"(\d+)x(\d+)", tile.strip().lower())
+        tile = (int(m[1]), int(m[2])) if m else None
+    if tile not in ("auto", "off") and not (isinstance(tile, (tuple, list)) and len(tile) == 2
+                                            and all(isinstance(v, int) and v >= 1 for v in tile)):
+        raise UserError(f"--tile must be auto, off or WIDTHxHEIGHT in pixels (e.g. 1280x960), not {given!r}")
+    if tile == "off":
+        return None
+    if tile == "auto":
+        window = (round(field[0] * scale), round(field[1] * scale))
+    elif scale != 1:
+        raise UserError("give a window (--tile WxH) or a scale (--scale, --rbc-width), not both")
+    else:
+        window = tuple(tile)
+        scale = max(window[0] / field[0], window[1] / field[1])
+    share = field_share(field)
+    overlap = math.ceil(OVERLAP * share * scale)
+    if overlap >= min(window):
+        raise UserError(f"windows of {window[0]}x{window[1]} px must be larger than their overlap, {overlap} px (the "
+                        f"largest BCCD cell and two edge margins, {OVERLAP} px of a BCCD field, at scale {scale:.3g})")
+    return Tiling(window, overlap, EDGE_MARGIN * share * scale)
+
+
+def field_share(field):
+    """Pixels of a training field (width, height) per pixel of BCCD's: cells fill the same share of it."""
+    return min(field[0] / BCCD_FIELD[0], field[1] / BCCD_FIELD[1])
+
+
+def rbc_scale(rbc_width, field=BCCD_FIELD):
+    """The scale at which a red cell is rbc_width pixels wide, for a model trained on images of `field`."""
+    return rbc_width / (RBC_WIDTH * field_share(field))
+
+
+def window_starts(length, size, overlap):
+    """Where windows of `size` start along an image side of `length`, neighbours overlapping by >= `overlap`.
+
+    The fewest windows that do, evenly spread: the first at 0, the last flush with the far border, the
+    steps differing by at most a pixel. A side no longer than a window gets one window, centred on it.
+    """
+    if length <= size:
+        return [-((size - length) // 2)]
+    n = math.ceil((length - size) / (size - overlap)) + 1
+    return [i * (length - size) // (n - 1) for i in range(n)]
+
+
+def tile_windows(width, height, tiles):
+    """The windows (x_min, y_min, x_max, y_max) of a width x height image, or None if it is resized whole.
+
+    The rule: an image more than TILE_ABOVE times as wide or as tall as a window is tiled (an image of the
+    training field's size, or up to 1.25 times it, is resized whole as before: the plain path shrinks its
+    cells by at most a fifth). Along each side, window_starts. On a side shorter than a window (a long,
+    narrow image) the window reaches past the image, and resize() fills the outside with the ImageNet mean,
+    like training's zoom-out: cells keep their size.
+    """
+    if tiles is None:
+        return None
+    (w, h), overlap = tiles.window, tiles.overlap
+    if width <= TILE_ABOVE * w and height <= TILE_ABOVE * h:
+        return None
+    return [(x, y, x + w, y + h) for y in window_starts(height, h, overlap) for x in window_starts(width, w, overlap)]
+
+
+def prepare(image, tiles):
+    """uint8 (3, H, W) -> (windows or None, the model's inputs uint8 (n, 3, 300, 300)): n windows of a tiled
+    image, or the whole image resized (windows None), exactly as preprocess() does it."""
+    _, h, w = image.shape
+    windows = tile_windows(w, h, tiles)
+    if windows is None:
+        return None, preprocess(image)[None]
+    no_boxes = image.new_zeros(0, 4, dtype=torch.float)
+    return windows, torch.stack([resize(image, window, no_boxes)[0] for window in windows])
+
+
+def owned_regions(windows):
+    """The part of the image each window owns, (n, 4) as (x_min, y_min, x_max, y_max): up to the middle of its
+    overlaps with its neighbours, and without bound on the image's borders. The regions tile the image."""
+    bounds = []
+    for axis in (0, 1):
+        starts = sorted({w[axis] for w in windows})
+        size = windows[0][axis + 2] - windows[0][axis]
+        middles = [(a + b + size) / 2 for a, b in zip(starts[1:], starts)]  # of each overlap
+        lo, hi = dict(zip(starts, [-math.inf] + middles)), dict(zip(starts, middles + [math.inf]))
+        bounds.append([(lo[w[axis]], hi[w[axis]]) for w in windows])
+    return torch.tensor([[x0, y0, x1, y1] for (x0, x1), (y0, y1) in zip(*bounds)])
+
+
+def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overlap):
+    """One image's detections from those of its windows: (boxes (n, 4) in pixels of the image, labels (n,),
+    scores (n,)), by decreasing score.
+
+    boxes, labels, scores: lists over the windows, as detect_objects gives them (boxes fractional).
+    1. Boxes go back to pixels of the image (the inverse of resize's mapping), clipped to it; a box on the
+       canvas around an image narrower than a window is dropped.
+    2. Each window owns the middle of the image it shares with its neighbours (owned_regions), and a box
+       counts only from the window that owns its centre (give or take `margin`): every place is counted
+       from one window, as a BCCD field is counted once, and a false detection that some windows make
+       there counts no more often. Neighbours overlap by more than a cell, so a cell up to LARGEST_CELL
+       whose centre a window owns lies whole in it, at least `margin` away from its edges.
+    3. A box within `margin` of a window edge that lies inside the image is cut. A cut box is dropped
+       when a whole box of its class, or a larger cut one, holds COVERED of its area: of the parts of a
+       cell larger than the overlap, which no window sees whole, the largest is kept. The image's border
+       cuts nothing: cells there are cut by the image, as in BCCD, which annotates them.
+    4. Class-wise NMS at max_overlap across windows: a cell whose centre two windows claim (where their
+       regions meet) is counted once.
+    """
+    counts = torch.tensor([len(b) for b in boxes])
+    frac, labels, scores = torch.cat(boxes).float().cpu(), torch.cat(labels).cpu(), torch.cat(scores).cpu()
+    placements = [resize_placement(window, image_size) for window in windows]
+    visible, placed = (torch.tensor([p[k] for p in placements], dtype=torch.float).repeat_interleave(counts, 0)
+                       for k in (0, 1))  # (K, 4) each: every box's window's
+    pixels = window_boxes_to_image(frac, visible, placed)  # (K, 4)
+    win = torch.tensor(windows, dtype=torch.float).repeat_interleave(counts, 0)  # (K, 4)
+    owned = owned_regions(windows).repeat_interleave(counts, 0)  # (K, 4)
+    on_image = (pixels[:, 2:] > pixels[:, :2]).all(1)
+    pixels, labels, scores, win, owned = (x[on_image] for x in (pixels, labels, scores, win, owned))
+    centre = (pixels[:, :2] + pixels[:, 2:]) / 2
+    keep = ((centre >= owned[:, :2] - margin) & (centre <= owned[:, 2:] + margin)).all(1)
+    interior = torch.cat([win[:, :2] > 0, win[:, 2:] < win.new_tensor(image_size)], 1)  # (K, 4) edges inside the image
+    near = torch.cat([pixels[:, :2] < win[:, :2] + margin, pixels[:, 2:] > win[:, 2:] - margin], 1)
+    cut = (interior & near).any(1)  # (K,)
+    area = box_area(pixels)
+    rank = torch.empty(len(area), dtype=torch.long)
+    rank[torch.argsort(area, descending=True, stable=True)] = torch.arange(len(area))  # larger boxes first
+    by_x = torch.argsort(pixels[:, 0])  # every box q, in order of x_min, may drop a cut box d that it meets
+    x_min, widest = pixels[by_x, 0], (pixels[:, 2] - pixels[:, 0]).max() if len(pixels) else 0
+    owned_cut = (keep & cut).nonzero().squeeze(1)
+    for d in owned_cut.split(1024) if len(owned_cut) else ():
+        q = by_x[torch.searchsorted(x_min, pixels[d, 0].min() - widest):
+                 torch.searchsorted(x_min, pixels[d, 2].max(), right=True)]
+        inside = find_intersection(pixels[d], pixels[q]) >= COVERED * area[d, None]  # (d, q)
+        by = ~cut[None, q] | (rank[None, q] < rank[d, None])  # a whole box, or a larger cut one
+        keep[d] = ~(inside & by & (labels[d, None] == labels[q])).any(1)
+    idx = keep.nonzero().squeeze(1)
+    idx = idx[batched_nms(pixels[idx], scores[idx], labels[idx], max_overlap)]  # by decreasing score
+    return pixels[idx], labels[idx], scores[idx]
+
+
+def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap=0.5, top_k=200, amp=True):
+    """Detections for a stream of prepared images, whose windows go through the model batch_size at a time
+    (those of consecutive images share batches: an image of the training field's size is one window).
+
+    items: iterable of (key, (width, height), windows, inputs) with (windows, inputs) from prepare(image, tiles).
+    Yields (key, boxes (n, 4) in pixels of the image, labels (n,), scores (n,)) for each item, in order. top_k
+    applies to each model input: an image resized whole, or a window.
+    """
+    waiting, queue, done = [], [], ([], [], [])  # images not yet yielded; inputs not yet run; outputs per input
+
+    def run(n):
+        dets = predict(model, torch.stack(queue[:n]), min_score, max_overlap, top_k, amp)
+        del queue[:n]
+        for store, outputs in zip(done, dets):
+            store.extend(x.cpu() for x in outputs)
+
+    def finished():
+        while waiting and len(done[0]) >= (1 if waiting[0][2] is None else len(waiting[0][2])):
+            key, (width, height), windows = waiting.pop(0)
+            n = 1 if windows is None else len(windows)
+            boxes, labels, scores = (d[:n] for d in done)
+            for d in done:
+                del d[:n]
+            if windows is None:  # resized whole, as the tutorial does
+                yield key, to_pixels(boxes[0], width, height), labels[0], scores[0]
+            else:
+                yield key, *merge_windows(boxes, labels, scores, windows, (width, height), tiles.margin, max_overlap)
+
+    for key, size, windows, inputs in items:
+        waiting.append((key, size, windows))
+        queue.extend(inputs.unbind(0))
+        while len(queue) >= batch_size:
+            run(batch_size)
+            yield from finished()
+    if queue:
+        run(len(queue))
+    yield from finished()
+
+
+def default_batch_size(device):
+    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
+
+
+def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
+                 batch_size=None):
+    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
+    CPU tensors, by decreasing score.
+
+    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
+    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
+    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
+    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
+    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
+    window when tiled).
+    min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
+    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
+    """
+    device = next(model.parameters()).device
+    min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE) if min_score is None else min_score
+    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
+    amp = bf16_is_fast(device) if amp is None else amp
+    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
+    windows, inputs = prepare(pil_to_tensor(image), tiles)
+    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
+                                                 batch_size or default_batch_size(device), min_score, max_overlap,
+                                                 top_k, amp)
+    return boxes, labels, scores
+
+
+def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
     """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
 
     model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
-    counting thresholds. Returns a new PIL image with one colour per class, label and score.
+    counting thresholds. Returns a new PIL image with one colour per class, label and score. A large image
+    is tiled (tile, scale: see detect_image).
     """
-    amp = bf16_is_fast(next(model.parameters()).device) if amp is None else amp
-    min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE) if min_score is None else min_score
-    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    image = pil_to_tensor(original_image)
-    boxes, labels, scores = (x[0].cpu() for x in predict(model, preprocess(image)[None], min_score, max_overlap, top_k, amp))
-    return annotate(original_image, to_pixels(boxes, *original_image.size), labels, scores, model.rev_label_map,
-                    model.label_color_map)
+    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
+    return annotate(original_image, boxes, labels, scores, model.rev_label_map, model.label_color_map)
 
 
 # ---------------------------------------------------------------------------------------------
 # the command line: many files, read in worker processes while the model runs
 # ---------------------------------------------------------------------------------------------
 
-def find_images(inputs):
-    """Expand files and folders (recursively) into a sorted list of image paths; missing inputs are errors."""
-    paths, missing = [], []
+def find_images(inputs, skip=None):
+    """Expand files and folders (recursively) into a sorted list of image paths, each file once (a file given twice,
+    or also inside a folder given, is counted once); returns (paths, missing inputs, number of repeats left out).
+    skip: a folder whose files are left out of the folders searched (the output folder: its annotated images)."""
+    paths, missing, seen, repeats = [], [], set(), 0
+    skip = os.path.realpath(skip) if skip else None
     for item in inputs:
         if os.path.isdir(item):
-            for root, _, files in sorted(os.walk(item)):
-                paths += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
+            found = []
+            for root, dirs, files in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
+                found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
         elif os.path.isfile(item):
-            paths.append(item)
+            found = [item]
         else:
             missing.append(item)
-    return paths, missing
+            continue
+        for path in found:
+            key = os.path.realpath(path)
+            repeats += key in seen
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths, missing, repeats
 
 
 class ImageFiles(Dataset):
-    """Reads and preprocesses image files; an unreadable file yields its error message instead."""
+    """Reads and prepares image files (prepare(image, tiles)); an unreadable file yields its error message instead."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, tiles=None):
         self.paths = paths
+        self.tiles = tiles
 
     def __len__(self):
         return len(self.paths)
@@ -208,24 +495,36 @@ class ImageFiles(Dataset):
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds: report and go on
             return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-        return i, image, preprocess(image)
+        return i, image, prepare(image, self.tiles)
 
     @staticmethod
     def collate_fn(batch):
         return batch
 
 
-def output_names(paths):
-    """A distinct output file name for every input (same name in two folders: add a counter)."""
-    names, seen = [], {}
+def output_names(paths, reserved=("counts.csv", "detections.json")):
+    """A distinct output file name for every input, whatever the folders and names: the input's name (.jpg, .jpeg
+    and .png kept, other formats saved as .png), with _1, _2, ... when it is taken (names compared ignoring case,
+    for case-insensitive file systems), and shortened to stay within the file systems' 255 bytes."""
+    names, taken = [], {n.casefold() for n in reserved}
     for p in paths:
         stem, ext = os.path.splitext(os.path.basename(p))
         ext = ext.lower() if ext.lower() in (".jpg", ".jpeg", ".png") else ".png"
-        name = stem + ext
-        n = seen.get(name, 0)
-        seen[name] = n + 1
-        names.append(name if n == 0 else f"{stem}_{n}{ext}")
+        while len(os.fsencode(stem)) > 200:  # room for a counter and the extension
+            stem = stem[:-1]
+        name, n = stem + ext, 0
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}_{n}{ext}"
+        taken.add(name.casefold())
+        names.append(name)
     return names
+
+
+def printable(path):
+    """A path as text that any UTF-8 file or terminal takes: bytes that are not UTF-8 (on Linux a file name may
+    hold any) shown as \\xNN, as `ls -b` does."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def check_args(args):
@@ -235,6 +534,54 @@ def check_args(args):
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
     if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.workers or 0) < 0:
         raise UserError("--top-k and --batch-size must be positive and --workers >= 0")
+    if args.scale is not None and args.rbc_width is not None:
+        raise UserError("give --scale or --rbc-width, not both")
+    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
+        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
+    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
+
+
+def tile_settings(args, field):
+    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
+    if args.rbc_width is None:
+        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
+    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
+    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
+
+
+class Results:
+    """counts.csv and detections.json, written as the images are done (each row flushed), so that an interrupted
+    or failing run keeps what it finished. Opening them replaces an earlier run's, which would otherwise describe
+    other images beside these; detections.json is closed (a valid JSON list) however the run ends, but a kill
+    (SIGKILL) leaves it without its closing bracket, while counts.csv stays whole up to its last row."""
+
+    def __init__(self, folder, classes, rev_label_map):
+        self.classes, self.rev_label_map, self.n = classes, rev_label_map, 0
+        self.counts = open(os.path.join(folder, "counts.csv"), "w", encoding="utf-8", newline="")
+        self.detections = open(os.path.join(folder, "detections.json"), "w", encoding="utf-8")
+        self.csv = csv.writer(self.counts, lineterminator="\n")
+        self.csv.writerow(["image", *classes])
+        self.counts.flush()
+        self.detections.write("[")
+
+    def add(self, path, output, width, height, windows, boxes, labels, scores):
+        """One image's detections (boxes in pixels): a row of counts.csv, a record of detections.json; its counts."""
+        n = torch.bincount(labels, minlength=len(self.classes) + 1).tolist()[1:]
+        self.csv.writerow([printable(path), *n])
+        self.counts.flush()
+        record = {"image": printable(path), "output": printable(output), "width": width, "height": height,
+                  "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
+                  "labels": [self.rev_label_map[l] for l in labels.tolist()],
+                  "scores": [round(s, 4) for s in scores.tolist()]}
+        self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
+        self.detections.flush()
+        self.n += 1
+        return n
+
+    def close(self):
+        self.detections.write("\n]\n")
+        for f in (self.counts, self.detections):
+            f.close()
 
 
 def main(args):
@@ -242,59 +589,77 @@ def main(args):
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device)
-    classes, rev_label_map, colors = class_names(model.label_map), model.rev_label_map, model.label_color_map
+    classes = class_names(model.label_map)
     min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
-    paths, missing = find_images(args.inputs)
-    errors = [f"{m}: no such file or folder" for m in missing]
-    if not paths and not errors:
-        raise UserError(f"no images found in {' '.join(args.inputs)}")
+    tiles = tile_settings(args, model.field)
+    paths, missing, repeats = find_images(args.inputs, skip=args.output_dir)
+    if not paths:
+        raise UserError(f"{missing[0]}: no such file or folder" if missing else
+                        f"no images found in {' '.join(map(printable, args.inputs))}")
     names = output_names(paths)
     inputs = {os.path.realpath(p) for p in paths}
     clash = next((n for n in names if os.path.realpath(os.path.join(args.output_dir, n)) in inputs), None)
     if clash:
-        raise UserError(f"--output-dir {args.output_dir}: writing {clash} there would overwrite an input image; "
-                        f"choose another folder")
-    os.makedirs(args.output_dir, exist_ok=True)
+        raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
+                        f"image; choose another folder")
+    check_writable(args.output_dir, "--output-dir", folder=True)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
+    errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
+    if repeats:
+        print(f"note: {repeats} input file(s) given more than once; each is counted once")
 
-    batch_size = args.batch_size or (16 if device.type == "cuda" else 1)
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    loader = DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=workers,
-                        collate_fn=ImageFiles.collate_fn)
-    counts, records = [], []
-    start = time.perf_counter()
-    for batch in loader:
-        good = [(i, image, x) for i, image, x in batch if image is not None]
-        errors += [x for _, image, x in batch if image is None]
-        if not good:
-            continue
-        dets = predict(model, torch.stack([x for _, _, x in good]), min_score, max_overlap, args.top_k, amp)
-        for (i, image, _), boxes, labels, scores in zip(good, *dets):
+    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers, collate_fn=ImageFiles.collate_fn)
+
+    def readable():  # an unreadable file is skipped and reported at the end
+        for i, image, prepared in loader:
+            if image is None:
+                errors.append(printable(prepared))
+            else:
+                yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
+
+    width = max([len("image")] + [len(printable(p)) for p in paths])
+    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
+    def open_results():  # at the first image detected: a run that detects nothing leaves earlier results alone
+        try:
+            return Results(args.output_dir, classes, model.rev_label_map)
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
+
+    start, results = time.perf_counter(), None
+    try:
+        for (i, image, windows), boxes, labels, scores in detect_windows(
+                model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,
+                args.top_k, amp):
             _, h, w = image.shape
-            boxes, labels, scores = to_pixels(boxes.cpu(), w, h), labels.cpu(), scores.cpu()
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            annotate(pil, boxes, labels, scores, rev_label_map, colors).save(os.path.join(args.output_dir, names[i]),
-                                                                             quality=90)
-            n = torch.bincount(labels, minlength=len(classes) + 1).tolist()
-            counts.append({"image": paths[i], **{name: n[k + 1] for k, name in enumerate(classes)}})
-            records.append({"image": paths[i], "output": names[i], "width": w, "height": h,
-                            "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
-                            "labels": [rev_label_map[l] for l in labels.tolist()],
-                            "scores": [round(s, 4) for s in scores.tolist()]})
+            try:
+                annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map).save(
+                    os.path.join(args.output_dir, names[i]), quality=90)
+            except OSError as e:  # counted all the same, and said at the end
+                errors.append(f"{printable(os.path.join(args.output_dir, names[i]))}: cannot write the annotated image "
+                              f"({e.strerror or e})")
+            results = results or open_results()
+            n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
+            print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
+                  flush=True)
+    except KeyboardInterrupt:
+        if results is not None:
+            results.close()
+        for e in errors:
+            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+        print(f"{get_args_parser().prog}: interrupted after {results.n if results else 0} of {len(paths)} image(s)"
+              + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""), file=sys.stderr)
+        raise
+    if results is None:  # every file was unreadable
+        for e in errors[:-1]:
+            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+        raise UserError(f"{errors[-1]}; no image could be read, nothing written")
+    results.close()
     seconds = time.perf_counter() - start
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", *classes], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(counts)
-    write_text_atomic(buf.getvalue(), os.path.join(args.output_dir, "counts.csv"))
-    write_json_atomic(records, os.path.join(args.output_dir, "detections.json"), indent=1)
-
-    width = max([len("image")] + [len(c["image"]) for c in counts])
-    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes))
-    for c in counts:
-        print(f"{c['image']:<{width}}  " + "  ".join(f"{c[name]:>{max(9, len(name))}}" for name in classes))
-    print(f"{len(counts)} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
+    print(f"{results.n} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
           f"{max_overlap:g}; results in {args.output_dir}")
     for e in errors:
         print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

@@ -34,8 +34,8 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, bf16_is_fast, check_same_classes, check_writable, create_data_lists, init_distributed,
-                   load_checkpoint, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
-                   write_text_atomic)
+                   load_checkpoint, median_image_size, normalize, remove_stale_temporaries, run_cli, run_info,
+                   save_atomic, write_text_atomic)
 
 try:
     import fcntl  # locks --out-dir against a second run (POSIX)
@@ -360,6 +360,7 @@ def train(args, rank, world, device, cleanup):
     if world > 1:
         dist.barrier()
     train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom)
+    field = median_image_size(train_set.images)  # (width, height) of the training images: detect.py tiles larger ones
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     base_weights = None if args.base_weights.lower() == "none" else args.base_weights
     label_map = train_set.label_map  # the classes of the lists (label_map.json)
@@ -434,7 +435,7 @@ def train(args, rank, world, device, cleanup):
     def save(epoch, partial_epoch=None):
         state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "iteration": iteration, "args": vars(args), "label_map": label_map,
-                 "run_info": provenance}
+                 "field": list(field), "run_info": provenance}
         if partial_epoch:
             state["partial_epoch"] = partial_epoch
         save_atomic(state, out_ckpt)

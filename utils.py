@@ -7,6 +7,7 @@ Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
+                        (resize_placement, window_boxes_to_image: where resize puts a window, and back)
   * Evaluation       -> calculate_mAP
   * Plumbing         -> UserError, run_cli, save_atomic, write_json_atomic, load_checkpoint
 
@@ -24,9 +25,11 @@ import pickle
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -119,17 +122,28 @@ class UserError(Exception):
     """A problem with the user's input (a file, a flag, the data). Scripts print it without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a kill, a job scheduler's stop) raised like Ctrl-C, so that the scripts' cleanup runs for both."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main, parser):
-    """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1."""
+    """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1; Ctrl-C and
+    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first)."""
     args = parser.parse_args()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(args)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print(f"{parser.prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 def resolve_device(name):
@@ -542,6 +556,20 @@ def load_image(path):
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
+def median_image_size(paths):
+    """(width, height): the median width and median height of the image files (headers only are read).
+
+    train.py records it in checkpoints as the field the model was trained on; detect.py tiles larger images."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except Exception as e:
+            raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+    return tuple(torch.tensor(sizes).median(0).values.tolist())  # the lower median: a size that exists
+
+
 def pil_to_tensor(image):
     """PIL image of any mode -> uint8 RGB tensor (3, H, W)."""
     if image.mode != "RGB":
@@ -763,6 +791,36 @@ def flip(boxes, window):
     return torch.stack([x0 + x1 - boxes[:, 2], boxes[:, 1], x0 + x1 - boxes[:, 0], boxes[:, 3]], 1)
 
 
+def resize_placement(window, image_size, dims=(300, 300)):
+    """Where resize() puts `window` (x_min, y_min, x_max, y_max, whole pixels, may reach outside) of an image of
+    image_size (width, height) in an output of dims (height, width): ((ix0, iy0, ix1, iy1) the visible part in
+    image pixels, (ox0, oy0, ox1, oy1) where it lands in output pixels, rounded to whole pixels)."""
+    W, H = image_size
+    out_h, out_w = dims
+    x0, y0, x1, y1 = window
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)  # visible part, in image pixels
+    sx, sy = out_w / (x1 - x0), out_h / (y1 - y0)
+    ox0, ox1 = round((ix0 - x0) * sx), max(round((ix1 - x0) * sx), round((ix0 - x0) * sx) + 1)
+    oy0, oy1 = round((iy0 - y0) * sy), max(round((iy1 - y0) * sy), round((iy0 - y0) * sy) + 1)
+    ox1, oy1 = min(ox1, out_w), min(oy1, out_h)
+    ox0, oy0 = min(ox0, ox1 - 1), min(oy0, oy1 - 1)
+    return (ix0, iy0, ix1, iy1), (ox0, oy0, ox1, oy1)
+
+
+def window_boxes_to_image(boxes, visible, placed, dims=(300, 300)):
+    """The inverse of resize()'s box mapping: boxes (n, 4) fractional in a resized window -> pixels of the image.
+
+    visible, placed: (n, 4) each, every box's window's resize_placement() (the visible part in image pixels,
+    where it landed in output pixels). Boxes are clipped to the visible part: a box over the canvas around
+    it becomes narrower, or empty.
+    """
+    out_h, out_w = dims
+    size = boxes.new_tensor([out_w, out_h, out_w, out_h])
+    scale = (visible[:, 2:] - visible[:, :2]) / (placed[:, 2:] - placed[:, :2])  # (n, 2) image pixels per output pixel
+    pixels = (boxes * size - placed) * scale.repeat(1, 2) + visible
+    return torch.minimum(torch.maximum(pixels, visible[:, :2].repeat(1, 2)), visible[:, 2:].repeat(1, 2))
+
+
 def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     """Render `window` of `image` at `dims` and express boxes in fractional output coordinates.
 
@@ -774,14 +832,7 @@ def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):
     """
     _, H, W = image.shape
     out_h, out_w = dims
-    x0, y0, x1, y1 = window
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)  # visible part, in image pixels
-    sx, sy = out_w / (x1 - x0), out_h / (y1 - y0)
-    # where the visible part lands in the output, rounded to whole pixels
-    ox0, ox1 = round((ix0 - x0) * sx), max(round((ix1 - x0) * sx), round((ix0 - x0) * sx) + 1)
-    oy0, oy1 = round((iy0 - y0) * sy), max(round((iy1 - y0) * sy), round((iy0 - y0) * sy) + 1)
-    ox1, oy1 = min(ox1, out_w), min(oy1, out_h)
-    ox0, oy0 = min(ox0, ox1 - 1), min(oy0, oy1 - 1)
+    (ix0, iy0, ix1, iy1), (ox0, oy0, ox1, oy1) = resize_placement(window, (W, H), dims)
 
     patch = image[None, :, iy0:iy1, ix0:ix1]
     if (iy1 - iy0, ix1 - ix0) != (oy1 - oy0, ox1 - ox0):

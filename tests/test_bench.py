@@ -27,8 +27,8 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, r
     out = bench_run / "bench.json"
     result = run_script("bench.py", "--device", "cpu", "--data-folder", bench_run / "lists", "--checkpoint",
                         bench_run / "checkpoint.pt", "--only", "train", "pipeline", "infer", "data", "parts", "folder",
-                        "--train-batch", 2, "--infer-batches", 1, 2, "--iters", 1, "--workers", 1, "--json", out,
-                        timeout=600)
+                        "tiling", "--train-batch", 2, "--infer-batches", 1, 2, "--iters", 1, "--workers", 1,
+                        "--tiling-sizes", "900x480", "640x480", "--json", out, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     res = json.loads(out.read_text())
@@ -49,7 +49,10 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(bench_run, r
     folder = res["folder_seconds"]
     assert folder["images"] == 2 and folder["ours"] > folder["loop_only"]["ours"] > 0
     assert folder["torchvision"] > folder["loop_only"]["torchvision"] > 0
+    tiled = res["tiling_seconds_per_megapixel"]  # 900x480: two windows; 640x480: BCCD's field, resized whole
+    assert [(size, t["windows"]) for size, t in tiled.items()] == [("900x480", 2), ("640x480", 1)]
+    assert all(t["tiled_s_per_mp"] > 0 and t["whole_s_per_mp"] > 0 for t in tiled.values())
     for line in ("train images/s (batch 2)", "train.py images/s (1 workers)", "infer images/s (batch 1)",
-                 "detect.py on 2 images, s"):
+                 "detect.py on 2 images, s", "detect_image, s per megapixel"):
         assert line in result.stdout
     assert res["device_name"].startswith("CPU") and "commit" in res

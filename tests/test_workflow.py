@@ -45,7 +45,8 @@ from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, bccd_labels, bf16_is_
                    create_data_lists, label_color_map, label_map)
 from datasets import BCCDDataset
 
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "run_info"}
+CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "field",
+                   "run_info"}
 # A schedule that does not depend on the length of the run, so that a run stopped early and resumed
 # can be compared with one run straight through: 2 iterations of linear warm-up from lr/10, then lr
 # (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
@@ -217,6 +218,7 @@ def test_checkpoint_is_plain_data_that_rebuilds_the_model(straight_run):
     json.dumps({k: ckpt[k] for k in ("model_args", "epoch", "iteration", "args", "label_map")})  # plain data
     assert ckpt["label_map"] == label_map
     assert ckpt["args"]["batch_size"] == 2 and ckpt["args"]["lr"] == LR
+    assert ckpt["field"] == [64, 48]  # the median size of the TRAIN images, for detect.py's tiling
 
     model = SSD300.from_checkpoint(ckpt)  # nothing else needed
     assert_same(model.state_dict(), ckpt["model"], "model")
@@ -651,7 +653,8 @@ def test_detect_command_on_a_folder_and_a_file(smear_images, random_checkpoint, 
     # the untrained model: its detections depend on the image, and some score above 0.3
     out = tmp_path / "out"
     result = run_script("detect.py", "--checkpoint", random_checkpoint, smear_images.folder, smear_images.loose,
-                        "--output-dir", out, "--device", "cpu", "--min-score", "0.3", "--top-k", "50", timeout=600)
+                        "--output-dir", out, "--device", "cpu", "--min-score", "0.3", "--top-k", "50", "--scale", "3",
+                        timeout=600)
 
     # the unreadable file is named on one line and makes the status 1; every other image is done
     line = assert_one_line_error(result, "detect.py", str(smear_images.garbage))
@@ -667,9 +670,11 @@ def test_detect_command_on_a_folder_and_a_file(smear_images, random_checkpoint, 
     for image, r in records.items():
         found = Counter(r["labels"])
         assert counts[image] == {name: found[name] for name in bccd_labels}, image
-        assert len(r["boxes"]) == len(r["labels"]) == len(r["scores"]) <= 50
+        assert len(r["boxes"]) == len(r["labels"]) == len(r["scores"]) <= 50 * r["windows"]  # --top-k per window
         assert all(s > 0.3 for s in r["scores"])
     assert sum(len(r["labels"]) for r in records.values()) > 0  # there were detections to check
+    # big.jpg (3000x2000) is tiled in windows of 3 x BCCD's field (1920x1440, 9 of them), the others are resized whole
+    assert {Path(p).name: r["windows"] for p, r in records.items() if r["windows"] > 1} == {"big.jpg": 3 * 3}
 
     # and prints them: a row per image, its three counts last
     printed = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.strip()}
@@ -690,11 +695,12 @@ def test_detect_command_on_a_folder_and_a_file(smear_images, random_checkpoint, 
 def test_detect_boxes_are_in_pixels_of_the_upright_original_whatever_the_image(smear_images, random_checkpoint,
                                                                                tmp_path, monkeypatch, capsys):
     # the model is replaced by a detector of the bright rectangle, whose place in every image is known: what
-    # is checked is reading (mode, depth, orientation, size) and the conversion of boxes to pixels
+    # is checked is reading (mode, depth, orientation, size) and the conversion of boxes to pixels. Each image
+    # is resized whole (big.jpg's rectangle is larger than a window; tiling: test_tiling.py)
     monkeypatch.setattr(detect, "predict", bright_region_detector)
     args = detect.get_args_parser().parse_args(
         [str(smear_images.folder), str(smear_images.loose), "--checkpoint", str(random_checkpoint),
-         "--output-dir", str(tmp_path), "--device", "cpu", "--workers", "0"])
+         "--output-dir", str(tmp_path), "--device", "cpu", "--workers", "0", "--tile", "off"])
     with pytest.raises(SystemExit) as e:  # the unreadable file
         detect.main(args)
     assert e.value.code == 1
@@ -745,11 +751,9 @@ def test_detect_missing_input_is_named_on_one_line(random_checkpoint, tmp_path, 
     missing = tmp_path / "no-such-smear.jpg"
     args = detect.get_args_parser().parse_args([str(missing), "--checkpoint", str(random_checkpoint), "--output-dir",
                                                 str(tmp_path / "out"), "--device", "cpu", "--workers", "0"])
-    with pytest.raises(SystemExit) as e:
-        detect.main(args)
-    assert e.value.code == 1
-    err = error_lines(capsys.readouterr().err)
-    assert len(err) == 1 and str(missing) in err[0] and "no such file" in err[0], err
+    with pytest.raises(UserError, match=f"^{re.escape(str(missing))}: no such file or folder$"):
+        detect.main(args)  # nothing to detect: a user error before anything is written
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,314 @@
+"""Hostile and careless inputs at every entry point: each is one line on stderr, a non-zero exit status and no
+traceback, checked before long work where it can be, and what earlier runs wrote survives.
+
+    python -m pytest tests/test_hardening.py -q
+
+Each script's command line runs in this process as `python <script>.py ...` would (utils.run_cli with sys.argv
+set): the exit status and stderr are those a user sees, without the seconds a fresh Python and torch cost.
+One table per entry point: (case, command line, the message's words, files it must leave as they were).
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import create_data_lists
+import detect
+import eval as eval_script
+import train
+from conftest import make_voc
+from model import SSD300
+from utils import create_data_lists as make_lists
+from utils import Terminated, label_map, run_cli
+
+SCRIPTS = {"create_data_lists": create_data_lists, "train": train, "eval": eval_script, "detect": detect,
+           "bench": bench}
+
+
+def cli(script, argv, monkeypatch, capsys):
+    """Run `python <script>.py argv` in this process: (exit status, stdout, stderr)."""
+    module = SCRIPTS[script]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+    try:
+        run_cli(module.main, module.get_args_parser())
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, script, says):
+    """Status 1, one error line, no traceback; the words in the error (create_data_lists lists every problem of a
+    dataset on a line of its own under its error line)."""
+    lines = [line for line in err.splitlines() if line.startswith(f"{script}.py: error: ")]
+    assert code == 1 and "Traceback" not in err, err
+    message = err[err.index(lines[0]):] if len(lines) == 1 else ""
+    assert len(lines) == 1 and all(w in message for w in says), err
+    if script != "create_data_lists":
+        assert message.strip() == lines[0], err
+
+
+def snapshot(paths):
+    return {p: (p.read_bytes() if p.is_file() else None) for p in paths}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny VOC dataset, its lists, a random checkpoint, an image, and earlier outputs of every script."""
+    root = tmp_path_factory.mktemp("hostile")
+    voc = make_voc(root / "voc", n_trainval=4, n_test=2)
+    make_lists(voc, root / "lists", verbose=False)
+    torch.manual_seed(0)
+    model = SSD300(base_weights=None, batch_norm=True, prior_scales=train.BCCD_PRIOR_SCALES)
+    checkpoint = root / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "model_args": model.model_args, "label_map": label_map}, checkpoint)
+    (root / "file").write_text("a file where a folder should be\n")
+    for name in ("eval.json", "bench.json"):
+        (root / name).write_text('{"earlier": true}\n')
+    (root / "out").mkdir()
+    (root / "out" / "counts.csv").write_text("image,RBC,WBC,Platelets\nearlier.jpg,1,2,3\n")
+    return root
+
+
+def fill(argv, root):
+    return [str(a).format(root=root) for a in argv]
+
+
+# ---------------------------------------------------------------------------------------------
+# one table per entry point
+# ---------------------------------------------------------------------------------------------
+
+LISTS = ["lists/TRAIN_images.json", "lists/TRAIN_objects.json", "lists/TEST_images.json", "lists/label_map.json"]
+
+CREATE_DATA_LISTS = [
+    ("no-dataset", ["--data-folder", "{root}/nowhere", "--output-folder", "{root}/lists"], ["BCCD not found"], LISTS),
+    ("output-under-a-file", ["--data-folder", "{root}/voc", "--output-folder", "{root}/file/lists"],
+     ["--output-folder", "cannot write there", "is a file"], ["file"]),
+    ("classes-background", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--classes", "RBC",
+                            "Background"], ["reserved"], LISTS),
+    ("classes-twice", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--classes", "RBC", "RBC"],
+     ["RBC"], LISTS),
+    ("test-fraction-nan", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--test-fraction", "nan"],
+     ["--test-fraction"], LISTS),
+    ("test-fraction-1", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--test-fraction", "1"],
+     ["--test-fraction"], LISTS),
+    ("no-such-split", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--test-split", "nosuch"],
+     ["nosuch.txt", "split file not found"], LISTS),
+]
+
+TRAIN_BASE = ["--data-folder", "{root}/lists", "--out-dir", "{root}/run", "--device", "cpu", "--workers", "0",
+              "--no-cache-images", "--batch-size", "2", "--iterations", "1"]
+TRAIN = [
+    ("lr-nan", ["--lr", "nan"], ["--lr must be a finite number > 0, not nan"]),
+    ("lr-inf", ["--lr", "inf"], ["--lr"]),
+    ("momentum-nan", ["--momentum", "nan"], ["--momentum"]),
+    ("weight-decay-negative", ["--weight-decay", "-1"], ["--weight-decay"]),
+    ("grad-clip-nan", ["--grad-clip", "nan"], ["--grad-clip"]),
+    ("warmup-negative", ["--warmup", "-5"], ["--warmup"]),
+    ("max-zoom-huge", ["--max-zoom", "1e6"], ["--max-zoom must be between 1 and 16"]),
+    ("prior-scales-inf", ["--prior-scales", "0.1", "0.2", "0.3", "0.4", "0.5", "inf"], ["--prior-scales"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size must be positive"]),
+    ("batch-size-1-batch-norm", ["--batch-size", "1"], ["BatchNorm", "--batch-size 2", "--no-batch-norm"]),
+    ("epochs-0", ["--epochs", "0"], ["--epochs must be positive"]),
+    ("workers-negative", ["--workers", "-1"], ["--workers"]),
+    ("out-dir-under-a-file", ["--out-dir", "{root}/file/run"], ["--out-dir", "cannot write there"]),
+    ("resume-missing", ["--resume", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("resume-not-a-checkpoint", ["--resume", "{root}/file"], ["not a checkpoint file"]),
+    ("resume-other-architecture", ["--resume", "{root}/earlier-run/checkpoint.pt", "--no-batch-norm"],
+     ["its model has batch norm True, not False"]),
+    ("out-dir-holds-a-run", ["--out-dir", "{root}/earlier-run"], ["already holds a training run",
+                                                                  "--resume"]),
+    ("no-lists", ["--data-folder", "{root}/none", "--bccd-folder", "{root}/none"], ["BCCD not found"]),
+]
+
+EVAL_BASE = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/lists", "--device", "cpu", "--workers",
+             "0", "--output", "{root}/eval.json"]
+EVAL = [
+    ("output-is-a-folder", ["--output", "{root}/out"], ["--output", "cannot write there"]),
+    ("output-under-a-file", ["--output", "{root}/file/eval.json"], ["--output", "cannot write there"]),
+    ("count-min-score-nan", ["--count-min-score", "nan"], ["--count-min-score must lie in [0, 1)"]),
+    ("count-min-score-2-of-3", ["--count-min-score", "0.1", "0.2"], ["one per class"]),
+    ("count-max-overlap-0", ["--count-max-overlap", "0"], ["--count-max-overlap"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size"]),
+    ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("checkpoint-text", ["--checkpoint", "{root}/file"], ["not a checkpoint file"]),
+    ("lists-missing", ["--data-folder", "{root}/none"], ["not found", "create_data_lists"]),
+    ("device-nonsense", ["--device", "gpu7"], ["gpu7"]),
+]
+
+DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", "--output-dir", "{root}/out",
+               "--device", "cpu"]
+DETECT = [
+    ("output-under-a-file", ["--output-dir", "{root}/file/out"], ["--output-dir", "cannot write there"]),
+    ("output-is-the-input-folder", ["--output-dir", "{root}/voc/JPEGImages"], ["would overwrite an input image"]),
+    ("min-score-nan", ["--min-score", "nan"], ["--min-score must lie in [0, 1)"]),
+    ("min-score-2-of-3", ["--min-score", "0.1", "0.2"], ["one per class"]),
+    ("max-overlap-2", ["--max-overlap", "2"], ["--max-overlap"]),
+    ("top-k-0", ["--top-k", "0"], ["--top-k"]),
+    ("tile-nonsense", ["--tile", "big"], ["--tile"]),
+    ("scale-nan", ["--scale", "nan"], ["--scale"]),
+    ("scale-and-rbc-width", ["--scale", "2", "--rbc-width", "200"], ["--scale or --rbc-width"]),
+    ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("no-readable-image", ["{root}/file"], ["cannot read image"]),  # a text file given as an image: nothing written
+    ("only-missing-inputs", ["{root}/none.jpg", "{root}/none2.jpg"], ["none.jpg: no such file or folder"]),
+]
+
+BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
+BENCH = [
+    ("train-batch-0", ["--train-batch", "0"], ["--train-batch must be positive"]),
+    ("train-batch-1-batch-norm", ["--train-batch", "1"], ["BatchNorm"]),
+    ("infer-batches-0", ["--infer-batches", "1", "0"], ["--infer-batches"]),
+    ("iters-0", ["--iters", "0"], ["--iters"]),
+    ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
+    ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
+]
+
+
+@pytest.fixture(scope="module")
+def earlier_run(world):
+    """A finished 1-iteration training run in {root}/earlier-run."""
+    argv = fill(TRAIN_BASE, world)
+    argv[argv.index("--out-dir") + 1] = str(world / "earlier-run")
+    train.main(train.get_args_parser().parse_args(argv))
+    return world / "earlier-run"
+
+
+@pytest.mark.parametrize("case, argv, says, keep", CREATE_DATA_LISTS, ids=[c[0] for c in CREATE_DATA_LISTS])
+def test_create_data_lists(case, argv, says, keep, world, monkeypatch, capsys):
+    kept = snapshot([world / k for k in keep])
+    code, _, err = cli("create_data_lists", fill(argv, world), monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", says)
+    assert snapshot([world / k for k in keep]) == kept
+
+
+@pytest.mark.parametrize("case, argv, says", TRAIN, ids=[c[0] for c in TRAIN])
+def test_train(case, argv, says, world, earlier_run, monkeypatch, capsys):
+    kept = snapshot([earlier_run / "checkpoint.pt", earlier_run / "log.jsonl", world / "file"])
+    code, _, err = cli("train", fill(TRAIN_BASE + argv, world), monkeypatch, capsys)
+    assert_one_line_error(code, err, "train", says)
+    assert snapshot([earlier_run / "checkpoint.pt", earlier_run / "log.jsonl", world / "file"]) == kept
+    assert not (world / "run").exists()  # refused before anything was written
+    assert sorted(os.listdir(earlier_run)) == ["checkpoint.pt", "log.jsonl"]
+
+
+@pytest.mark.parametrize("case, argv, says", EVAL, ids=[c[0] for c in EVAL])
+def test_eval(case, argv, says, world, monkeypatch, capsys):
+    kept = snapshot([world / "eval.json"])
+    code, _, err = cli("eval", fill(EVAL_BASE + argv, world), monkeypatch, capsys)
+    assert_one_line_error(code, err, "eval", says)
+    assert snapshot([world / "eval.json"]) == kept
+
+
+@pytest.mark.parametrize("case, argv, says", DETECT, ids=[c[0] for c in DETECT])
+def test_detect(case, argv, says, world, monkeypatch, capsys):
+    kept = snapshot([world / "out" / "counts.csv"])
+    inputs = [a for a in argv if not a.startswith("--")] if not argv[0].startswith("--") else DETECT_BASE[:1]
+    argv = argv if argv[0].startswith("--") else []
+    code, _, err = cli("detect", fill(inputs + DETECT_BASE[1:] + argv, world), monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", says)
+    assert snapshot([world / "out" / "counts.csv"]) == kept  # nothing was detected: the earlier results stay
+    assert sorted(os.listdir(world / "out")) == ["counts.csv"]
+
+
+@pytest.mark.parametrize("case, argv, says", BENCH, ids=[c[0] for c in BENCH])
+def test_bench(case, argv, says, world, monkeypatch, capsys):
+    kept = snapshot([world / "bench.json"])
+    code, _, err = cli("bench", fill(BENCH_BASE + argv, world), monkeypatch, capsys)
+    assert_one_line_error(code, err, "bench", says)
+    assert snapshot([world / "bench.json"]) == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# detect.py: results written as it goes, names, repeats
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def images(world, tmp_path):
+    """Four copies of the tiny dataset's first test image, in a folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = Image.open(world / "voc" / "JPEGImages" / "BloodImage_00004.jpg")
+    for i in range(4):
+        source.save(folder / f"smear{i}.jpg")
+    return folder
+
+
+def read_results(out):
+    rows = (out / "counts.csv").read_text(encoding="utf-8").splitlines()
+    return rows, json.loads((out / "detections.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("exception, code, says", [(KeyboardInterrupt, 130, "interrupted"),
+                                                   (Terminated, 143, "terminated")], ids=["ctrl-c", "sigterm"])
+def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, world, images, tmp_path, monkeypatch,
+                                                         capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "counts.csv").write_text("image,RBC,WBC,Platelets\nan-earlier-run.jpg,1,1,1\n")  # not these images
+    calls, annotate = [], detect.annotate
+
+    def annotate_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise exception
+        return annotate(*args)
+
+    monkeypatch.setattr(detect, "annotate", annotate_then_stop)
+    status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                    "cpu"], monkeypatch, capsys)
+    assert status == code and "Traceback" not in err
+    assert "interrupted after 2 of 4 image(s)" in err and f"detect.py: {says}" in err
+    rows, records = read_results(out)
+    assert rows[0] == "image,RBC,WBC,Platelets" and [r.split(",")[0] for r in rows[1:]] == \
+        [str(images / "smear0.jpg"), str(images / "smear1.jpg")]  # the earlier run's row is gone
+    assert [r["image"] for r in records] == [str(images / "smear0.jpg"), str(images / "smear1.jpg")]
+
+
+def test_output_names_are_distinct_whatever_the_inputs():
+    long = "x" * 250
+    paths = ["a/s.jpg", "b/s.jpg", "c/s_1.jpg", "d/S.JPG", "e/s.tif", "f/s.png", "g/counts.csv.png", f"h/{long}.jpg",
+             f"i/{long}.jpg", os.fsdecode(b"j/s\xff.jpg"), os.fsdecode(b"k/s\xff.jpg"), "l/s_1.jpg"]
+    names = detect.output_names(paths)
+    assert len({n.casefold() for n in names}) == len(paths)
+    assert all(len(os.fsencode(n)) <= 255 for n in names)
+    assert names[:6] == ["s.jpg", "s_1.jpg", "s_1_1.jpg", "S_2.jpg", "s.png", "s_1.png"]
+    assert "counts.csv" not in names and "detections.json" not in names
+
+
+def test_detect_names_any_bytes_and_counts_a_file_given_twice_once(world, images, tmp_path, monkeypatch, capsys):
+    odd = Path(os.fsdecode(bytes(images) + b"/sm\xffear.jpg"))  # not UTF-8: Linux allows it
+    (images / "smear0.jpg").rename(odd)
+    out = tmp_path / "out"
+    status, stdout, err = cli("detect", [images, odd, images / "smear1.jpg", "--checkpoint", world / "checkpoint.pt",
+                                         "--output-dir", out, "--device", "cpu"], monkeypatch, capsys)
+    assert status == 0, err
+    assert "2 input file(s) given more than once; each is counted once" in stdout
+    rows, records = read_results(out)
+    assert len(rows) == 1 + 4 and len(records) == 4
+    shown = str(images) + "/sm\\xffear.jpg"  # as `ls -b` shows it
+    assert sum(r.startswith(shown + ",") for r in rows) == 1 and sum(r["image"] == shown for r in records) == 1
+    assert os.path.exists(out / os.path.basename(odd))  # the annotated image keeps the name's bytes
+    assert shown in stdout
+
+
+def test_second_run_into_an_output_folder_inside_the_inputs_skips_it(world, images, monkeypatch, capsys):
+    argv = [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", images / "detections", "--device", "cpu"]
+    for _ in range(2):
+        status, _, err = cli("detect", argv, monkeypatch, capsys)
+        assert status == 0, err
+        rows, _ = read_results(images / "detections")
+        assert len(rows) == 1 + 4  # not the annotated images of the first run
+
+
+def test_a_folder_named_counts_csv_in_the_output_is_one_line(world, images, tmp_path, monkeypatch, capsys):
+    (tmp_path / "out" / "counts.csv").mkdir(parents=True)
+    status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", tmp_path / "out",
+                                    "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line_error(status, err, "detect", ["--output-dir", "cannot write", "counts.csv"])
