@@ -62,7 +62,7 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for both models (default: on with CUDA and on CPUs with native bf16)")
+                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: utils.bf16_is_fast)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
@@ -508,7 +508,8 @@ def main(args):
     cuda = device.type == "cuda"
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     if amp and not bf16_is_fast(device):
-        print("warning: bf16 is emulated on this CPU; timings with --amp will be slow", file=sys.stderr)
+        print("warning: bf16 is slower than fp32 on this CPU (emulated, or slow kernels); timings with --amp will be "
+              "slow", file=sys.stderr)
     channels_last = True
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])

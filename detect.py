@@ -90,7 +90,7 @@ def get_args_parser():
                    "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
     return p
 
 
@@ -180,17 +180,18 @@ def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, 
 
 
 def annotate(image, boxes, labels, scores, rev_label_map, label_color_map):
-    """Draw boxes (pixels) with their class colour, name and score on a copy of a PIL image.
-    rev_label_map: label -> class name; label_color_map: class name -> colour (the model's)."""
+    """Draw boxes (pixels) with their class colour, name and score (scores None: names only, as for annotations)
+    on a copy of a PIL image. rev_label_map: label -> class name; label_color_map: class name -> colour."""
     image = image.convert("RGB")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     width = max(1, round(max(image.size) / 320))
-    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+    scores = [None] * len(labels) if scores is None else scores.tolist()
+    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores):
         name = rev_label_map[label]
         color = label_color_map[name]
         draw.rectangle(box, outline=color, width=width)
-        text = f"{name} {score:.2f}"
+        text = name if score is None else f"{name} {score:.2f}"
         if not isinstance(font, ImageFont.FreeTypeFont):  # PIL's bitmap font (Pillow < 10.1, no FreeType): Latin-1 only
             text = text.encode("latin-1", "replace").decode("latin-1")
         left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)

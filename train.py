@@ -113,7 +113,7 @@ def get_args_parser():
     p.add_argument("--max-zoom", type=float, help="largest zoom-out of the augmentation, as a multiple of the image "
                    f"(paper and default: {r['max_zoom']:g}; 1 turns zoom-out off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA and on CPUs with native bf16, such as AVX512-BF16 or AMX)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
