@@ -312,3 +312,15 @@ def test_a_folder_named_counts_csv_in_the_output_is_one_line(world, images, tmp_
     status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", tmp_path / "out",
                                     "--device", "cpu"], monkeypatch, capsys)
     assert_one_line_error(status, err, "detect", ["--output-dir", "cannot write", "counts.csv"])
+
+
+def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):
+    """Not only at an epoch's end: with 2 steps an epoch, the bar shows a loss after the first step."""
+    argv = fill(TRAIN_BASE, world)
+    argv[argv.index("--out-dir") + 1], argv[argv.index("--iterations") + 1] = str(tmp_path / "run"), "2"
+    train.main(train.get_args_parser().parse_args(argv))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    first_step = [line for line in bar if " 1/2 " in line]
+    assert first_step and all("loss=" in line for line in first_step), bar
+    running = train.RunningLoss(torch.device("cpu"))
+    assert running.update(torch.tensor(2.5)) == 2.5  # on a CPU at once; on CUDA a step later, without a sync
