@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, calculate_mAP, check_writable, label_map, load_checkpoint, normalize,
-                   resolve_device, run_cli, run_info, write_json_atomic)
+from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_workers, check_writable, label_map,
+                   load_checkpoint, normalize, resolve_device, run_cli, run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -60,7 +60,7 @@ def get_args_parser():
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--infer-batches", type=int, nargs="+", default=None, help="inference batches (default: 1 64 on CUDA, 1 8 on CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers for the data measurement")
+    p.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: utils.bf16_is_fast)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
@@ -492,8 +492,7 @@ def check_args(args):
         raise UserError("--train-batch 1: BatchNorm needs at least 2 images a step; use 2 or more, or --no-batch-norm")
     if args.infer_batches is not None and min(args.infer_batches) < 1:
         raise UserError(f"--infer-batches must be positive, not {' '.join(map(str, args.infer_batches))}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, not {args.workers}")
+    check_workers(args.workers)
     if args.folder is not None and not os.path.isdir(args.folder):
         raise UserError(f"--folder {args.folder}: no such folder")
     if args.json:

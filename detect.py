@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
-from utils import (UserError, bf16_is_fast, check_writable, class_names, find_intersection, image_extensions,
-                   load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device, run_cli,
-                   window_boxes_to_image)
+from utils import (UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
+                   image_extensions, load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device,
+                   run_cli, window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
@@ -533,8 +533,9 @@ def check_args(args):
         raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
     if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
-    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1) or (args.workers or 0) < 0:
-        raise UserError("--top-k and --batch-size must be positive and --workers >= 0")
+    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise UserError("--top-k and --batch-size must be positive")
+    check_workers(args.workers)
     if args.scale is not None and args.rbc_width is not None:
         raise UserError("give --scale or --rbc-width, not both")
     if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":

@@ -30,9 +30,8 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_min_score, run_model
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, check_writable,
-                   class_names, init_distributed,
-                   load_checkpoint, run_cli, run_info, write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, check_workers,
+                   check_writable, class_names, init_distributed, load_checkpoint, run_cli, run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -162,8 +161,9 @@ def main(args):
 
 
 def run(args, rank, world, device):
-    if args.batch_size < 1 or args.workers < 0:
-        raise UserError("--batch-size must be positive and --workers >= 0")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, not {args.batch_size}")
+    check_workers(args.workers)
     if args.count_max_overlap is not None and not 0 < args.count_max_overlap <= 1:
         raise UserError(f"--count-max-overlap must be in (0, 1], not {args.count_max_overlap}")
     if args.output and rank == 0:

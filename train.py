@@ -33,9 +33,9 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
-from utils import (UserError, bf16_is_fast, check_same_classes, check_writable, create_data_lists, init_distributed,
-                   load_checkpoint, median_image_size, normalize, remove_stale_temporaries, run_cli, run_info,
-                   save_atomic, write_text_atomic)
+from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
+                   create_data_lists, init_distributed, load_checkpoint, median_image_size, normalize,
+                   remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
 
 try:
     import fcntl  # locks --out-dir against a second run (POSIX)
@@ -65,8 +65,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def default_workers():
     """DataLoader workers: a core is left to the training process (its augmentation is light), at most 4."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cpus - 1))
+    return max(0, min(4, available_cpus() - 1))
 
 
 def get_args_parser():
@@ -161,10 +160,11 @@ def resolve_args(args, ckpt, say=print):
 
 
 def check_args(args):
-    for name in ("batch_size", "epochs", "iterations", "workers", "checkpoint_every"):
+    for name in ("batch_size", "epochs", "iterations", "checkpoint_every"):
         value = getattr(args, name)
-        if value is not None and (value < (0 if name == "workers" else 1)):
-            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else 'positive'}, not {value}")
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+    check_workers(args.workers)
     for name in ("lr", "momentum", "weight_decay", "grad_clip", "max_zoom", "warmup", "val_every"):
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):

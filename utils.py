@@ -147,6 +147,19 @@ def run_cli(main, parser):
         sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
+def available_cpus():
+    """The CPUs this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_workers(workers, flag="--workers"):
+    """DataLoader worker processes: 0 (in-process) up to one per available CPU. Each worker is a copy of the
+    process (hundreds of MB), so a number far beyond the CPUs adds no speed and can exhaust the memory."""
+    if workers is not None and not 0 <= workers <= available_cpus():
+        raise UserError(f"{flag} {workers}: give 0 (no worker processes) to {available_cpus()}, the CPUs available "
+                        f"here; more add no speed and each costs memory")
+
+
 def resolve_device(name):
     """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned as a torch.device."""
     if name == "auto":

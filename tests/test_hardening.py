@@ -117,6 +117,7 @@ TRAIN = [
     ("batch-size-1-batch-norm", ["--batch-size", "1"], ["BatchNorm", "--batch-size 2", "--no-batch-norm"]),
     ("epochs-0", ["--epochs", "0"], ["--epochs must be positive"]),
     ("workers-negative", ["--workers", "-1"], ["--workers"]),
+    ("workers-1000", ["--workers", "1000"], ["--workers 1000: give 0", "the CPUs available here"]),
     ("out-dir-under-a-file", ["--out-dir", "{root}/file/run"], ["--out-dir", "cannot write there"]),
     ("resume-missing", ["--resume", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("resume-not-a-checkpoint", ["--resume", "{root}/file"], ["not a checkpoint file"]),
@@ -140,6 +141,7 @@ EVAL = [
     ("checkpoint-text", ["--checkpoint", "{root}/file"], ["not a checkpoint file"]),
     ("lists-missing", ["--data-folder", "{root}/none"], ["not found", "create_data_lists"]),
     ("device-nonsense", ["--device", "gpu7"], ["gpu7"]),
+    ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
 ]
 
 DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", "--output-dir", "{root}/out",
@@ -151,6 +153,7 @@ DETECT = [
     ("min-score-2-of-3", ["--min-score", "0.1", "0.2"], ["one per class"]),
     ("max-overlap-2", ["--max-overlap", "2"], ["--max-overlap"]),
     ("top-k-0", ["--top-k", "0"], ["--top-k"]),
+    ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("tile-nonsense", ["--tile", "big"], ["--tile"]),
     ("scale-nan", ["--scale", "nan"], ["--scale"]),
     ("scale-and-rbc-width", ["--scale", "2", "--rbc-width", "200"], ["--scale or --rbc-width"]),
@@ -165,6 +168,7 @@ BENCH = [
     ("train-batch-1-batch-norm", ["--train-batch", "1"], ["BatchNorm"]),
     ("infer-batches-0", ["--infer-batches", "1", "0"], ["--infer-batches"]),
     ("iters-0", ["--iters", "0"], ["--iters"]),
+    ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
