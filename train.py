@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
+from eval import evaluate
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss
 from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
                    create_data_lists, init_distributed, load_checkpoint, median_image_size, normalize,
@@ -498,7 +499,6 @@ def train(args, rank, world, device, cleanup):
             last = epoch + 1 == epochs or iteration >= total_iterations
             stopping = stop_requested(stop, world, device)
             if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
-                from eval import evaluate
                 aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
                 record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
                 bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")

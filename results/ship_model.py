@@ -36,6 +36,9 @@ def get_args_parser():
     p.add_argument("--trained-on", default=None, help="hardware, when the checkpoint does not record it")
     p.add_argument("--train-commit", default=None, help="commit trained, when the checkpoint does not record it")
     p.add_argument("--train-date", default=None, help="date trained, when the checkpoint does not record it")
+    p.add_argument("--train-command", default=None, help="the command that started the run, when the checkpoint's "
+                   "args are those of a resume")
+    p.add_argument("--note", default=None, help="anything else about the training (interruptions, resumes)")
     p.add_argument("--test-lists", default="data/lists", help="lists whose TEST is test.txt")
     p.add_argument("--val-lists", default="data/lists-val", help="lists whose TEST is val.txt")
     p.add_argument("--eval-dir", default="results/shipped", help="where the eval JSONs and the figure go")
@@ -106,7 +109,8 @@ def main(args):
                              "chosen_on": f"{sweep['images']} images of {sweep['command']} (commit {sweep['commit']}, "
                                           f"{sweep['date']}): per class the min_score with the lowest counting error"},
         "provenance": {
-            "train_command": f"python train.py {flags}",
+            "train_command": args.train_command or f"python train.py {flags}",
+            "train_args": {k: v for k, v in train_args.items() if k != "resume"}, "note": args.note,
             "train_split": f"ImageSets/Main/{args.train_split}.txt",
             "epochs": ckpt["epoch"] + 1, "iterations": ckpt["iteration"], "seed": train_args["seed"],
             "commit": info.get("commit") or args.train_commit, "hardware": info.get("device_name") or args.trained_on,
