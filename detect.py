@@ -164,16 +164,18 @@ def preprocess(image):
 
 
 @torch.no_grad()
-def run_model(model, images, amp=True, channels_last=True):
-    """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores)."""
+def run_model(model, images, amp=None, channels_last=True):
+    """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores).
+    amp: bf16 autocast (default: where it is fast, utils.bf16_is_fast)."""
     device = next(model.parameters()).device
+    amp = bf16_is_fast(device) if amp is None else amp
     images = normalize(images.to(device, non_blocking=True,
                                  memory_format=torch.channels_last if channels_last else torch.preserve_format))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return model(images)
 
 
-def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=True, channels_last=True):
+def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=None, channels_last=True):
     """images: uint8 (N, 3, 300, 300) -> lists over images of (boxes fractional (n, 4), labels (n,), scores (n,))."""
     locs, scores = run_model(model, images, amp, channels_last)
     return model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
@@ -370,7 +372,7 @@ def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overla
     return pixels[idx], labels[idx], scores[idx]
 
 
-def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap=0.5, top_k=200, amp=True):
+def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap=0.5, top_k=200, amp=None):
     """Detections for a stream of prepared images, whose windows go through the model batch_size at a time
     (those of consecutive images share batches: an image of the training field's size is one window).
 
@@ -606,6 +608,8 @@ def main(args):
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
     check_writable(args.output_dir, "--output-dir", folder=True)
+    for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
+        check_writable(os.path.join(args.output_dir, name), "--output-dir")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)

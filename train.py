@@ -291,6 +291,8 @@ def prepare_out_dir(args):
     run left: its temporary files, and the log lines of epochs after the checkpoint it is resumed from."""
     out = args.out_dir
     check_writable(out, "--out-dir", folder=True)
+    for name in ("checkpoint.pt", "log.jsonl"):  # no folder, device or pipe where they go
+        check_writable(os.path.join(out, name), "--out-dir")
     fd = os.open(out, os.O_RDONLY)
     if fcntl is not None:
         try:

@@ -257,6 +257,7 @@ def _atomic(path, write):
     remove_stale_temporaries."""
     tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is atomic; created with the usual permissions
     try:
+        _refuse_special(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
@@ -269,6 +270,13 @@ def _atomic(path, write):
         raise
 
 
+def _refuse_special(path):
+    """OSError if `path` exists and is neither a regular file nor a folder (a device such as /dev/full, a pipe,
+    a socket, or a link to one): os.replace would put a regular file in its place."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket); name a file")
+
+
 def check_writable(path, flag, folder=False, create=True):
     """Before any long work: check that the output `path` (a file, or a folder if `folder`) can be written,
     creating its folder (create=True) or, without creating anything, in the nearest folder above it that
@@ -277,6 +285,7 @@ def check_writable(path, flag, folder=False, create=True):
     try:
         if not folder and os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
+        _refuse_special(path)
         if create:
             os.makedirs(where, exist_ok=True)
         else:
@@ -319,8 +328,10 @@ def write_json_atomic(obj, path, indent=None):
 def write_json_files_atomic(files):
     """Write several JSON files that belong together ({path: obj}): all to temporary files first, then each moved
     into place, so that a failed write (a full disk) leaves the earlier set whole, never half old, half new."""
-    written = []
+    written, path = [], None
     try:
+        for path in files:
+            _refuse_special(path)
         for path, obj in files.items():
             tmp = f"{path}.{os.getpid()}.tmp"
             written.append((tmp, path))
@@ -331,7 +342,7 @@ def write_json_files_atomic(files):
             if os.path.exists(tmp):
                 os.remove(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"{written[-1][1]}: cannot write ({e.strerror or e}); the earlier files are kept") from None
+            raise UserError(f"{path}: cannot write ({e.strerror or e}); the earlier files are kept") from None
         raise
     for tmp, path in written:
         os.replace(tmp, path)

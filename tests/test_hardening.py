@@ -69,6 +69,9 @@ def world(tmp_path_factory):
     checkpoint = root / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "model_args": model.model_args, "label_map": label_map}, checkpoint)
     (root / "file").write_text("a file where a folder should be\n")
+    os.mkfifo(root / "fifo")  # as a device such as /dev/full: os.replace would put a regular file in its place
+    (root / "fifo-out").mkdir()
+    os.mkfifo(root / "fifo-out" / "counts.csv")
     for name in ("eval.json", "bench.json"):
         (root / name).write_text('{"earlier": true}\n')
     (root / "out").mkdir()
@@ -133,6 +136,7 @@ EVAL_BASE = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/li
 EVAL = [
     ("output-is-a-folder", ["--output", "{root}/out"], ["--output", "cannot write there"]),
     ("output-under-a-file", ["--output", "{root}/file/eval.json"], ["--output", "cannot write there"]),
+    ("output-is-a-pipe", ["--output", "{root}/fifo"], ["--output", "not a regular file"]),
     ("count-min-score-nan", ["--count-min-score", "nan"], ["--count-min-score must lie in [0, 1)"]),
     ("count-min-score-2-of-3", ["--count-min-score", "0.1", "0.2"], ["one per class"]),
     ("count-max-overlap-0", ["--count-max-overlap", "0"], ["--count-max-overlap"]),
@@ -149,6 +153,7 @@ DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", 
 DETECT = [
     ("output-under-a-file", ["--output-dir", "{root}/file/out"], ["--output-dir", "cannot write there"]),
     ("output-is-the-input-folder", ["--output-dir", "{root}/voc/JPEGImages"], ["would overwrite an input image"]),
+    ("counts-csv-is-a-pipe", ["--output-dir", "{root}/fifo-out"], ["counts.csv", "not a regular file"]),
     ("min-score-nan", ["--min-score", "nan"], ["--min-score must lie in [0, 1)"]),
     ("min-score-2-of-3", ["--min-score", "0.1", "0.2"], ["one per class"]),
     ("max-overlap-2", ["--max-overlap", "2"], ["--max-overlap"]),
@@ -170,6 +175,7 @@ BENCH = [
     ("iters-0", ["--iters", "0"], ["--iters"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
+    ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
 ]
