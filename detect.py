@@ -147,7 +147,7 @@ def load_model(checkpoint=None, device="cpu"):
     if not (isinstance(field, (list, tuple)) and len(field) == 2 and all(isinstance(v, int) and v > 0 for v in field)):
         raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels, not {field!r}")
     model.field = tuple(field)
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
 
@@ -415,6 +415,33 @@ def default_batch_size(device):
     return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
 
 
+def check_call(image, model, min_score, max_overlap, top_k, batch_size):
+    """detect_image's arguments, checked as the command line's are: (min_score, max_overlap) with the model's
+    defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
+    if not isinstance(model, SSD300):
+        raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
+    if min(image.size) < 1:
+        raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
+    classes = class_names(model.label_map)
+    if min_score is None:
+        min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
+    elif isinstance(min_score, (int, float)) and not isinstance(min_score, bool):
+        min_score = parse_min_score([min_score], classes, "min_score")
+    elif isinstance(min_score, (list, tuple)) and all(isinstance(v, (int, float)) for v in min_score):
+        min_score = parse_min_score(list(min_score), classes, "min_score")
+    else:
+        raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
+    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
+    if not (isinstance(max_overlap, (int, float)) and 0 < max_overlap <= 1):
+        raise UserError(f"max_overlap must be in (0, 1], not {max_overlap!r}")
+    for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name} must be a positive integer, not {value!r}")
+    return min_score, float(max_overlap)
+
+
 def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
                  batch_size=None):
     """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
@@ -429,9 +456,10 @@ def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile
     min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
     batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
     """
+    min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
     device = next(model.parameters()).device
-    min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE) if min_score is None else min_score
-    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
+    if amp is not None and not isinstance(amp, bool):
+        raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")
     amp = bf16_is_fast(device) if amp is None else amp
     tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
     windows, inputs = prepare(pil_to_tensor(image), tiles)

@@ -334,3 +334,39 @@ def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):
     assert first_step and all("loss=" in line for line in first_step), bar
     running = train.RunningLoss(torch.device("cpu"))
     assert running.update(torch.tensor(2.5)) == 2.5  # on a CPU at once; on CUDA a step later, without a sync
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python API: a wrong kind of argument is a TypeError, a value out of range a UserError, each saying which
+# ---------------------------------------------------------------------------------------------
+
+API = [
+    ("image-is-a-path", lambda m, im: detect.detect_image("smear.jpg", m), TypeError, "a PIL image"),
+    ("image-is-a-tensor", lambda m, im: detect.detect_image(torch.zeros(3, 10, 10), m), TypeError, "a PIL image"),
+    ("image-is-empty", lambda m, im: detect.detect_image(Image.new("RGB", (0, 0)), m), detect.UserError,
+     "an empty image"),
+    ("model-is-a-path", lambda m, im: detect.detect(im, model="checkpoint.pt"), TypeError, "load_model()"),
+    ("min-score-nan", lambda m, im: detect.detect_image(im, m, min_score=float("nan")), detect.UserError,
+     "min_score must lie in [0, 1)"),
+    ("min-score-2-of-3", lambda m, im: detect.detect_image(im, m, min_score=[0.1, 0.2]), detect.UserError,
+     "one per class"),
+    ("min-score-text", lambda m, im: detect.detect_image(im, m, min_score="0.3"), TypeError, "min_score"),
+    ("max-overlap-5", lambda m, im: detect.detect_image(im, m, max_overlap=5), detect.UserError, "max_overlap"),
+    ("top-k-negative", lambda m, im: detect.detect_image(im, m, top_k=-5), detect.UserError, "top_k"),
+    ("top-k-none", lambda m, im: detect.detect_image(im, m, top_k=None), detect.UserError, "top_k"),
+    ("batch-size-0", lambda m, im: detect.detect_image(im, m, batch_size=0), detect.UserError, "batch_size"),
+    ("amp-text", lambda m, im: detect.detect_image(im, m, amp="no"), TypeError, "amp"),
+    ("tile-0x0", lambda m, im: detect.detect_image(im, m, tile=(0, 0)), detect.UserError, "--tile"),
+    ("device-nonsense", lambda m, im: detect.load_model(m.source, device="gpu7"), detect.UserError, "gpu7"),
+    ("checkpoint-missing", lambda m, im: detect.load_model(m.source + ".none"), detect.UserError,
+     "no such checkpoint file"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, says", API, ids=[c[0] for c in API])
+def test_python_api(case, call, error, says, world):
+    model = detect.load_model(world / "checkpoint.pt")
+    model.source = str(world / "checkpoint.pt")
+    with pytest.raises(error) as e:
+        call(model, Image.new("RGB", (64, 48)))
+    assert says in str(e.value) and "\n" not in str(e.value)
