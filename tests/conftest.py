@@ -1,6 +1,6 @@
 """Fixtures shared by the tests: BCCD data (the real one, or a tiny generated copy) and its lists.
 
-    python -m pytest tests -q                          # real BCCD at ../shared/data/BCCD when present
+    python -m pytest tests -q                          # real BCCD at ../shared/data/BCCD or data/BCCD when present
     BCCD_DIR=/path/to/BCCD python -m pytest tests -q   # another copy of BCCD
     python -m pytest tests -q -m "not slow"            # skip the tests marked slow
 
@@ -40,9 +40,13 @@ def pytest_configure(config):
 
 
 def real_bccd_path():
-    """The real BCCD folder: $BCCD_DIR, else ../shared/data/BCCD beside the repository; None when missing."""
-    path = Path(os.environ.get("BCCD_DIR") or REPO.parent / "shared" / "data" / "BCCD")
-    return path if (path / "Annotations").is_dir() else None
+    """The real BCCD folder: $BCCD_DIR, else ../shared/data/BCCD beside the repository, else data/BCCD in it
+    (where the README puts it); None when missing."""
+    if os.environ.get("BCCD_DIR"):
+        candidates = [Path(os.environ["BCCD_DIR"])]
+    else:
+        candidates = [REPO.parent / "shared" / "data" / "BCCD", REPO / "data" / "BCCD"]
+    return next((path for path in candidates if (path / "Annotations").is_dir()), None)
 
 
 def image_id(i):
@@ -138,7 +142,7 @@ def make_voc(root, n_trainval=4, n_test=2, size=(64, 48), objects=None, seed=0, 
 
 @pytest.fixture(scope="session")
 def bccd_dir(tmp_path_factory):
-    """The real BCCD when it exists ($BCCD_DIR or ../shared/data/BCCD), else a generated one of 12
+    """The real BCCD when it exists ($BCCD_DIR, ../shared/data/BCCD or data/BCCD), else a generated one of 12
     640x480 images (trainval 8 = train 6 + val 2, test 4). Tests must not change it."""
     real = real_bccd_path()
     if os.environ.get("BCCD_DIR") and real is None:
@@ -151,7 +155,8 @@ def real_bccd_dir():
     """The real BCCD; skips the test where it is missing."""
     real = real_bccd_path()
     if real is None:
-        pytest.skip("real BCCD not found (set BCCD_DIR or place it at ../shared/data/BCCD)")
+        pytest.skip("checks figures of the real BCCD (its counts, the shipped model's TEST mAP), not found at "
+                    "$BCCD_DIR, ../shared/data/BCCD or data/BCCD: python create_data_lists.py --download")
     return real
 
 
