@@ -6,7 +6,7 @@ From the first --images TEST images (test.txt's order; 36 by default) it builds 
 3x3 mosaics (1920x1440) and, from the first --enlarged 2x2 ones, mosaics enlarged 2x (2560x1920, bicubic)
 that are run with --scale 2, as a user whose microscope shows cells twice BCCD's size would. Their
 annotations follow from the originals (shifted; doubled). For each kind of mosaic and each class:
-  * the cells counted on the mosaics at detect.py's defaults (min_score 0.2, max_overlap 0.5), tiled
+  * the cells counted on the mosaics at detect.py's defaults (the checkpoint's counting thresholds), tiled
     and resized whole (--tile off), against the sum of the counts on their source images (each resized
     whole, as detect.py does a BCCD field): a tiled mosaic should count what its sources count;
   * the VOC07 mAP (utils.calculate_mAP at eval.py's setting, 0.01 / 0.45 / 200) on the mosaics, tiled and
@@ -29,8 +29,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import detect_image, load_model, tile_windows, tiling  # noqa: E402
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, resolve_device, run_cli, run_info,  # noqa: E402
+from detect import detect_image, format_min_score, load_model, parse_min_score, tile_windows, tiling  # noqa: E402
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, class_names, resolve_device, run_cli, run_info,  # noqa: E402
                    write_json_atomic)
 
 EVAL_SETTING = (0.01, 0.45, 200)  # eval.py's, the paper's and the tutorial's: min_score, max_overlap, top_k
@@ -45,8 +45,10 @@ def get_args_parser():
     p.add_argument("--images", type=int, default=36, help="the first this many TEST images make the mosaics "
                    "(36: 9 2x2 and 4 3x3 mosaics)")
     p.add_argument("--enlarged", type=int, default=3, help="this many 2x2 mosaics are also enlarged 2x")
-    p.add_argument("--min-score", type=float, default=0.2, help="counting: detect.py's --min-score")
-    p.add_argument("--max-overlap", type=float, default=0.5, help="counting: detect.py's --max-overlap")
+    p.add_argument("--min-score", type=float, nargs="+", default=None,
+                   help="counting: detect.py's --min-score (one, or one per class; default: the checkpoint's)")
+    p.add_argument("--max-overlap", type=float, default=None,
+                   help="counting: detect.py's --max-overlap (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return p
 
@@ -58,6 +60,7 @@ class OneForwardPass(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.field, self.outputs = model, model.field, {}
+        self.label_map, self.min_score, self.max_overlap = model.label_map, model.min_score, model.max_overlap
 
     def forward(self, images):
         key = tuple(images.shape), hashlib.sha1(images.float().cpu().numpy().tobytes()).hexdigest()
@@ -107,11 +110,14 @@ def main(args):
     if args.images < 4 or args.enlarged < 0:
         raise UserError(f"--images must be at least 4 (one 2x2 mosaic) and --enlarged >= 0, not {args.images} and "
                         f"{args.enlarged}")
-    if not 0 <= args.min_score < 1 or not 0 < args.max_overlap <= 1:
-        raise UserError("--min-score must be in [0, 1) and --max-overlap in (0, 1]")
+    if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
+        raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
     device = resolve_device(args.device)
     amp = bf16_is_fast(device)
     model = OneForwardPass(load_model(args.checkpoint, device))
+    classes = class_names(model.label_map)
+    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
+    max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
     if args.images > len(test_set):
         raise UserError(f"--images {args.images}: {args.data_folder} has {len(test_set)} TEST images")
@@ -123,7 +129,7 @@ def main(args):
     sizes = {im.size for im, *_ in sources}
     if len(sizes) > 1:
         raise UserError(f"{args.data_folder}: the TEST images have several sizes ({sorted(sizes)}); mosaics need one")
-    count_at = (args.min_score, args.max_overlap)
+    count_at = (min_score, max_overlap)
     start = time.perf_counter()
 
     print(f"{len(sources)} source images, each resized whole ...", flush=True)
@@ -167,9 +173,10 @@ def main(args):
                           **{way: m_ap([r[1] for r in runs[way]], truth) for way in runs}}}
     seconds = time.perf_counter() - start
 
-    print_table(results, count_at)
+    print_table(results, (format_min_score(min_score, classes), max_overlap))
     write_json_atomic({**run_info(device), "checkpoint": os.path.abspath(args.checkpoint), "field": list(model.field),
-                       "count_setting": {"min_score": args.min_score, "max_overlap": args.max_overlap, "top_k": 200},
+                       "count_setting": {"min_score": min_score, "max_overlap": max_overlap, "top_k": 200,
+                                         "classes": classes},
                        "map_setting": dict(zip(("min_score", "max_overlap", "top_k"), EVAL_SETTING)),
                        "amp": amp, "seconds": round(seconds, 1), "kinds": results}, args.output, indent=2)
     print(f"{seconds:.0f} s on {device}; results written to {args.output}")
