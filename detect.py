@@ -420,7 +420,7 @@ def check_call(image, model, min_score, max_overlap, top_k, batch_size):
     defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
-    if not isinstance(model, SSD300):
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "detect_objects")):  # SSD300, or one wrapped
         raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
     if min(image.size) < 1:
         raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
