@@ -443,7 +443,7 @@ def train(args, rank, world, device, cleanup):
             state["partial_epoch"] = partial_epoch
         save_atomic(state, out_ckpt)
 
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:  # the bar is closed however training ends (an error: no stale bar at exit)
         for epoch in range(start_epoch, epochs):
             if iteration >= total_iterations:
                 break
