@@ -413,11 +413,7 @@ def bench_tiling(args, device, amp, out):
         model = model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
     sources = [Image.open(p).convert("RGB") for p in BCCDDataset(args.data_folder, "test").images[:16]]
     result = {}
-    for size in args.tiling_sizes:
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--tiling-sizes: {size!r} is not WIDTHxHEIGHT") from None
+    for size, (width, height) in zip(args.tiling_sizes, tiling_sizes(args.tiling_sizes)):
         image, k = Image.new("RGB", (width, height)), 0
         for y in range(0, height, sources[0].height):  # TEST images side by side, as many as fill it
             for x in range(0, width, sources[0].width):
@@ -482,6 +478,20 @@ def print_table(out):
             print(f"{size:<34}{t['windows']:>9}{t['tiled_s_per_mp']:>9}{t['whole_s_per_mp']:>9}{t['tiled_over_whole']:>9}")
 
 
+def tiling_sizes(sizes):
+    """--tiling-sizes as [(width, height)]: each WIDTHxHEIGHT, 1 to 16384 pixels a side (a 16K image)."""
+    parsed = []
+    for size in sizes:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--tiling-sizes: {size!r} is not WIDTHxHEIGHT") from None
+        if not (1 <= width <= 16384 and 1 <= height <= 16384):
+            raise UserError(f"--tiling-sizes: {size!r}: each side must be 1 to 16384 pixels")
+        parsed.append((width, height))
+    return parsed
+
+
 def check_args(args):
     """Flags, the output place and the checkpoint, checked before minutes of measuring."""
     for name in ("train_batch", "iters"):
@@ -493,9 +503,10 @@ def check_args(args):
     if args.infer_batches is not None and min(args.infer_batches) < 1:
         raise UserError(f"--infer-batches must be positive, not {' '.join(map(str, args.infer_batches))}")
     check_workers(args.workers)
+    tiling_sizes(args.tiling_sizes)
     if args.folder is not None and not os.path.isdir(args.folder):
         raise UserError(f"--folder {args.folder}: no such folder")
-    if args.json:
+    if args.json is not None:
         check_writable(args.json, "--json")
     if args.checkpoint:
         SSD300.from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
@@ -532,7 +543,7 @@ def main(args):
             if cuda:
                 torch.cuda.empty_cache()
     print_table(out)
-    if args.json:
+    if args.json is not None:
         write_json_atomic(out, args.json, indent=2)
         print(f"written to {args.json}")
 

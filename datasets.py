@@ -21,6 +21,9 @@ from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 from utils import UserError, check_label_map, load_image, transform
 
 
+MAX_COORDINATE = 1e6  # pixels: boxes of create_data_lists.py lie in their image, and no image is a million pixels wide
+
+
 class BCCDDataset(Dataset):
     """BCCD images (or another VOC dataset's) with their boxes, labels and difficulties, transformed as the
     tutorial does.
@@ -58,8 +61,15 @@ class BCCDDataset(Dataset):
             raise UserError(f"{data_folder}: {self.split}_images.json has {len(self.images)} entries but "
                             f"{self.split}_objects.json has {len(self.objects) if isinstance(self.objects, list) else 'no list of'}"
                             f"; run create_data_lists.py again")
+        if not self.images:
+            raise UserError(f"{os.path.join(data_folder, self.split + '_images.json')}: no images; make lists of a "
+                            f"split that has some (create_data_lists.py)")
         for i, objects in enumerate(self.objects):
             self._check_entry(i, objects)
+        missing = next((p for p in self.images if not os.path.isfile(p)), None)  # found now, not in the middle of a run
+        if missing is not None:
+            raise UserError(f"{missing}: image of {self.split}_images.json not found (moved or deleted?); run "
+                            f"create_data_lists.py again")
         self._cache = None
         if cache_images:
             self.cache()
@@ -83,8 +93,11 @@ class BCCDDataset(Dataset):
         if not ok:
             raise UserError(f"{where}: not {{'boxes': [[x_min, y_min, x_max, y_max], ...], 'labels': [int, ...], "
                             f"'difficulties': [0 or 1, ...]}}; run create_data_lists.py again")
-        if not torch.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
-            raise UserError(f"{where}: a box is not finite or has no area; run create_data_lists.py again")
+        if not (boxes.abs() < MAX_COORDINATE).all() or (boxes[:, 2:] <= boxes[:, :2]).any() or (boxes < 0).any():
+            raise UserError(f"{where}: a box is not finite, negative, beyond {MAX_COORDINATE:g} pixels or has no "
+                            f"area (create_data_lists.py clips boxes to the image); run create_data_lists.py again")
+        if any(d not in (0, 1) for d in difficulties):
+            raise UserError(f"{where}: a 'difficult' flag other than 0 or 1; run create_data_lists.py again")
         if any(not 0 < l < len(self.label_map) for l in labels):
             raise UserError(f"{where}: a label outside 1-{len(self.label_map) - 1}, the classes of label_map.json")
 

@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
-from utils import (UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
+from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
                    image_extensions, load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device,
                    run_cli, window_boxes_to_image)
 
@@ -144,17 +145,22 @@ def load_model(checkpoint=None, device="cpu"):
     model = SSD300.from_checkpoint(ckpt, checkpoint)
     model.min_score, model.max_overlap = counting_defaults(ckpt, class_names(model.label_map), checkpoint)
     field = ckpt.get("field", BCCD_FIELD)
-    if not (isinstance(field, (list, tuple)) and len(field) == 2 and all(isinstance(v, int) and v > 0 for v in field)):
-        raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels, not {field!r}")
+    if not (isinstance(field, (list, tuple)) and len(field) == 2 and
+            all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 65535 for v in field)):
+        raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels (8 to 65535), not {field!r}")
     model.field = tuple(field)
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
 
 def open_image(path_or_file):
-    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W)."""
-    with Image.open(path_or_file) as im:
-        return pil_to_tensor(ImageOps.exif_transpose(im))
+    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
+    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
+    large scan is what tiling is for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path_or_file) as im:
+            return pil_to_tensor(ImageOps.exif_transpose(im))
 
 
 def preprocess(image):
@@ -437,8 +443,8 @@ def check_call(image, model, min_score, max_overlap, top_k, batch_size):
     if not (isinstance(max_overlap, (int, float)) and 0 < max_overlap <= 1):
         raise UserError(f"max_overlap must be in (0, 1], not {max_overlap!r}")
     for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{name} must be a positive integer, not {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10**5:
+            raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
     return min_score, float(max_overlap)
 
 
@@ -496,7 +502,7 @@ def find_images(inputs, skip=None):
             for root, dirs, files in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
                 found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
-        elif os.path.isfile(item):
+        elif os.path.exists(item):  # a file; a pipe or device is reported when read (ImageFiles)
             found = [item]
         else:
             missing.append(item)
@@ -522,6 +528,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         path = self.paths[i]
+        if not os.path.isfile(path) and os.path.exists(path):  # a pipe or a device: opening it could wait for ever
+            return i, None, f"{path}: not a regular file (a pipe, socket or device), not an image"
         try:
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds: report and go on
@@ -563,8 +571,8 @@ def check_args(args):
         raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
     if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
         raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
-    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise UserError("--top-k and --batch-size must be positive")
+    if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
+        raise UserError("--top-k and --batch-size must be 1 to 100,000")
     check_workers(args.workers)
     if args.scale is not None and args.rbc_width is not None:
         raise UserError("give --scale or --rbc-width, not both")
@@ -679,14 +687,15 @@ def main(args):
             n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
             print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
                   flush=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if results is not None:
             results.close()
         for e in errors:
             print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
-        print(f"{get_args_parser().prog}: interrupted after {results.n if results else 0} of {len(paths)} image(s)"
-              + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""), file=sys.stderr)
-        raise
+        stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
+                     f"{results.n if results else 0} of {len(paths)} image(s)"
+                     + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
+        raise  # run_cli says it, in one line
     if results is None:  # every file was unreadable
         for e in errors[:-1]:
             print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

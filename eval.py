@@ -161,12 +161,12 @@ def main(args):
 
 
 def run(args, rank, world, device):
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, not {args.batch_size}")
+    if not 1 <= args.batch_size <= 10**5:
+        raise UserError(f"--batch-size must be 1 to 100,000, not {args.batch_size}")
     check_workers(args.workers)
     if args.count_max_overlap is not None and not 0 < args.count_max_overlap <= 1:
         raise UserError(f"--count-max-overlap must be in (0, 1], not {args.count_max_overlap}")
-    if args.output and rank == 0:
+    if args.output is not None and rank == 0:
         check_writable(args.output, "--output")
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
@@ -233,7 +233,7 @@ def run(args, rank, world, device):
               + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")
-    if args.output:
+    if args.output is not None:
         write_json_atomic({"classes": names, **metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},

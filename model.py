@@ -284,12 +284,21 @@ class SSD300(nn.Module):
             saved = "a label map" if "label_map" in ckpt else "no label map, so BCCD's"
             raise UserError(f"{source}: a model of {n_classes} classes (background included) with {saved} of "
                             f"{len(classes)}")
+        scales = model_args.get("prior_scales", PRIOR_SCALES)
+        if not (isinstance(scales, (list, tuple)) and len(scales) == 6 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in scales)):
+            raise UserError(f"{source}: its model_args' prior_scales must be six numbers in (0, 1], not {scales!r}")
+        if not isinstance(model_args.get("batch_norm", False), bool):
+            raise UserError(f"{source}: its model_args' batch_norm must be true or false, not "
+                            f"{model_args['batch_norm']!r}")
         try:
             model = cls(base_weights=None, label_map=classes, **model_args)
             model.load_state_dict(ckpt["model"])
         except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise UserError(f"{source}: does not fit SSD300 ({type(e).__name__}: {detail[:200]})") from None
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+            raise UserError(f"{source}: its weights hold nan or inf (a training that diverged); use another checkpoint")
         return model
 
     def fuse_batch_norm(self):

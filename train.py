@@ -163,8 +163,8 @@ def resolve_args(args, ckpt, say=print):
 def check_args(args):
     for name in ("batch_size", "epochs", "iterations", "checkpoint_every"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        if value is not None and not 1 <= value <= 10**7:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 to 10,000,000, not {value}")
     check_workers(args.workers)
     for name in ("lr", "momentum", "weight_decay", "grad_clip", "max_zoom", "warmup", "val_every"):
         value = getattr(args, name)
@@ -340,10 +340,30 @@ def main(args):
             dist.destroy_process_group()
 
 
+def check_resumable(ckpt, path):
+    """A checkpoint train.py can continue: the state it saves, of the right kinds (a damaged or hand-edited file,
+    or a weights-only file such as the shipped model, is refused in one line before anything is written)."""
+    def integer(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    partial = ckpt.get("partial_epoch") or {}
+    problem = ("it holds no optimizer state (a weights-only file, such as the shipped model: start a new run "
+               "instead)" if not isinstance(ckpt.get("optimizer"), dict) else
+               "its epoch or iteration is not a count" if not (integer(ckpt.get("epoch"), -1) and
+                                                                 integer(ckpt.get("iteration"), 0)) else
+               "its args are not a dict of flags" if not isinstance(ckpt.get("args"), dict) else
+               "its partial_epoch is damaged" if partial and not (
+                   isinstance(partial, dict) and integer(partial.get("steps"), 1)
+                   and isinstance(partial.get("loss_sum"), torch.Tensor) and partial["loss_sum"].numel() == 1
+                   and isinstance(partial.get("seconds"), (int, float)) and partial["seconds"] >= 0) else None)
+    if problem:
+        raise UserError(f"--resume {path}: cannot resume from this checkpoint: {problem}")
+    return ckpt
+
+
 def train(args, rank, world, device, cleanup):
     is_main = rank == 0
     cuda = device.type == "cuda"
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = check_resumable(load_checkpoint(args.resume), args.resume) if args.resume else None
     resolve_args(args, ckpt, say=print if is_main else (lambda _: None))
     check_args(args)
     amp = args.amp = bf16_is_fast(device) if args.amp is None else args.amp
@@ -493,8 +513,10 @@ def train(args, rank, world, device, cleanup):
             seconds = time.perf_counter() - start
             if not math.isfinite(epoch_loss):
                 bar.close()
-                raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped. The last good "
-                                f"checkpoint is kept in {args.out_dir}. Try a lower --lr or --grad-clip")
+                kept = (f"the last good checkpoint is kept in {args.out_dir}" if os.path.exists(out_ckpt) else
+                        "no checkpoint was saved")
+                raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped ({kept}). Try a lower "
+                                f"--lr or --grad-clip")
             record = {"epoch": epoch + 1, "iteration": iteration, "loss": round(epoch_loss, 5), "lr": lr,
                       "seconds": round(seconds, 3), "images_per_s": round(n_steps * args.batch_size * world / seconds, 1)}
             bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")

@@ -140,11 +140,22 @@ def run_cli(main, parser):
     try:
         return main(args)
     except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        print(f"{parser.prog}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+        said = str(e) or ("terminated" if isinstance(e, Terminated) else "interrupted")  # a script may say more
+        print(f"{parser.prog}: {said}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+def one_line(error):
+    """A UserError's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback
+    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = re.sub(r"^[\w.]*UserError: ", "", last.strip())
+    return text
 
 
 def available_cpus():
@@ -168,6 +179,8 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -281,18 +294,22 @@ def check_writable(path, flag, folder=False, create=True):
     """Before any long work: check that the output `path` (a file, or a folder if `folder`) can be written,
     creating its folder (create=True) or, without creating anything, in the nearest folder above it that
     exists. UserError naming the flag and path otherwise (read-only, a file in the way, ...)."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: name a {'folder' if folder else 'file'}")
     where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
     try:
         if not folder and os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
         _refuse_special(path)
+        existing = where
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
         if create:
             os.makedirs(where, exist_ok=True)
         else:
-            while not os.path.exists(where) and os.path.dirname(where) != where:
-                where = os.path.dirname(where)
-            if not os.path.isdir(where):
-                raise NotADirectoryError(errno.ENOTDIR, f"{where} is a file, not a folder")
+            where = existing
         fd, probe = tempfile.mkstemp(dir=where, prefix=".write-test-")
         os.close(fd)
         os.remove(probe)
@@ -332,11 +349,15 @@ def write_json_files_atomic(files):
     try:
         for path in files:
             _refuse_special(path)
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
         for path, obj in files.items():
             tmp = f"{path}.{os.getpid()}.tmp"
             written.append((tmp, path))
             with open(tmp, "w") as f:
                 f.write(json.dumps(obj) + "\n")
+        for tmp, path in written:
+            os.replace(tmp, path)
     except BaseException as e:
         for tmp, _ in written:
             if os.path.exists(tmp):
@@ -344,8 +365,6 @@ def write_json_files_atomic(files):
         if isinstance(e, OSError):
             raise UserError(f"{path}: cannot write ({e.strerror or e}); the earlier files are kept") from None
         raise
-    for tmp, path in written:
-        os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -354,8 +373,11 @@ def load_checkpoint(path):
     `weights_only=True` means unpickling can build tensors, dicts, lists, numbers and strings
     and nothing else, so opening a checkpoint never runs code. A file that needs more is refused.
     """
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint file")
+        raise UserError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
+                        f"{path}: not a regular file, not a checkpoint")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a checkpoint file (train.py writes zip archives with torch.save)")
     try:

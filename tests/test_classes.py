@@ -266,7 +266,10 @@ def test_eval_refuses_lists_whose_label_map_differs(two_class_lists, tiny_voc, t
     assert "Lymphozyt ä, Sickle cell" in line and "Sickle cell, Lymphozyt ä" in line and "label_map.json" in line
     assert "--classes 'Lymphozyt ä' 'Sickle cell'" in line  # the command that makes lists of the model's classes
     assert not (tmp_path / "eval.json").exists()
-    # and so does train.py --resume
+    # and so does train.py --resume (of a checkpoint with a training state; its label map is checked first)
+    resumable = torch.load(checkpoint, weights_only=True)
+    resumable.update(optimizer={}, epoch=0, iteration=1, args={})
+    torch.save(resumable, checkpoint)
     with pytest.raises(UserError, match="label_map.json"):
         train.main(train.get_args_parser().parse_args(train_argv(tmp_path / "reordered", tmp_path / "run", "--iterations",
                                                                  1, "--resume", checkpoint)))

@@ -881,6 +881,9 @@ def test_unreadable_image_is_a_user_error_naming_it(tiny_lists, damage):
         path.write_bytes(path.read_bytes()[:300])
     else:
         path.unlink()
+        with pytest.raises(UserError, match=re.escape(str(path)) + ".*not found"):  # found before any work
+            BCCDDataset(tiny_lists, "train")
+        return
     dataset = BCCDDataset(tiny_lists, "train")
     assert len(dataset[(1, 0)]) == 4  # the others still load
     with pytest.raises(UserError, match=re.escape(str(path))):
@@ -890,14 +893,17 @@ def test_unreadable_image_is_a_user_error_naming_it(tiny_lists, damage):
 
 
 @pytest.mark.parametrize("damage, says", [
-    (lambda o: o[0]["boxes"][0].__setitem__(0, float("nan")), "a box is not finite or has no area"),
-    (lambda o: o[0]["boxes"][0].__setitem__(2, -1), "a box is not finite or has no area"),
+    (lambda o: o[0]["boxes"][0].__setitem__(0, float("nan")), "a box is not finite, negative"),
+    (lambda o: o[0]["boxes"][0].__setitem__(2, -1), "a box is not finite, negative"),
     (lambda o: o[0]["labels"].__setitem__(0, 9), "a label outside 1-3"),
     (lambda o: o[0]["labels"].__setitem__(0, 1.5), "not {'boxes'"),
     (lambda o: o[0].pop("difficulties"), "not {'boxes'"),
     (lambda o: o[0]["boxes"].append([1, 2, 3]), "not {'boxes'"),
     (lambda o: o.__setitem__(0, "x"), "not {'boxes'"),
-], ids=["nan", "no-area", "label-9", "label-float", "no-difficulties", "box-of-3", "not-a-dict"])
+    (lambda o: o[0]["difficulties"].__setitem__(0, -1), "a 'difficult' flag other than 0 or 1"),
+    (lambda o: o[0]["boxes"].__setitem__(0, [-500, -500, -100, -100]), "a box is not finite, negative"),
+], ids=["nan", "no-area", "label-9", "label-float", "no-difficulties", "box-of-3", "not-a-dict", "difficult--1",
+        "box-outside"])
 def test_damaged_list_entry_is_one_line_naming_file_and_entry(damage, says, tiny_voc, tmp_path):
     lists = tmp_path / "lists"
     create_data_lists(tiny_voc(), lists, verbose=False)

@@ -72,11 +72,41 @@ def world(tmp_path_factory):
     os.mkfifo(root / "fifo")  # as a device such as /dev/full: os.replace would put a regular file in its place
     (root / "fifo-out").mkdir()
     os.mkfifo(root / "fifo-out" / "counts.csv")
+    (root / "blocked").mkdir()  # lists whose label_map.json is a folder: no list may be replaced
+    for name in ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json"):
+        (root / "blocked" / name).write_bytes((root / "lists" / name).read_bytes())
+    (root / "blocked" / "label_map.json").mkdir()
+    damaged_lists(root)
     for name in ("eval.json", "bench.json"):
         (root / name).write_text('{"earlier": true}\n')
     (root / "out").mkdir()
     (root / "out" / "counts.csv").write_text("image,RBC,WBC,Platelets\nearlier.jpg,1,2,3\n")
     return root
+
+
+def damaged_lists(root):
+    """Copies of {root}/lists with one thing wrong in TEST: bad-difficult, bad-box, bad-image (a truncated JPEG,
+    found only when a DataLoader worker reads it), missing-image, empty."""
+    def copy(name, edit):
+        folder = root / name
+        folder.mkdir()
+        lists = {f: json.loads((root / "lists" / f).read_text()) for f in os.listdir(root / "lists")}
+        edit(lists)
+        for f, obj in lists.items():
+            (folder / f).write_text(json.dumps(obj))
+
+    def first_object(key, value):
+        def edit(lists):
+            lists["TEST_objects.json"][0][key][0] = value
+        return edit
+    truncated = root / "truncated.jpg"
+    good = json.loads((root / "lists" / "TEST_images.json").read_text())[0]
+    truncated.write_bytes(Path(good).read_bytes()[:400])
+    copy("bad-difficult", first_object("difficulties", 300))
+    copy("bad-box", first_object("boxes", [-500, -500, -100, -100]))
+    copy("bad-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(truncated)))
+    copy("missing-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(root / "moved.jpg")))
+    copy("empty", lambda lists: lists.update({"TEST_images.json": [], "TEST_objects.json": []}))
 
 
 def fill(argv, root):
@@ -103,6 +133,10 @@ CREATE_DATA_LISTS = [
      ["--test-fraction"], LISTS),
     ("no-such-split", ["--data-folder", "{root}/voc", "--output-folder", "{root}/lists", "--test-split", "nosuch"],
      ["nosuch.txt", "split file not found"], LISTS),
+    ("label-map-is-a-folder", ["--data-folder", "{root}/voc", "--output-folder", "{root}/blocked"],
+     ["label_map.json", "a folder is in the way"],
+     ["blocked/TRAIN_images.json", "blocked/TRAIN_objects.json", "blocked/TEST_images.json"]),
+    ("output-empty", ["--data-folder", "{root}/voc", "--output-folder", ""], ["--output-folder is empty"], LISTS),
 ]
 
 TRAIN_BASE = ["--data-folder", "{root}/lists", "--out-dir", "{root}/run", "--device", "cpu", "--workers", "0",
@@ -116,9 +150,9 @@ TRAIN = [
     ("warmup-negative", ["--warmup", "-5"], ["--warmup"]),
     ("max-zoom-huge", ["--max-zoom", "1e6"], ["--max-zoom must be between 1 and 16"]),
     ("prior-scales-inf", ["--prior-scales", "0.1", "0.2", "0.3", "0.4", "0.5", "inf"], ["--prior-scales"]),
-    ("batch-size-0", ["--batch-size", "0"], ["--batch-size must be positive"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size must be 1 to"]),
     ("batch-size-1-batch-norm", ["--batch-size", "1"], ["BatchNorm", "--batch-size 2", "--no-batch-norm"]),
-    ("epochs-0", ["--epochs", "0"], ["--epochs must be positive"]),
+    ("epochs-0", ["--epochs", "0"], ["--epochs must be 1 to"]),
     ("workers-negative", ["--workers", "-1"], ["--workers"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000: give 0", "the CPUs available here"]),
     ("out-dir-under-a-file", ["--out-dir", "{root}/file/run"], ["--out-dir", "cannot write there"]),
@@ -129,6 +163,9 @@ TRAIN = [
     ("out-dir-holds-a-run", ["--out-dir", "{root}/earlier-run"], ["already holds a training run",
                                                                   "--resume"]),
     ("no-lists", ["--data-folder", "{root}/none", "--bccd-folder", "{root}/none"], ["BCCD not found"]),
+    ("resume-weights-only", ["--resume", "{root}/checkpoint.pt"], ["cannot resume", "no optimizer state"]),
+    ("batch-size-huge", ["--batch-size", "99999999999999999999"], ["--batch-size must be 1 to"]),
+    ("out-dir-empty", ["--out-dir", ""], ["--out-dir is empty"]),
 ]
 
 EVAL_BASE = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/lists", "--device", "cpu", "--workers",
@@ -146,6 +183,14 @@ EVAL = [
     ("lists-missing", ["--data-folder", "{root}/none"], ["not found", "create_data_lists"]),
     ("device-nonsense", ["--device", "gpu7"], ["gpu7"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
+    ("device-meta", ["--device", "meta"], ["only cpu and cuda"]),
+    ("batch-size-huge", ["--batch-size", "99999999999999999999"], ["--batch-size must be 1 to"]),
+    ("output-empty", ["--output", ""], ["--output is empty"]),
+    ("difficult-300", ["--data-folder", "{root}/bad-difficult"], ["entry 0", "other than 0 or 1"]),
+    ("box-negative", ["--data-folder", "{root}/bad-box"], ["entry 0", "negative"]),
+    ("image-truncated-in-a-worker", ["--data-folder", "{root}/bad-image", "--workers", "1"], ["truncated.jpg"]),
+    ("image-missing", ["--data-folder", "{root}/missing-image"], ["moved.jpg", "not found"]),
+    ("test-list-empty", ["--data-folder", "{root}/empty"], ["TEST_images.json: no images"]),
 ]
 
 DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", "--output-dir", "{root}/out",
@@ -165,6 +210,10 @@ DETECT = [
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("no-readable-image", ["{root}/file"], ["cannot read image"]),  # a text file given as an image: nothing written
     ("only-missing-inputs", ["{root}/none.jpg", "{root}/none2.jpg"], ["none.jpg: no such file or folder"]),
+    ("input-is-a-pipe", ["{root}/fifo"], ["fifo: not a regular file"]),  # read, it would wait for ever
+    ("top-k-huge", ["--top-k", "99999999999999999999"], ["--top-k and --batch-size must be 1 to 100,000"]),
+    ("device-mps", ["--device", "mps"], ["only cpu and cuda"]),
+    ("output-empty", ["--output-dir", ""], ["--output-dir is empty"]),
 ]
 
 BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
@@ -176,6 +225,8 @@ BENCH = [
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
     ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
+    ("tiling-sizes-negative", ["--tiling-sizes=-5x3"], ["--tiling-sizes", "1 to 16384"]),
+    ("tiling-sizes-huge", ["--tiling-sizes", "99999x99999"], ["--tiling-sizes", "1 to 16384"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
 ]
@@ -274,7 +325,8 @@ def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, 
     status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
                                     "cpu"], monkeypatch, capsys)
     assert status == code and "Traceback" not in err
-    assert "interrupted after 2 of 4 image(s)" in err and f"detect.py: {says}" in err
+    assert err.strip().splitlines() == [f"detect.py: {says} after 2 of 4 image(s); counts.csv and detections.json in "
+                                        f"{out} hold those"]
     rows, records = read_results(out)
     assert rows[0] == "image,RBC,WBC,Platelets" and [r.split(",")[0] for r in rows[1:]] == \
         [str(images / "smear0.jpg"), str(images / "smear1.jpg")]  # the earlier run's row is gone
