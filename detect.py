@@ -104,6 +104,13 @@ def parse_min_score(values, names, source="--min-score"):
     return float(values[0]) if len(values) == 1 else [float(v) for v in values]
 
 
+def parse_max_overlap(value, source="--max-overlap"):
+    """The IoU above which two boxes of a class are one cell (NMS): a number in (0, 1]; checked (nan refused)."""
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise UserError(f"{source} must be in (0, 1], not {value!r}")
+    return float(value)
+
+
 def format_min_score(min_score, names):
     if isinstance(min_score, float):
         return f"{min_score:g}"
@@ -120,9 +127,7 @@ def counting_defaults(ckpt, classes, source="checkpoint"):
         return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
     try:
         min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
-        max_overlap = float(recorded["max_overlap"])
-        if not 0 < max_overlap <= 1:
-            raise ValueError(f"max_overlap {max_overlap} outside (0, 1]")
+        max_overlap = parse_max_overlap(float(recorded["max_overlap"]), "max_overlap")
     except (KeyError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
     return min_score, max_overlap
@@ -440,12 +445,11 @@ def check_call(image, model, min_score, max_overlap, top_k, batch_size):
     else:
         raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
     max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    if not (isinstance(max_overlap, (int, float)) and 0 < max_overlap <= 1):
-        raise UserError(f"max_overlap must be in (0, 1], not {max_overlap!r}")
+    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
     for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10**5:
             raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
-    return min_score, float(max_overlap)
+    return min_score, max_overlap
 
 
 def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
@@ -569,8 +573,8 @@ def printable(path):
 def check_args(args):
     if args.min_score is not None and not all(0 <= v < 1 for v in args.min_score):  # the count: once the model is known
         raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
-    if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
-        raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
+    if args.max_overlap is not None:
+        parse_max_overlap(args.max_overlap)
     if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
         raise UserError("--top-k and --batch-size must be 1 to 100,000")
     check_workers(args.workers)

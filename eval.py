@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_min_score, run_model
+from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, check_workers,
                    check_writable, class_names, init_distributed, load_checkpoint, run_cli, run_info, write_json_atomic)
@@ -164,8 +164,8 @@ def run(args, rank, world, device):
     if not 1 <= args.batch_size <= 10**5:
         raise UserError(f"--batch-size must be 1 to 100,000, not {args.batch_size}")
     check_workers(args.workers)
-    if args.count_max_overlap is not None and not 0 < args.count_max_overlap <= 1:
-        raise UserError(f"--count-max-overlap must be in (0, 1], not {args.count_max_overlap}")
+    if args.count_max_overlap is not None:
+        parse_max_overlap(args.count_max_overlap, "--count-max-overlap")
     if args.output is not None and rank == 0:
         check_writable(args.output, "--output")
     amp = bf16_is_fast(device) if args.amp is None else args.amp

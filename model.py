@@ -27,6 +27,12 @@ from utils import label_map as bccd_label_map
 FMAPS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
 FMAP_DIMS = (38, 19, 10, 5, 3, 1)
 PRIOR_SCALES = (0.1, 0.2, 0.375, 0.55, 0.725, 0.9)
+
+
+def valid_prior_scales(scales):
+    """Six prior scales (conv4_3 ... conv11_2), each a fraction of the image in (0, 1] (nan refused)."""
+    return isinstance(scales, (list, tuple)) and len(scales) == 6 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in scales)
 ASPECT_RATIOS = ((1., 2., 0.5),
                  (1., 2., 3., 0.5, 1 / 3),
                  (1., 2., 3., 0.5, 1 / 3),
@@ -285,8 +291,7 @@ class SSD300(nn.Module):
             raise UserError(f"{source}: a model of {n_classes} classes (background included) with {saved} of "
                             f"{len(classes)}")
         scales = model_args.get("prior_scales", PRIOR_SCALES)
-        if not (isinstance(scales, (list, tuple)) and len(scales) == 6 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in scales)):
+        if not valid_prior_scales(scales):
             raise UserError(f"{source}: its model_args' prior_scales must be six numbers in (0, 1], not {scales!r}")
         if not isinstance(model_args.get("batch_norm", False), bool):
             raise UserError(f"{source}: its model_args' batch_norm must be true or false, not "

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
-from model import PRIOR_SCALES, SSD300, MultiBoxLoss
+from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
                    create_data_lists, init_distributed, load_checkpoint, median_image_size, normalize,
                    remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
@@ -171,7 +171,7 @@ def check_args(args):
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
                             f"not {value}")
-    if any(not 0 < s <= 1 for s in args.prior_scales):  # also refuses nan
+    if not valid_prior_scales(args.prior_scales):
         raise UserError(f"--prior-scales must lie in (0, 1], not {' '.join(map(str, args.prior_scales))}")
     if not 1 <= args.max_zoom <= 16:
         raise UserError(f"--max-zoom must be between 1 and 16 (the paper's is 4), not {args.max_zoom}")

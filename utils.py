@@ -283,9 +283,12 @@ def _atomic(path, write):
         raise
 
 
-def _refuse_special(path):
+def _refuse_special(path, folder_ok=True):
     """OSError if `path` exists and is neither a regular file nor a folder (a device such as /dev/full, a pipe,
-    a socket, or a link to one): os.replace would put a regular file in its place."""
+    a socket, or a link to one): os.replace would put a regular file in its place. folder_ok=False: a folder
+    is refused too (where a file is to go)."""
+    if not folder_ok and os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
     if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
         raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket); name a file")
 
@@ -298,9 +301,7 @@ def check_writable(path, flag, folder=False, create=True):
         raise UserError(f"{flag} is empty: name a {'folder' if folder else 'file'}")
     where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
     try:
-        if not folder and os.path.isdir(path):
-            raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
-        _refuse_special(path)
+        _refuse_special(path, folder_ok=folder)
         existing = where
         while not os.path.exists(existing) and os.path.dirname(existing) != existing:
             existing = os.path.dirname(existing)
@@ -348,9 +349,7 @@ def write_json_files_atomic(files):
     written, path = [], None
     try:
         for path in files:
-            _refuse_special(path)
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
+            _refuse_special(path, folder_ok=False)
         for path, obj in files.items():
             tmp = f"{path}.{os.getpid()}.tmp"
             written.append((tmp, path))

@@ -29,7 +29,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import detect_image, format_min_score, load_model, parse_min_score, tile_windows, tiling  # noqa: E402
+from detect import (detect_image, format_min_score, load_model, parse_max_overlap, parse_min_score,  # noqa: E402
+                    tile_windows, tiling)
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, class_names, resolve_device, run_cli, run_info,  # noqa: E402
                    write_json_atomic)
 
@@ -110,8 +111,8 @@ def main(args):
     if args.images < 4 or args.enlarged < 0:
         raise UserError(f"--images must be at least 4 (one 2x2 mosaic) and --enlarged >= 0, not {args.images} and "
                         f"{args.enlarged}")
-    if args.max_overlap is not None and not 0 < args.max_overlap <= 1:
-        raise UserError(f"--max-overlap must be in (0, 1], not {args.max_overlap}")
+    if args.max_overlap is not None:
+        parse_max_overlap(args.max_overlap)
     device = resolve_device(args.device)
     amp = bf16_is_fast(device)
     model = OneForwardPass(load_model(args.checkpoint, device))
