@@ -27,12 +27,6 @@ from utils import label_map as bccd_label_map
 FMAPS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
 FMAP_DIMS = (38, 19, 10, 5, 3, 1)
 PRIOR_SCALES = (0.1, 0.2, 0.375, 0.55, 0.725, 0.9)
-
-
-def valid_prior_scales(scales):
-    """Six prior scales (conv4_3 ... conv11_2), each a fraction of the image in (0, 1] (nan refused)."""
-    return isinstance(scales, (list, tuple)) and len(scales) == 6 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in scales)
 ASPECT_RATIOS = ((1., 2., 0.5),
                  (1., 2., 3., 0.5, 1 / 3),
                  (1., 2., 3., 0.5, 1 / 3),
@@ -40,6 +34,13 @@ ASPECT_RATIOS = ((1., 2., 0.5),
                  (1., 2., 0.5),
                  (1., 2., 0.5))
 N_BOXES = tuple(len(r) + 1 for r in ASPECT_RATIOS)  # + the extra square prior: 4, 6, 6, 6, 4, 4
+
+
+def valid_prior_scales(scales):
+    """Six prior scales (conv4_3 ... conv11_2), each a fraction of the image in (0, 1] (nan refused)."""
+    return isinstance(scales, (list, tuple)) and len(scales) == 6 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in scales)
+
 
 # VGG-16's 13 convolutions as (name, in_channels, out_channels), and its first four max pools.
 VGG_LAYERS = (("conv1_1", 3, 64), ("conv1_2", 64, 64), "pool1",
