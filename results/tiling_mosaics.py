@@ -29,8 +29,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import (detect_image, format_min_score, load_model, parse_max_overlap, parse_min_score,  # noqa: E402
-                    tile_windows, tiling)
+from detect import (RBC_WIDTH, detect_image, format_min_score, load_model, parse_max_overlap,  # noqa: E402
+                    parse_min_score, tile_windows, tiling)
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, class_names, resolve_device, run_cli, run_info,  # noqa: E402
                    write_json_atomic)
 
@@ -95,9 +95,9 @@ def enlarge(item, factor=2):
 
 
 def run(model, image, count_at, tile, scale, amp):
-    """(labels counted at count_at, (boxes, labels, scores) at EVAL_SETTING) of detect_image on `image`."""
+    """((boxes, labels) counted at count_at, (boxes, labels, scores) at EVAL_SETTING) of detect_image on `image`."""
     min_score, max_overlap = count_at
-    counted = detect_image(image, model, min_score, max_overlap, 200, tile=tile, scale=scale, amp=amp)[1]
+    counted = detect_image(image, model, min_score, max_overlap, 200, tile=tile, scale=scale, amp=amp)[:2]
     evaluated = detect_image(image, model, *EVAL_SETTING, tile=tile, scale=scale, amp=amp)
     model.forget()
     return counted, evaluated
@@ -105,6 +105,23 @@ def run(model, image, count_at, tile, scale, amp):
 
 def per_class(labels):
     return torch.bincount(labels, minlength=len(bccd_labels) + 1)[1:]  # (classes,), background dropped
+
+
+def away_from_seams(boxes, labels, n, size, band):
+    """The labels of the boxes (pixels of an n x n mosaic of `size` (width, height)) whose centre lies more than
+    `band` pixels from every seam between its source images."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    far = torch.ones(len(boxes), dtype=torch.bool)
+    for axis in (0, 1):
+        seams = torch.arange(1, n) * size[axis] / n
+        far &= ((centre[:, axis, None] - seams[None]).abs() > band).all(1)
+    return labels[far]
+
+
+def placed(boxes, k, n, source_size, scale):
+    """Boxes of the k-th source image (row by row) in pixels of its n x n mosaic, enlarged `scale` times."""
+    x, y = (k % n) * source_size[0], (k // n) * source_size[1]
+    return (boxes + torch.tensor([x, y, x, y], dtype=torch.float)) * scale
 
 
 def main(args):
@@ -152,9 +169,14 @@ def main(args):
         print(f"{name}: {len(items)} mosaics of {width}x{height}, {len(windows or [1])} windows each ...", flush=True)
         runs = {"tiled": [run(model, item[0], count_at, "auto", scale, amp) for item in items],
                 "whole": [run(model, item[0], count_at, "off", 1.0, amp) for item in items]}
-        from_sources = torch.stack([sum(per_class(source_runs[i][0]) for i in group) for group in members])  # (M, C)
+        from_sources = torch.stack([sum(per_class(source_runs[i][0][1]) for i in group) for group in members])  # (M, C)
         counts = {"sources": from_sources, "annotated": torch.stack([per_class(item[2]) for item in items]),
-                  **{way: torch.stack([per_class(r[0]) for r in runs[way]]) for way in runs}}
+                  **{way: torch.stack([per_class(r[0][1]) for r in runs[way]]) for way in runs}}
+        band, source_size = RBC_WIDTH * scale, sources[0][0].size
+        away = {"sources": torch.stack([per_class(away_from_seams(
+                    torch.cat([placed(source_runs[i][0][0], k, n, source_size, scale) for k, i in enumerate(group)]),
+                    torch.cat([source_runs[i][0][1] for i in group]), n, (width, height), band)) for group in members]),
+                "tiled": torch.stack([per_class(away_from_seams(*r[0], n, (width, height), band)) for r in runs["tiled"]])}
         truth = [list(t) for t in zip(*[item[1:] for item in items])]  # boxes, labels, difficulties: lists over mosaics
 
         def m_ap(dets, truth):
@@ -165,10 +187,12 @@ def main(args):
         source_truth = [[sources[i][k] for i in used] for k in (1, 2, 3)]
         results[name] = {
             "mosaics": len(items), "size": [width, height], "scale": scale, "windows": len(windows or [1]),
+            "seam_band": band,
             "source_images": [os.path.basename(test_set.images[i]) for i in used],
             "counts": {label: {**{key: int(c[:, k].sum()) for key, c in counts.items()},
                                **{f"{way}_mae_vs_sources": round((counts[way][:, k] - from_sources[:, k]).abs()
-                                                                 .float().mean().item(), 2) for way in runs}}
+                                                                 .float().mean().item(), 2) for way in runs},
+                               **{f"{way}_away_from_seams": int(c[:, k].sum()) for way, c in away.items()}}
                        for k, label in enumerate(bccd_labels)},
             "mAP_VOC07": {"sources": m_ap([source_runs[i][1] for i in used], source_truth),
                           **{way: m_ap([r[1] for r in runs[way]], truth) for way in runs}}}
@@ -192,6 +216,12 @@ def print_table(results, count_at):
         for label, c in r["counts"].items():
             print(f"{name:<24}{label:<11}{c['annotated']:>10}{c['sources']:>9}{c['tiled']:>7}{c['whole']:>7}"
                   f"{c['tiled_mae_vs_sources']:>11}{c['whole_mae_vs_sources']:>11}")
+    print(f"\ncells counted away from the seams (box centre more than one red cell's width from each)")
+    print(f"{'mosaics':<24}{'class':<11}{'sources':>9}{'tiled':>7}{'tiled/sources':>15}")
+    for name, r in results.items():
+        for label, c in r["counts"].items():
+            s, t = c["sources_away_from_seams"], c["tiled_away_from_seams"]
+            print(f"{name:<24}{label:<11}{s:>9}{t:>7}{f'{t / s - 1:+.1%}' if s else '-':>15}")
     print(f"\n{'VOC07 mAP':<24}{'size':>10}{'windows':>9}{'sources':>9}{'tiled':>7}{'whole':>7}")
     for name, r in results.items():
         m = r["mAP_VOC07"]
