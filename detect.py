@@ -44,7 +44,7 @@ from torchvision.ops import batched_nms, box_area
 from model import SSD300
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
                    image_extensions, load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device,
-                   run_cli, window_boxes_to_image)
+                   run_cli, save_image_atomic, window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
@@ -601,6 +601,9 @@ class Results:
 
     def __init__(self, folder, classes, rev_label_map):
         self.classes, self.rev_label_map, self.n = classes, rev_label_map, 0
+        for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
+            if os.path.islink(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
         self.counts = open(os.path.join(folder, "counts.csv"), "w", encoding="utf-8", newline="")
         self.detections = open(os.path.join(folder, "detections.json"), "w", encoding="utf-8")
         self.csv = csv.writer(self.counts, lineterminator="\n")
@@ -647,9 +650,9 @@ def main(args):
     if clash:
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
-    check_writable(args.output_dir, "--output-dir", folder=True)
+    check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
     for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
-        check_writable(os.path.join(args.output_dir, name), "--output-dir")
+        check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
@@ -670,6 +673,7 @@ def main(args):
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
     def open_results():  # at the first image detected: a run that detects nothing leaves earlier results alone
         try:
+            os.makedirs(args.output_dir, exist_ok=True)
             return Results(args.output_dir, classes, model.rev_label_map)
         except OSError as e:
             raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
@@ -681,13 +685,13 @@ def main(args):
                 args.top_k, amp):
             _, h, w = image.shape
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            try:
-                annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map).save(
-                    os.path.join(args.output_dir, names[i]), quality=90)
-            except OSError as e:  # counted all the same, and said at the end
-                errors.append(f"{printable(os.path.join(args.output_dir, names[i]))}: cannot write the annotated image "
-                              f"({e.strerror or e})")
             results = results or open_results()
+            output = os.path.join(args.output_dir, names[i])
+            try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
+                save_image_atomic(annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map),
+                                  output, quality=90)
+            except UserError as e:  # counted all the same, and said at the end
+                errors.append(f"the annotated image {printable(str(e))}")
             n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
             print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
                   flush=True)

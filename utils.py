@@ -343,6 +343,12 @@ def write_json_atomic(obj, path, indent=None):
     write_text_atomic(json.dumps(obj, indent=indent) + "\n", path)
 
 
+def save_image_atomic(image, path, **params):
+    """PIL image.save(path, **params) to a temporary file, then os.replace onto `path` (format from its extension)."""
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    _atomic(path, lambda tmp: image.save(tmp, format=image_format, **params))
+
+
 def write_json_files_atomic(files):
     """Write several JSON files that belong together ({path: obj}): all to temporary files first, then each moved
     into place, so that a failed write (a full disk) leaves the earlier set whole, never half old, half new."""

@@ -376,6 +376,49 @@ def test_a_folder_named_counts_csv_in_the_output_is_one_line(world, images, tmp_
     assert_one_line_error(status, err, "detect", ["--output-dir", "cannot write", "counts.csv"])
 
 
+@pytest.mark.parametrize("inputs", ["{root}/file", "{root}/fifo"], ids=["no-readable-image", "input-is-a-pipe"])
+def test_a_failed_detect_run_creates_no_output_folder(inputs, world, tmp_path, monkeypatch, capsys):
+    """Found when the inputs are read, after the output folder was checked (without creating it)."""
+    code, _, err = cli("detect", fill([inputs, "--checkpoint", world / "checkpoint.pt", "--device", "cpu",
+                                       "--output-dir", tmp_path / "new" / "out"], world), monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_detect_replaces_links_in_the_output_folder_not_what_they_point_to(world, images, tmp_path, monkeypatch,
+                                                                          capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("counts.csv", "detections.json", "smear0.jpg"):
+        (elsewhere / name).write_text("not to be overwritten\n")
+        (out / name).symlink_to(elsewhere / name)
+    status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                    "cpu"], monkeypatch, capsys)
+    assert status == 0, err
+    for name in ("counts.csv", "detections.json", "smear0.jpg"):
+        assert (elsewhere / name).read_text() == "not to be overwritten\n"
+        assert not (out / name).is_symlink()
+    rows, records = read_results(out)
+    assert len(rows) == 1 + 4 and len(records) == 4
+    assert Image.open(out / "smear0.jpg").size == Image.open(images / "smear0.jpg").size
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_an_annotated_image_that_cannot_be_written_is_said_and_its_counts_kept(world, images, tmp_path, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "out"
+    (out / "smear1.jpg").mkdir(parents=True)  # a folder where the annotated image goes
+    status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                    "cpu"], monkeypatch, capsys)
+    assert status == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"detect.py: error: the annotated image {out / 'smear1.jpg'}: cannot write (Is a "
+                                        f"directory); the earlier file is kept"]
+    rows, records = read_results(out)
+    assert len(rows) == 1 + 4 and len(records) == 4  # counted all the same
+    assert (out / "smear1.jpg").is_dir() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
 def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):
     """Not only at an epoch's end: with 2 steps an epoch, the bar shows a loss after the first step."""
     argv = fill(TRAIN_BASE, world)
