@@ -40,8 +40,9 @@ from torch.utils.data import DataLoader
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_workers, check_writable, label_map,
-                   load_checkpoint, normalize, resolve_device, run_cli, run_info, write_json_atomic)
+from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_not_an_input, check_workers,
+                   check_writable, label_map, load_checkpoint, normalize, resolve_device, run_cli, run_info,
+                   write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -508,6 +509,7 @@ def check_args(args):
         raise UserError(f"--folder {args.folder}: no such folder")
     if args.json is not None:
         check_writable(args.json, "--json")
+        check_not_an_input(args.json, "--json", args.checkpoint, args.data_folder)
     if args.checkpoint:
         SSD300.from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
 

@@ -88,6 +88,7 @@ class BCCDDataset(Dataset):
             ok = (len(boxes) == len(labels) == len(difficulties)
                   and all(isinstance(l, int) and not isinstance(l, bool) for l in labels + difficulties))
             boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4) if ok else None
+            ok = ok and len(objects["boxes"]) == len(boxes)  # each box four numbers
         except (KeyError, TypeError, ValueError, RuntimeError):
             ok = False
         if not ok:

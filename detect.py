@@ -142,7 +142,7 @@ def load_model(checkpoint=None, device="cpu"):
     model.field, the (width, height) of the images it was trained on (the checkpoint's record; BCCD_FIELD for
     checkpoints older than the record): detect_image tiles larger images with windows of that size.
     """
-    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
         raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
                         f"(git checkout -- weights) or give --checkpoint")
@@ -296,14 +296,15 @@ def tile_windows(width, height, tiles):
 
     The rule: an image more than TILE_ABOVE times as wide or as tall as a window is tiled (an image of the
     training field's size, or up to 1.25 times it, is resized whole as before: the plain path shrinks its
-    cells by at most a fifth). Along each side, window_starts. On a side shorter than a window (a long,
+    cells by at most a fifth); so is one that fits neither way round (a field turned on its side, 480x640 for
+    BCCD's 640x480, is resized whole too). Along each side, window_starts. On a side shorter than a window (a long,
     narrow image) the window reaches past the image, and resize() fills the outside with the ImageNet mean,
     like training's zoom-out: cells keep their size.
     """
     if tiles is None:
         return None
     (w, h), overlap = tiles.window, tiles.overlap
-    if width <= TILE_ABOVE * w and height <= TILE_ABOVE * h:
+    if max(width, height) <= TILE_ABOVE * max(w, h) and min(width, height) <= TILE_ABOVE * min(w, h):
         return None
     return [(x, y, x + w, y + h) for y in window_starts(height, h, overlap) for x in window_starts(width, w, overlap)]
 
@@ -600,7 +601,7 @@ class Results:
     (SIGKILL) leaves it without its closing bracket, while counts.csv stays whole up to its last row."""
 
     def __init__(self, folder, classes, rev_label_map):
-        self.classes, self.rev_label_map, self.n = classes, rev_label_map, 0
+        self.classes, self.rev_label_map, self.n, self.folder = classes, rev_label_map, 0, folder
         for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
             if os.path.islink(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
@@ -614,21 +615,34 @@ class Results:
     def add(self, path, output, width, height, windows, boxes, labels, scores):
         """One image's detections (boxes in pixels): a row of counts.csv, a record of detections.json; its counts."""
         n = torch.bincount(labels, minlength=len(self.classes) + 1).tolist()[1:]
-        self.csv.writerow([printable(path), *n])
-        self.counts.flush()
         record = {"image": printable(path), "output": printable(output), "width": width, "height": height,
                   "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
                   "scores": [round(s, 4) for s in scores.tolist()]}
-        self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
-        self.detections.flush()
+        try:
+            self.csv.writerow([printable(path), *n])
+            self.counts.flush()
+            self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
+            self.detections.flush()
+        except OSError as e:  # a full disk: what was written before stays readable
+            raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
+                            f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
         self.n += 1
         return n
 
-    def close(self):
-        self.detections.write("\n]\n")
-        for f in (self.counts, self.detections):
-            f.close()
+    def close(self, quiet=False):
+        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet (when
+        the run is already ending with an error)."""
+        failed = None
+        for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
+            try:
+                f.write(end)
+                f.close()
+            except OSError as e:
+                failed = failed or e
+        if failed and not quiet:
+            raise UserError(f"--output-dir {self.folder}: cannot finish detections.json ({failed.strerror or failed}); "
+                            f"counts.csv holds the {self.n} image(s)")
 
 
 def main(args):
@@ -697,13 +711,17 @@ def main(args):
                   flush=True)
     except KeyboardInterrupt as stop:
         if results is not None:
-            results.close()
+            results.close(quiet=True)
         for e in errors:
             print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
         stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
                      f"{results.n if results else 0} of {len(paths)} image(s)"
                      + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
         raise  # run_cli says it, in one line
+    except UserError:
+        if results is not None:
+            results.close(quiet=True)
+        raise
     if results is None:  # every file was unreadable
         for e in errors[:-1]:
             print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_same_classes, check_workers,
-                   check_writable, class_names, init_distributed, load_checkpoint, run_cli, run_info, write_json_atomic)
+from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
+                   check_workers, check_writable, class_names, init_distributed, load_checkpoint, run_cli, run_info,
+                   write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -168,6 +169,7 @@ def run(args, rank, world, device):
         parse_max_overlap(args.count_max_overlap, "--count-max-overlap")
     if args.output is not None and rank == 0:
         check_writable(args.output, "--output")
+        check_not_an_input(args.output, "--output", args.checkpoint, args.data_folder)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)

@@ -18,6 +18,7 @@ Nothing here does work at import time.
 import datetime
 import errno
 import functools
+import io
 import json
 import math
 import os
@@ -318,6 +319,17 @@ def check_writable(path, flag, folder=False, create=True):
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
+    """UserError if the output `path` is the checkpoint or one of the lists (of data_folder) that this run reads:
+    writing there would destroy it."""
+    inputs = [checkpoint] + [os.path.join(data_folder, f"{split}_{kind}.json") for split in ("TRAIN", "TEST")
+                             for kind in ("images", "objects")] * bool(data_folder) \
+        + [os.path.join(data_folder, "label_map.json")] * bool(data_folder)
+    for p in inputs:
+        if p and os.path.isfile(path) and os.path.isfile(p) and os.path.samefile(path, p):
+            raise UserError(f"{flag} {path}: that is {p}, which this run reads; writing there would destroy it")
+
+
 def remove_stale_temporaries(folder, names):
     """Remove the temporary files (<name>.<pid>.tmp, see _atomic) that a killed process left beside `names` in
     `folder`. Call it only while no other process writes there (train.py holds a lock on its folder)."""
@@ -329,7 +341,16 @@ def remove_stale_temporaries(folder, names):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then os.replace onto `path`."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()  # written by Python, which raises on a full disk (torch's own writer fails obscurely)
+    torch.save(obj, buffer)
+    write_bytes_atomic(buffer.getbuffer(), path)
+
+
+def write_bytes_atomic(data, path):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _atomic(path, write)
 
 
 def write_text_atomic(text, path):
@@ -345,8 +366,9 @@ def write_json_atomic(obj, path, indent=None):
 
 def save_image_atomic(image, path, **params):
     """PIL image.save(path, **params) to a temporary file, then os.replace onto `path` (format from its extension)."""
-    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
-    _atomic(path, lambda tmp: image.save(tmp, format=image_format, **params))
+    buffer = io.BytesIO()  # PIL's encoders ignore a short write (a full disk): Python's file raises
+    image.save(buffer, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()), **params)
+    write_bytes_atomic(buffer.getbuffer(), path)
 
 
 def write_json_files_atomic(files):
@@ -378,6 +400,8 @@ def load_checkpoint(path):
     `weights_only=True` means unpickling can build tensors, dicts, lists, numbers and strings
     and nothing else, so opening a checkpoint never runs code. A file that needs more is refused.
     """
+    if not str(path).strip():
+        raise UserError("the checkpoint's name is empty: name a checkpoint file")
     if os.path.isdir(path):
         raise UserError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):

@@ -86,7 +86,7 @@ def world(tmp_path_factory):
 
 def damaged_lists(root):
     """Copies of {root}/lists with one thing wrong in TEST: bad-difficult, bad-box, bad-image (a truncated JPEG,
-    found only when a DataLoader worker reads it), missing-image, empty."""
+    found only when a DataLoader worker reads it), missing-image, empty, box-of-8 (a box of eight numbers)."""
     def copy(name, edit):
         folder = root / name
         folder.mkdir()
@@ -107,6 +107,7 @@ def damaged_lists(root):
     copy("bad-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(truncated)))
     copy("missing-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(root / "moved.jpg")))
     copy("empty", lambda lists: lists.update({"TEST_images.json": [], "TEST_objects.json": []}))
+    copy("box-of-8", lambda lists: lists["TEST_objects.json"][0]["boxes"].__setitem__(0, [1, 1, 9, 9] * 2))
 
 
 def fill(argv, root):
@@ -191,6 +192,10 @@ EVAL = [
     ("image-truncated-in-a-worker", ["--data-folder", "{root}/bad-image", "--workers", "1"], ["truncated.jpg"]),
     ("image-missing", ["--data-folder", "{root}/missing-image"], ["moved.jpg", "not found"]),
     ("test-list-empty", ["--data-folder", "{root}/empty"], ["TEST_images.json: no images"]),
+    ("box-of-8-numbers", ["--data-folder", "{root}/box-of-8"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
+    ("output-is-the-checkpoint", ["--output", "{root}/checkpoint.pt"], ["--output", "which this run reads"]),
+    ("output-is-a-list", ["--output", "{root}/lists/TEST_objects.json"], ["--output", "which this run reads"]),
+    ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),
 ]
 
 DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", "--output-dir", "{root}/out",
@@ -214,6 +219,7 @@ DETECT = [
     ("top-k-huge", ["--top-k", "99999999999999999999"], ["--top-k and --batch-size must be 1 to 100,000"]),
     ("device-mps", ["--device", "mps"], ["only cpu and cuda"]),
     ("output-empty", ["--output-dir", ""], ["--output-dir is empty"]),
+    ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),  # not the shipped model
 ]
 
 BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
@@ -229,6 +235,8 @@ BENCH = [
     ("tiling-sizes-huge", ["--tiling-sizes", "99999x99999"], ["--tiling-sizes", "1 to 16384"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
+    ("json-is-the-checkpoint", ["--checkpoint", "{root}/checkpoint.pt", "--json", "{root}/checkpoint.pt"],
+     ["--json", "which this run reads"]),
 ]
 
 
@@ -261,10 +269,12 @@ def test_train(case, argv, says, world, earlier_run, monkeypatch, capsys):
 
 @pytest.mark.parametrize("case, argv, says", EVAL, ids=[c[0] for c in EVAL])
 def test_eval(case, argv, says, world, monkeypatch, capsys):
-    kept = snapshot([world / "eval.json"])
+    kept = snapshot([world / "eval.json", world / "lists" / "TEST_objects.json"])
+    checkpoint = (world / "checkpoint.pt").stat()
     code, _, err = cli("eval", fill(EVAL_BASE + argv, world), monkeypatch, capsys)
     assert_one_line_error(code, err, "eval", says)
-    assert snapshot([world / "eval.json"]) == kept
+    assert snapshot([world / "eval.json", world / "lists" / "TEST_objects.json"]) == kept
+    assert (world / "checkpoint.pt").stat().st_mtime_ns == checkpoint.st_mtime_ns
 
 
 @pytest.mark.parametrize("case, argv, says", DETECT, ids=[c[0] for c in DETECT])
@@ -417,6 +427,40 @@ def test_an_annotated_image_that_cannot_be_written_is_said_and_its_counts_kept(w
     rows, records = read_results(out)
     assert len(rows) == 1 + 4 and len(records) == 4  # counted all the same
     assert (out / "smear1.jpg").is_dir() and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_a_full_disk_is_one_line_and_never_a_truncated_file(world, images, tmp_path, monkeypatch, capsys):
+    """PIL's encoders and torch's writer do not say when a write falls short; every file goes through Python's,
+    which raises: here onto /dev/full (every write: no space left), and the earlier file is kept."""
+    import builtins
+    import utils
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "kept.jpg"
+    target.write_bytes(b"an earlier file")
+    monkeypatch.setattr(utils, "open", lambda path, mode="r", **kw: builtins.open("/dev/full", mode, **kw),
+                        raising=False)
+    for save in (lambda: utils.save_image_atomic(Image.new("RGB", (64, 48)), str(target), quality=90),
+                 lambda: utils.save_atomic({"weights": torch.zeros(1000)}, str(target))):
+        with pytest.raises(utils.UserError, match=r"No space left on device\); the earlier file is kept"):
+            save()
+        assert target.read_bytes() == b"an earlier file" and os.listdir(tmp_path / "disk") == ["kept.jpg"]
+    monkeypatch.undo()
+
+    out = tmp_path / "out"  # counts.csv on a full disk after the first image: one line, the first image's row kept
+    add = detect.Results.add
+
+    def add_then_fill(self, *args):
+        if self.n == 1:
+            self.counts = open("/dev/full", "w")
+            self.csv = detect.csv.writer(self.counts, lineterminator="\n")
+        return add(self, *args)
+
+    monkeypatch.setattr(detect.Results, "add", add_then_fill)
+    code, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                  "cpu"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", ["counts.csv", "No space left on device", "the first 1 image(s)"])
+    rows, records = read_results(out)
+    assert len(rows) == 1 + 1 and len(records) == 1
 
 
 def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):

@@ -74,6 +74,8 @@ def test_an_image_is_tiled_only_when_wider_or_taller_than_the_rule():
     assert tile_windows(640, 480, BCCD) is None  # BCCD's size: resized whole, as before
     assert tile_windows(800, 600, BCCD) is None and TILE_ABOVE == 1.25
     assert tile_windows(100, 50, BCCD) is None and tile_windows(640, 480, None) is None
+    assert tile_windows(480, 640, BCCD) is None and tile_windows(600, 800, BCCD) is None  # a field on its side
+    assert len(tile_windows(601, 800, BCCD)) == 4 and tile_windows(480, 801, BCCD) is not None
     assert len(tile_windows(801, 480, BCCD)) == 2 and len(tile_windows(640, 601, BCCD)) == 2
     assert len(tile_windows(1280, 960, BCCD)) == 4 * 5
     assert tile_windows(1280, 960, tiling(BCCD_FIELD, "auto", 2)) is None  # one field at scale 2: resized whole
