@@ -43,8 +43,8 @@ from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
-                   image_extensions, load_checkpoint, normalize, pil_to_tensor, resize, resize_placement, resolve_device,
-                   run_cli, save_image_atomic, window_boxes_to_image)
+                   ignore_stop_signals, image_extensions, load_checkpoint, normalize, pil_to_tensor, resize,
+                   resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
@@ -674,7 +674,8 @@ def main(args):
         print(f"note: {repeats} input file(s) given more than once; each is counted once")
 
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers, collate_fn=ImageFiles.collate_fn)
+    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers, collate_fn=ImageFiles.collate_fn,
+                        worker_init_fn=ignore_stop_signals)
 
     def readable():  # an unreadable file is skipped and reported at the end
         for i, image, prepared in loader:

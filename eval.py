@@ -31,8 +31,8 @@ from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
-                   check_workers, check_writable, class_names, init_distributed, load_checkpoint, run_cli, run_info,
-                   write_json_atomic)
+                   check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
+                   run_cli, run_info, write_json_atomic)
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -189,7 +189,7 @@ def run(args, rank, world, device):
     check_same_classes(model.label_map, test_set.label_map, args.checkpoint, args.data_folder)
     shard = list(range(rank, len(test_set), world))  # each process a disjoint share, nothing padded
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+                        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     start = time.perf_counter()
     # one pass: the evaluation's detections, and the labels detect.py would count (same network outputs)
     results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0,

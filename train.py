@@ -35,8 +35,8 @@ from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
-                   create_data_lists, init_distributed, load_checkpoint, median_image_size, normalize,
-                   remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
+                   create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, median_image_size,
+                   normalize, remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
 
 try:
     import fcntl  # locks --out-dir against a second run (POSIX)
@@ -257,11 +257,6 @@ class StopRequest:
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
 
 
-def ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C (sent to the whole terminal's process group) to the training process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class RunningLoss:
     """The loss of every step, for the progress bar, without a host sync: on CUDA each step's loss is copied
     to pinned memory asynchronously and shown once the copy has landed (a step later); on a CPU at once."""
@@ -435,7 +430,7 @@ def train(args, rank, world, device, cleanup):
     if args.val_every and is_main:
         val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
         val_loader = DataLoader(val_set, batch_size=32, collate_fn=BCCDDataset.collate_fn,
-                                num_workers=min(args.workers, 4), pin_memory=cuda)
+                                num_workers=min(args.workers, 4), pin_memory=cuda, worker_init_fn=ignore_stop_signals)
     if args.cache_images:
         train_set.cache()  # after the checks above: decoding BCCD takes seconds, a large dataset minutes
 
@@ -450,7 +445,7 @@ def train(args, rank, world, device, cleanup):
     skip = partial.get("steps", 0)
     stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs), skip=skip)
     loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
-                        pin_memory=cuda, worker_init_fn=ignore_sigint)
+                        pin_memory=cuda, worker_init_fn=ignore_stop_signals)
     batches = iter(loader)  # all epochs in one stream: the workers never wait for the next epoch
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
     running = RunningLoss(device)

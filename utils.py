@@ -149,6 +149,13 @@ def run_cli(main, parser):
         sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers (worker_init_fn) leave Ctrl-C and SIGTERM, which a terminal, a container's stop or a job
+    scheduler sends to the whole process group, to the main process: it stops in order and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def one_line(error):
     """A UserError's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback
     ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""

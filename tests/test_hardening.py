@@ -463,6 +463,35 @@ def test_a_full_disk_is_one_line_and_never_a_truncated_file(world, images, tmp_p
     assert len(rows) == 1 + 1 and len(records) == 1
 
 
+def test_sigterm_to_the_process_group_stops_detect_and_its_workers_in_one_line(world, tmp_path):
+    """A container's stop or a job scheduler signals every process of the group, DataLoader workers too: they
+    leave it to the main process (a worker killed by it was a traceback, and the results were not closed)."""
+    import signal
+    import subprocess
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = Image.open(world / "voc" / "JPEGImages" / "BloodImage_00004.jpg")
+    for i in range(60):
+        source.save(folder / f"smear{i:02d}.jpg")
+    out = tmp_path / "out"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "detect.py")
+    p = subprocess.Popen([sys.executable, script, str(folder), "--checkpoint", str(world / "checkpoint.pt"),
+                          "--output-dir", str(out), "--device", "cpu", "--workers", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        p.stdout.readline()  # the header
+        assert "smear00.jpg" in p.stdout.readline()  # the first image counted: the worker runs
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("detect.py: terminated after ")
+    rows, records = read_results(out)
+    assert len(rows) - 1 == len(records) >= 1
+
+
 def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):
     """Not only at an epoch's end: with 2 steps an epoch, the bar shows a loss after the first step."""
     argv = fill(TRAIN_BASE, world)
