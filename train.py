@@ -350,9 +350,42 @@ def check_resumable(ckpt, path):
                    isinstance(partial, dict) and integer(partial.get("steps"), 1)
                    and isinstance(partial.get("loss_sum"), torch.Tensor) and partial["loss_sum"].numel() == 1
                    and isinstance(partial.get("seconds"), (int, float)) and partial["seconds"] >= 0) else None)
+    if not problem:
+        wrong = [f"--{name.replace('_', '-')} {value!r}" for name, value in ckpt["args"].items()
+                 if not _fits_flag(name, value)]
+        problem = f"its args hold values no flag takes: {', '.join(wrong)}" if wrong else None
     if problem:
         raise UserError(f"--resume {path}: cannot resume from this checkpoint: {problem}")
     return ckpt
+
+
+def load_optimizer_state(optimizer, ckpt, path):
+    """optimizer.load_state_dict(ckpt["optimizer"]), or a UserError if that state does not fit the optimizer."""
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if not all(isinstance(g.get("lr_mult"), (int, float)) for g in optimizer.param_groups) or any(
+                not isinstance(s.get("momentum_buffer"), (torch.Tensor, type(None)))
+                or (s.get("momentum_buffer") is not None and s["momentum_buffer"].shape != p.shape)
+                for p, s in optimizer.state.items()):
+            raise ValueError("a learning rate multiplier or a momentum buffer does not fit the model")
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"--resume {path}: cannot resume from this checkpoint: its optimizer state is damaged "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def _fits_flag(name, value):
+    """Whether a resumed run's recorded args value is one that train.py's flag `name` gives (None: not given)."""
+    action = next((a for a in get_args_parser()._actions if a.dest == name), None)
+    if action is None or value is None:
+        return True
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return isinstance(value, bool)
+    values = value if action.nargs in ("*", "+") or isinstance(action.nargs, int) else [value]
+    if not isinstance(values, (list, tuple)):
+        return False
+    kind = {int: int, float: (int, float)}.get(action.type, str)
+    return all(isinstance(v, kind) and not isinstance(v, bool)
+               and (action.choices is None or v in action.choices) for v in values)
 
 
 def train(args, rank, world, device, cleanup):
@@ -390,6 +423,8 @@ def train(args, rank, world, device, cleanup):
                        prior_scales=args.prior_scales, label_map=label_map)
     model_args = model.model_args
     check_batch(args, model_args, sampler)
+    if ckpt is not None:  # a damaged optimizer state is refused before anything is written
+        load_optimizer_state(make_optimizer(model, args), ckpt, args.resume)
     if is_main:  # the checks above passed: the run may write
         cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
@@ -410,12 +445,9 @@ def train(args, rank, world, device, cleanup):
     optimizer = make_optimizer(model, args)
     start_epoch, iteration, partial = 0, 0, {}
     if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
-            partial = ckpt.get("partial_epoch") or {}  # an interrupted epoch: its steps done, loss sum, seconds
-        except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{args.resume}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+        load_optimizer_state(optimizer, ckpt, args.resume)
+        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+        partial = ckpt.get("partial_epoch") or {}  # an interrupted epoch: its steps done, loss sum, seconds
     if epochs is None:  # enough epochs for the iterations left (a run may stop in the middle of an epoch)
         epochs = start_epoch + math.ceil(max(total_iterations - iteration + partial.get("steps", 0), 0) / steps_per_epoch)
     if iteration >= total_iterations:

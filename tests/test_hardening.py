@@ -167,6 +167,11 @@ TRAIN = [
     ("resume-weights-only", ["--resume", "{root}/checkpoint.pt"], ["cannot resume", "no optimizer state"]),
     ("batch-size-huge", ["--batch-size", "99999999999999999999"], ["--batch-size must be 1 to"]),
     ("out-dir-empty", ["--out-dir", ""], ["--out-dir is empty"]),
+    ("resume-args-lr-text", ["--resume", "{root}/damaged-lr-text.pt"], ["args hold values no flag takes", "--lr '0.1'"]),
+    ("resume-args-schedule-unknown", ["--resume", "{root}/damaged-schedule-unknown.pt"], ["--schedule 'weird'"]),
+    ("resume-args-decay-at-number", ["--resume", "{root}/damaged-decay-at-number.pt"], ["--decay-at 5"]),
+    ("resume-optimizer-no-lr-mult", ["--resume", "{root}/damaged-no-lr-mult.pt"], ["optimizer state"]),
+    ("resume-optimizer-buffer-shape", ["--resume", "{root}/damaged-momentum-buffer-shape.pt"], ["optimizer state"]),
 ]
 
 EVAL_BASE = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/lists", "--device", "cpu", "--workers",
@@ -246,7 +251,23 @@ def earlier_run(world):
     argv = fill(TRAIN_BASE, world)
     argv[argv.index("--out-dir") + 1] = str(world / "earlier-run")
     train.main(train.get_args_parser().parse_args(argv))
+    ckpt = torch.load(world / "earlier-run" / "checkpoint.pt", weights_only=True)
+    for name, edit in DAMAGED_RUNS.items():  # hand-edited copies: {root}/damaged-<name>.pt
+        damaged = {**ckpt, "args": dict(ckpt["args"]), "optimizer": {**ckpt["optimizer"], "param_groups": [
+            dict(g) for g in ckpt["optimizer"]["param_groups"]], "state": dict(ckpt["optimizer"]["state"])}}
+        edit(damaged)
+        torch.save(damaged, world / f"damaged-{name}.pt")
     return world / "earlier-run"
+
+
+DAMAGED_RUNS = {
+    "lr-text": lambda c: c["args"].update(lr="0.1"),
+    "schedule-unknown": lambda c: c["args"].update(schedule="weird"),
+    "decay-at-number": lambda c: c["args"].update(decay_at=5),
+    "no-lr-mult": lambda c: c["optimizer"]["param_groups"][0].pop("lr_mult"),
+    "momentum-buffer-shape": lambda c: c["optimizer"]["state"].update(
+        {0: {"momentum_buffer": torch.zeros(3)}}),
+}
 
 
 @pytest.mark.parametrize("case, argv, says, keep", CREATE_DATA_LISTS, ids=[c[0] for c in CREATE_DATA_LISTS])
