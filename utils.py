@@ -442,9 +442,11 @@ def image_extensions():
 
 def read_annotation(annotation_path):
     """The root element of a VOC XML file; UserError naming the file if it is malformed or unreadable."""
+    if os.path.exists(annotation_path) and not os.path.isfile(annotation_path):  # a pipe would wait for ever
+        raise UserError(f"{annotation_path}: not a regular file")
     try:
         return ET.parse(annotation_path).getroot()
-    except ET.ParseError as e:
+    except (ET.ParseError, LookupError, ValueError) as e:  # LookupError: an encoding Python does not know
         raise UserError(f"{annotation_path}: malformed XML ({e})") from None
     except OSError as e:
         raise UserError(f"{annotation_path}: cannot read ({e.strerror})") from None
@@ -577,6 +579,11 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
             errors.append(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
                           f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
             continue
+        outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
+        if outside:
+            errors.append(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
+                          f"file name there, without .xml")
+            continue
         split_ids[split] = (split_name, set(ids))
         images, objects = [], []
         for image_id in ids:
@@ -595,6 +602,9 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
                 expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
                 errors.append(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image "
                               f"extension> either)")
+                continue
+            if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
+                errors.append(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
                 continue
             try:
                 with Image.open(img_path) as im:  # reads the header only

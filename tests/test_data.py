@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import math
+import os
 import re
 import socket
 import threading
@@ -331,8 +332,29 @@ def _split_not_text(voc):
     return str(path), r"unreadable"
 
 
+def _unknown_xml_encoding(voc):
+    path = voc / "Annotations" / f"{image_id(0)}.xml"
+    text = path.read_text()
+    path.write_text('<?xml version="1.0" encoding="x-nonsense"?>\n' + text[text.index("<annotation"):])
+    return str(path), r"malformed XML"
+
+
+def _image_is_a_pipe(voc):  # opened, it would wait for ever
+    path = voc / "JPEGImages" / f"{image_id(1)}.jpg"
+    path.unlink()
+    os.mkfifo(path)
+    return str(path), r"not a regular file"
+
+
+def _id_outside_the_dataset(voc):
+    path = voc / "ImageSets" / "Main" / "test.txt"
+    path.write_text(path.read_text() + str(voc / "Annotations" / image_id(0)) + "\n")
+    return str(path), r"points outside the dataset's Annotations/"
+
+
 PROBLEMS = [_malformed_xml, _unknown_class, _missing_image, _corrupt_image, _id_without_annotation, _empty_split,
-            _nan_coordinate, _infinite_difficult, _id_listed_twice, _split_not_text]
+            _nan_coordinate, _infinite_difficult, _id_listed_twice, _split_not_text, _unknown_xml_encoding,
+            _image_is_a_pipe, _id_outside_the_dataset]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda f: f.__name__[1:])
