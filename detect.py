@@ -565,10 +565,13 @@ def output_names(paths, reserved=("counts.csv", "detections.json")):
     return names
 
 
+CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
 def printable(path):
-    """A path as text that any UTF-8 file or terminal takes: bytes that are not UTF-8 (on Linux a file name may
-    hold any) shown as \\xNN, as `ls -b` does."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
+    file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
 
 
 def check_args(args):

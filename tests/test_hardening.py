@@ -391,6 +391,17 @@ def test_detect_names_any_bytes_and_counts_a_file_given_twice_once(world, images
     assert shown in stdout
 
 
+def test_a_file_name_with_a_newline_stays_on_one_line(world, images, tmp_path, monkeypatch, capsys):
+    bad = images / "not\nan image.jpg"
+    bad.write_text("text")
+    status, stdout, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir",
+                                         tmp_path / "out", "--device", "cpu"], monkeypatch, capsys)
+    assert status == 1 and err.strip().splitlines() == [
+        f"detect.py: error: {images}/not\\x0aan image.jpg: cannot read image (UnidentifiedImageError: cannot "
+        f"identify image file {str(bad)!r})".replace("\n", "\\x0a")]
+    assert len(stdout.strip().splitlines()) == 1 + 4 + 1  # header, the four images, the summary
+
+
 def test_second_run_into_an_output_folder_inside_the_inputs_skips_it(world, images, monkeypatch, capsys):
     argv = [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", images / "detections", "--device", "cpu"]
     for _ in range(2):
