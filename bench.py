@@ -41,8 +41,8 @@ from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
 from model import SSD300, MultiBoxLoss
 from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_not_an_input, check_workers,
-                   check_writable, label_map, load_checkpoint, normalize, resolve_device, run_cli, run_info,
-                   write_json_atomic)
+                   check_writable, image_extensions, label_map, load_checkpoint, normalize, resolve_device, run_cli,
+                   run_info, write_json_atomic)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -344,6 +344,15 @@ def bench_parts(args, device, amp, out):
         for chunk in (1, 5000, 25_000, 10 ** 9)}}
 
 
+def run_or_say(cmd, what):
+    """Run cmd, return its stdout; if it fails, a UserError with its last line (an image neither reads, say)."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"--only folder: {what} failed (exit status {done.returncode}): {last}")
+    return done.stdout
+
+
 def bench_folder(args, device, out):
     """detect.py (as a user runs it) vs a plain fp32 torchvision loop: load, detect, draw, save, per image."""
     if not args.checkpoint:
@@ -354,7 +363,11 @@ def bench_folder(args, device, out):
         folder = os.path.dirname(test_set.images[0])
         images = test_set.images
     else:
-        images = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+        images = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                        if os.path.splitext(f)[1].lower() in image_extensions()
+                        and os.path.isfile(os.path.join(folder, f)))
+        if not images:
+            raise UserError(f"--folder {folder}: no image files in it")
     tmp = tempfile.mkdtemp(prefix="bench-folder-")
     try:
         # ours: detect.py in a fresh process, the way a user runs it (its start-up and model load included)
@@ -365,7 +378,7 @@ def bench_folder(args, device, out):
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), "--checkpoint",
                args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"), "--device", str(device)]
         start = time.perf_counter()
-        printed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        printed = run_or_say(cmd, "detect.py")
         t_ours = time.perf_counter() - start
         loop_ours = float(printed.rsplit(" image(s) in ", 1)[1].split(" s")[0])  # detect.py's own timing of its loop
 
@@ -392,8 +405,7 @@ with torch.no_grad():
 print(time.perf_counter() - start)
 """
         start = time.perf_counter()
-        printed = subprocess.run([sys.executable, "-c", code, os.path.join(tmp, "tv"), *images], check=True,
-                                 capture_output=True, text=True).stdout
+        printed = run_or_say([sys.executable, "-c", code, os.path.join(tmp, "tv"), *images], "the torchvision loop")
         t_tv = time.perf_counter() - start
         loop_tv = float(printed.split()[-1])
     finally:

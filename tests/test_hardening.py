@@ -240,6 +240,8 @@ BENCH = [
     ("tiling-sizes-huge", ["--tiling-sizes", "99999x99999"], ["--tiling-sizes", "1 to 16384"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
+    ("folder-without-images", ["--only", "folder", "--checkpoint", "{root}/checkpoint.pt", "--folder",
+                               "{root}/blocked"], ["--folder", "no image files in it"]),
     ("json-is-the-checkpoint", ["--checkpoint", "{root}/checkpoint.pt", "--json", "{root}/checkpoint.pt"],
      ["--json", "which this run reads"]),
 ]
