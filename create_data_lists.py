@@ -16,6 +16,7 @@ The classes are written beside the lists, in label_map.json (see utils.create_da
 """
 import argparse
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from utils import UserError, create_data_lists, run_cli, write_text_atomic
+from utils import UserError, check_writable, create_data_lists, run_cli, write_text_atomic
 
 BCCD_REPOSITORY = "https://github.com/Shenggan/BCCD_Dataset"
 BCCD_ARCHIVE_URL = BCCD_REPOSITORY + "/archive/refs/heads/master.zip"
@@ -61,16 +62,20 @@ def download_bccd(folder, url=BCCD_ARCHIVE_URL, timeout=60):
 
     Nothing is placed unless the archive holds 364 annotations and 364 images.
     """
+    if not str(folder).strip():
+        raise UserError("--data-folder is empty: name the folder BCCD goes to")
+    if os.path.exists(folder):
+        raise UserError(f"--data-folder {folder}: already there (not a dataset folder); choose another place")
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
+    check_writable(parent, "--data-folder", folder=True)  # before the download, not after
     with tempfile.TemporaryDirectory(dir=parent, prefix=".bccd-download-") as tmp:
         archive = os.path.join(tmp, "bccd.zip")
         print(f"downloading {url} ...")
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as f:
                 shutil.copyfileobj(response, f)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
             raise UserError(f"cannot download {url} ({reason}); without network, copy BCCD to {folder} by hand") from None
         try:
@@ -87,7 +92,10 @@ def download_bccd(folder, url=BCCD_ARCHIVE_URL, timeout=60):
         n_jpg = sum(f.lower().endswith(".jpg") for f in os.listdir(os.path.join(bccd, "JPEGImages")))
         if (n_xml, n_jpg) != (BCCD_IMAGES, BCCD_IMAGES):
             raise UserError(f"{url}: unpacked {n_xml} annotations and {n_jpg} images, expected {BCCD_IMAGES} of each")
-        os.replace(bccd, folder)
+        try:
+            os.replace(bccd, folder)
+        except OSError as e:
+            raise UserError(f"--data-folder {folder}: cannot place BCCD there ({e.strerror or e})") from None
     print(f"BCCD ({BCCD_IMAGES} images) placed at {folder}")
 
 
@@ -146,6 +154,7 @@ def main(args):
     if not os.path.isdir(args.data_folder):
         if not args.download:
             raise UserError(missing_data_message(args.data_folder))
+        check_writable(args.output_folder, "--output-folder", folder=True, create=False)  # before the download
         download_bccd(args.data_folder, args.url)
     if args.test_fraction is not None:
         make_splits(args.data_folder, args.test_fraction, args.seed)

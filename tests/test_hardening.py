@@ -138,6 +138,14 @@ CREATE_DATA_LISTS = [
      ["label_map.json", "a folder is in the way"],
      ["blocked/TRAIN_images.json", "blocked/TRAIN_objects.json", "blocked/TEST_images.json"]),
     ("output-empty", ["--data-folder", "{root}/voc", "--output-folder", ""], ["--output-folder is empty"], LISTS),
+    ("download-under-a-file", ["--download", "--data-folder", "{root}/file/BCCD", "--output-folder", "{root}/lists"],
+     ["--data-folder", "cannot write there"], LISTS),
+    ("download-onto-a-file", ["--download", "--data-folder", "{root}/file", "--output-folder", "{root}/lists"],
+     ["--data-folder", "already there"], LISTS + ["file"]),
+    ("download-bad-url", ["--download", "--url", "http://127.0.0.1:notaport/x.zip", "--data-folder", "{root}/dl",
+                          "--output-folder", "{root}/lists"], ["cannot download", "notaport"], LISTS),
+    ("download-output-under-a-file", ["--download", "--data-folder", "{root}/dl", "--output-folder",
+                                      "{root}/file/lists"], ["--output-folder", "cannot write there"], LISTS),
 ]
 
 TRAIN_BASE = ["--data-folder", "{root}/lists", "--out-dir", "{root}/run", "--device", "cpu", "--workers", "0",
