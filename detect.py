@@ -43,8 +43,8 @@ from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
-                   ignore_stop_signals, image_extensions, load_checkpoint, normalize, pil_to_tensor, resize,
-                   resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
+                   ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
+                   resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
@@ -649,6 +649,15 @@ class Results:
 
 
 def main(args):
+    locks = []  # the output folder's lock, held while this run writes there
+    try:
+        detect_files(args, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def detect_files(args, locks):
     check_args(args)
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
@@ -670,6 +679,12 @@ def main(args):
     check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
     for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
+
+    def lock():  # a second detect.py writing there would mix its rows and images with this run's
+        locks.append(lock_folder(args.output_dir, f"--output-dir {args.output_dir}: another detect.py is writing "
+                                                  f"there; wait for it or choose another folder"))
+    if os.path.isdir(args.output_dir):
+        lock()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
@@ -692,6 +707,8 @@ def main(args):
     def open_results():  # at the first image detected: a run that detects nothing leaves earlier results alone
         try:
             os.makedirs(args.output_dir, exist_ok=True)
+            if not locks:
+                lock()
             return Results(args.output_dir, classes, model.rev_label_map)
         except OSError as e:
             raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None

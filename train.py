@@ -35,13 +35,9 @@ from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
-                   create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, median_image_size,
-                   normalize, remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
-
-try:
-    import fcntl  # locks --out-dir against a second run (POSIX)
-except ImportError:
-    fcntl = None
+                   create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, lock_folder,
+                   median_image_size, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
+                   write_text_atomic)
 
 
 DEFAULT_EPOCHS = 200
@@ -288,13 +284,7 @@ def prepare_out_dir(args):
     check_writable(out, "--out-dir", folder=True)
     for name in ("checkpoint.pt", "log.jsonl"):  # no folder, device or pipe where they go
         check_writable(os.path.join(out, name), "--out-dir")
-    fd = os.open(out, os.O_RDONLY)
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
-        except OSError:
-            os.close(fd)
-            raise UserError(f"--out-dir {out}: another train.py is writing there") from None
+    fd = lock_folder(out, f"--out-dir {out}: another train.py is writing there")
     remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl"))
     return fd
 

@@ -35,6 +35,11 @@ import time
 import xml.etree.ElementTree as ET
 import zipfile
 
+try:
+    import fcntl  # locks an output folder against a second process (POSIX)
+except ImportError:  # Windows
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -335,6 +340,19 @@ def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
     for p in inputs:
         if p and os.path.isfile(path) and os.path.isfile(p) and os.path.samefile(path, p):
             raise UserError(f"{flag} {path}: that is {p}, which this run reads; writing there would destroy it")
+
+
+def lock_folder(folder, message):
+    """Lock `folder` against a second process that writes there (POSIX flock, released when this process ends,
+    however it ends); a UserError saying `message` if another holds it. Returns the file descriptor to close."""
+    fd = os.open(folder, os.O_RDONLY)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(message) from None
+    return fd
 
 
 def remove_stale_temporaries(folder, names):

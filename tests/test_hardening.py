@@ -401,6 +401,25 @@ def test_detect_names_any_bytes_and_counts_a_file_given_twice_once(world, images
     assert shown in stdout
 
 
+def test_a_second_detect_into_a_folder_another_is_writing_is_refused(world, images, tmp_path, monkeypatch, capsys):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running detect.py holds it
+        code, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out,
+                                      "--device", "cpu"], monkeypatch, capsys)
+        assert_one_line_error(code, err, "detect", [f"--output-dir {out}: another detect.py is writing there"])
+        assert os.listdir(out) == []
+    finally:
+        os.close(fd)
+    for _ in range(2):  # released at the end of a run: the next one writes there
+        code, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out,
+                                      "--device", "cpu"], monkeypatch, capsys)
+        assert code == 0, err
+
+
 def test_a_file_name_with_a_newline_stays_on_one_line(world, images, tmp_path, monkeypatch, capsys):
     bad = images / "not\nan image.jpg"
     bad.write_text("text")
