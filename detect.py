@@ -568,6 +568,24 @@ def output_names(paths, reserved=("counts.csv", "detections.json")):
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
+def earlier_outputs(folder):
+    """The names of the annotated images that an earlier detect.py wrote in `folder`, as its detections.json
+    records them (also when that run was killed before closing the list); an empty set if there is none."""
+    try:
+        with open(os.path.join(folder, "detections.json"), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    for candidate in (text, text.rstrip().rstrip(",") + "\n]"):
+        try:
+            records = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(records, list):
+            return {r.get("output") for r in records if isinstance(r, dict)}
+    return set()
+
+
 def printable(path):
     """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
     file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
@@ -676,6 +694,12 @@ def detect_files(args, locks):
     if clash:
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
+    ours = earlier_outputs(args.output_dir)
+    foreign = next((n for n in names if os.path.lexists(os.path.join(args.output_dir, n)) and printable(n) not in ours),
+                   None)
+    if foreign:
+        raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
+                        f"it; the annotated image would replace it: choose another folder")
     check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
     for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)

@@ -156,9 +156,12 @@ def run_cli(main, parser):
 
 def ignore_stop_signals(worker_id=None):
     """DataLoader workers (worker_init_fn) leave Ctrl-C and SIGTERM, which a terminal, a container's stop or a job
-    scheduler sends to the whole process group, to the main process: it stops in order and ends them."""
+    scheduler sends to the whole process group, to the main process, which stops in order: Ctrl-C is ignored
+    (the main process ends them), and SIGTERM ends a worker quietly with status 0 (killed by the signal, its
+    death was a traceback in the main process; ignored, a worker that the main process terminates at its exit
+    would live on, and the exit would wait for it for ever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def one_line(error):

@@ -465,9 +465,17 @@ def test_detect_replaces_links_in_the_output_folder_not_what_they_point_to(world
         (elsewhere / name).write_text("not to be overwritten\n")
         (out / name).symlink_to(elsewhere / name)
     status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                    "cpu"], monkeypatch, capsys)  # smear0.jpg there: not written by detect.py
+    assert_one_line_error(status, err, "detect", ["smear0.jpg is there and no earlier detect.py wrote it"])
+    earlier = '[\n{"image": "in/smear0.jpg", "output": "smear0.jpg"}'  # a killed run's, without its ]
+    (elsewhere / "earlier.json").write_text(earlier)  # now smear0.jpg is an earlier run's: it may be replaced
+    (out / "detections.json").unlink()
+    (out / "detections.json").symlink_to(elsewhere / "earlier.json")
+    status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
                                     "cpu"], monkeypatch, capsys)
     assert status == 0, err
-    for name in ("counts.csv", "detections.json", "smear0.jpg"):
+    assert (elsewhere / "earlier.json").read_text() == earlier and not (out / "detections.json").is_symlink()
+    for name in ("counts.csv", "smear0.jpg"):
         assert (elsewhere / name).read_text() == "not to be overwritten\n"
         assert not (out / name).is_symlink()
     rows, records = read_results(out)
@@ -479,7 +487,8 @@ def test_detect_replaces_links_in_the_output_folder_not_what_they_point_to(world
 def test_an_annotated_image_that_cannot_be_written_is_said_and_its_counts_kept(world, images, tmp_path, monkeypatch,
                                                                              capsys):
     out = tmp_path / "out"
-    (out / "smear1.jpg").mkdir(parents=True)  # a folder where the annotated image goes
+    (out / "smear1.jpg").mkdir(parents=True)  # a folder where the annotated image goes, which an earlier run
+    (out / "detections.json").write_text('[{"output": "smear1.jpg"}]')  # says it wrote (so it may be replaced)
     status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
                                     "cpu"], monkeypatch, capsys)
     assert status == 1 and "Traceback" not in err
@@ -551,6 +560,18 @@ def test_sigterm_to_the_process_group_stops_detect_and_its_workers_in_one_line(w
     assert err.strip().splitlines()[-1].startswith("detect.py: terminated after ")
     rows, records = read_results(out)
     assert len(rows) - 1 == len(records) >= 1
+
+
+def test_a_process_that_exits_with_a_loader_still_open_does_not_wait_for_its_workers():
+    """At exit, multiprocessing terminates the DataLoader workers still running (SIGTERM) and waits for them: a
+    worker that ignored SIGTERM made that wait last for ever."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from torch.utils.data import DataLoader; "
+            "from utils import ignore_stop_signals; "
+            "it = iter(DataLoader(range(100), num_workers=1, worker_init_fn=ignore_stop_signals)); next(it)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_progress_bar_shows_the_loss_of_every_step(world, tmp_path, capsys):
