@@ -579,7 +579,7 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
         raise UserError(f"{voc_path}: no {' and no '.join(missing)} folder; a Pascal VOC dataset has Annotations/, "
                         f"ImageSets/Main/ and JPEGImages/")
     check_writable(output_folder, "--output-folder", folder=True, create=False)  # before the parsing, not after
-    errors, warnings, lists, listings, split_ids = [], [], {}, {}, {}
+    errors, warnings, lists, listings, split_ids, annotated_by = [], [], {}, {}, {}, {}
     for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
         split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
         if not os.path.isfile(split_file):
@@ -623,6 +623,11 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
                 expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
                 errors.append(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image "
                               f"extension> either)")
+                continue
+            other = annotated_by.setdefault(os.path.realpath(img_path), image_id)
+            if other != image_id:  # a <filename> naming another id's image
+                errors.append(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each "
+                              f"image must be annotated once")
                 continue
             if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
                 errors.append(f"{img_path}: not a regular file (a pipe, socket or device), not an image")

@@ -352,9 +352,17 @@ def _id_outside_the_dataset(voc):
     return str(path), r"points outside the dataset's Annotations/"
 
 
+def _filename_of_another_image(voc):
+    path = voc / "Annotations" / f"{image_id(1)}.xml"
+    text = path.read_text()
+    start, end = text.index("<filename>") + len("<filename>"), text.index("</filename>")
+    path.write_text(text[:start] + f"{image_id(0)}.jpg" + text[end:])
+    return f"{image_id(0)}.xml and {image_id(1)}.xml", r"each image must be annotated once"
+
+
 PROBLEMS = [_malformed_xml, _unknown_class, _missing_image, _corrupt_image, _id_without_annotation, _empty_split,
             _nan_coordinate, _infinite_difficult, _id_listed_twice, _split_not_text, _unknown_xml_encoding,
-            _image_is_a_pipe, _id_outside_the_dataset]
+            _image_is_a_pipe, _id_outside_the_dataset, _filename_of_another_image]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda f: f.__name__[1:])
