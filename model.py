@@ -305,6 +305,12 @@ class SSD300(nn.Module):
             raise UserError(f"{source}: does not fit SSD300 ({type(e).__name__}: {detail[:200]})") from None
         if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
             raise UserError(f"{source}: its weights hold nan or inf (a training that diverged); use another checkpoint")
+        kinds = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and not k.endswith(
+            "num_batches_tracked") and not v.is_floating_point()]  # load_state_dict casts them without a word
+        negative = [k for k, v in model.state_dict().items() if k.endswith("running_var") and (v < 0).any()]
+        if kinds or negative:
+            raise UserError(f"{source}: damaged weights: {(kinds or negative)[0]} "
+                            f"{'is not floating point' if kinds else 'holds a negative variance'}")
         return model
 
     def fuse_batch_norm(self):

@@ -833,16 +833,24 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
                 "epoch": 0, "iteration": 2, "args": {}, "label_map": {**label_map, "Lymphocyte": 4}},
                folder / "five_classes.pt")
     torch.save(five.base.state_dict(), folder / "state_dict.pt")  # a bare state_dict, as the tutorial's users have
+    ckpt = torch.load(random_checkpoint, weights_only=True)  # hand-edited weights that load_state_dict would take
+    negative = {**ckpt, "model": {**ckpt["model"], "base.bn1_1.running_var": -ckpt["model"]["base.bn1_1.running_var"]}}
+    torch.save(negative, folder / "negative_variance.pt")  # fused into the convolutions: nan weights, no detection
+    integer = {**ckpt, "model": {**ckpt["model"], "base.conv1_1.weight": ckpt["model"]["base.conv1_1.weight"].long()}}
+    torch.save(integer, folder / "integer_weights.pt")
     return SimpleNamespace(missing=folder / "missing.pt", text=folder / "notes.txt", state_dict=folder / "state_dict.pt",
                            wrong_shape=folder / "wrong_shape.pt", five_classes=folder / "five_classes.pt",
-                           random=random_checkpoint)
+                           negative_variance=folder / "negative_variance.pt",
+                           integer_weights=folder / "integer_weights.pt", random=random_checkpoint)
 
 
 # (name, what the message must say, what it must not say): checkpoints every script must refuse with one line
 BAD_CHECKPOINTS = [("missing", "no such checkpoint file", None),
                    ("text", "", "pickled"),  # a text file holds no pickled objects: don't say it does
                    ("state_dict", "not a checkpoint of this project", None),
-                   ("wrong_shape", "", None)]  # SSD300 with 5 classes saved with model_args of 4
+                   ("wrong_shape", "", None),  # SSD300 with 5 classes saved with model_args of 4
+                   ("negative_variance", "", None),  # train.py: no optimizer state; eval and detect: damaged weights
+                   ("integer_weights", "", None)]
 # (script, case, arguments, what the message must say): bad flag values and missing data
 BAD_FLAGS = [("train", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
              ("train", "lr-negative", ["--lr", "-1"], "--lr"),
@@ -886,6 +894,13 @@ def test_bad_checkpoint_is_one_line_user_error(script, case, says, must_not_say,
     message = str(e.value)
     assert "\n" not in message and str(checkpoint) in message and says in message, message
     assert must_not_say is None or must_not_say not in message, message
+
+
+@pytest.mark.parametrize("case, says", [("negative_variance", "base.bn1_1.running_var holds a negative variance"),
+                                        ("integer_weights", "base.conv1_1.weight is not floating point")])
+def test_weights_that_load_but_cannot_be_right_are_refused(case, says, bad_checkpoints):
+    with pytest.raises(UserError, match=f"damaged weights: {says}"):
+        detect.load_model(getattr(bad_checkpoints, case))
 
 
 @pytest.mark.parametrize("script", ["train", "eval"])
