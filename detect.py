@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -439,18 +440,23 @@ def check_call(image, model, min_score, max_overlap, top_k, batch_size):
     classes = class_names(model.label_map)
     if min_score is None:
         min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
-    elif isinstance(min_score, (int, float)) and not isinstance(min_score, bool):
-        min_score = parse_min_score([min_score], classes, "min_score")
-    elif isinstance(min_score, (list, tuple)) and all(isinstance(v, (int, float)) for v in min_score):
-        min_score = parse_min_score(list(min_score), classes, "min_score")
+    elif is_real(min_score):
+        min_score = parse_min_score([float(min_score)], classes, "min_score")
+    elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
+        min_score = parse_min_score([float(v) for v in min_score], classes, "min_score")
     else:
         raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
     max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
+    max_overlap = parse_max_overlap(float(max_overlap) if is_real(max_overlap) else max_overlap, "max_overlap")
     for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10**5:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
             raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
     return min_score, max_overlap
+
+
+def is_real(value):
+    """A number (Python's or NumPy's, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
@@ -468,6 +474,7 @@ def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile
     batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
     """
     min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
+    top_k, batch_size = int(top_k), None if batch_size is None else int(batch_size)  # NumPy's integers too
     device = next(model.parameters()).device
     if amp is not None and not isinstance(amp, bool):
         raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")

@@ -613,6 +613,18 @@ API = [
 ]
 
 
+def test_python_api_takes_numpy_numbers(world):
+    import numpy as np
+    model = detect.load_model(world / "checkpoint.pt")
+    image = Image.new("RGB", (64, 48))
+    expected = detect.detect_image(image, model, min_score=0.3, max_overlap=0.5, top_k=50, batch_size=2)
+    got = detect.detect_image(image, model, min_score=np.float32(0.3), max_overlap=np.float64(0.5),
+                              top_k=np.int64(50), batch_size=np.int32(2))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    got = detect.detect_image(image, model, min_score=[np.float32(0.3)] * 3, max_overlap=0.5, top_k=50, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
 @pytest.mark.parametrize("case, call, error, says", API, ids=[c[0] for c in API])
 def test_python_api(case, call, error, says, world):
     model = detect.load_model(world / "checkpoint.pt")
