@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 import detect
 import eval as eval_script
 import train
+import utils
 from conftest import make_voc
 from model import SSD300, create_prior_boxes
 from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, bccd_labels, bf16_is_fast, calculate_mAP,
@@ -289,12 +290,16 @@ def test_failed_checkpoint_save_keeps_the_old_checkpoint(resumed_run, lists2, tm
     before = sha256(tmp_path / "checkpoint.pt")
     written = []
 
-    def save_that_fails_half_way(obj, f):  # what a full disk or a kill during torch.save leaves
-        written.append(Path(f))
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_open = open
 
-    monkeypatch.setattr(torch, "save", save_that_fails_half_way)
+    def open_that_fails_half_way(path, mode="r", **kwargs):  # what a full disk leaves while the checkpoint is written
+        if "w" in mode and os.path.basename(path).startswith("checkpoint.pt"):
+            written.append(Path(path))
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(utils, "open", open_that_fails_half_way, raising=False)  # the files utils writes
     with pytest.raises(UserError) as e:  # lists2: 1 step an epoch, so one step, then the save
         train.main(train_args(lists2, tmp_path, "--iterations", 3, "--resume", tmp_path / "checkpoint.pt"))
     assert str(e.value) == f"{tmp_path / 'checkpoint.pt'}: cannot write (No space left on device); the earlier file is kept"
