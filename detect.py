@@ -723,8 +723,8 @@ def detect_files(args, locks):
         print(f"note: {repeats} input file(s) given more than once; each is counted once")
 
     workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers, collate_fn=ImageFiles.collate_fn,
-                        worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(ImageFiles(paths, tiles), batch_size=None, num_workers=workers,
+                        collate_fn=ImageFiles.collate_fn, worker_init_fn=ignore_stop_signals)
 
     def readable():  # an unreadable file is skipped and reported at the end
         for i, image, prepared in loader:

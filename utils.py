@@ -156,10 +156,9 @@ def run_cli(main, parser):
 
 def ignore_stop_signals(worker_id=None):
     """DataLoader workers (worker_init_fn) leave Ctrl-C and SIGTERM, which a terminal, a container's stop or a job
-    scheduler sends to the whole process group, to the main process, which stops in order: Ctrl-C is ignored
-    (the main process ends them), and SIGTERM ends a worker quietly with status 0 (killed by the signal, its
-    death was a traceback in the main process; ignored, a worker that the main process terminates at its exit
-    would live on, and the exit would wait for it for ever)."""
+    scheduler sends to the whole process group, to the main process, which stops in order. Ctrl-C is ignored;
+    SIGTERM ends a worker quietly, with status 0: killed by the signal, a worker was a traceback in the main
+    process, and ignoring it would make the exit, where multiprocessing terminates and joins workers, hang."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
@@ -337,9 +336,9 @@ def check_writable(path, flag, folder=False, create=True):
 def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
     """UserError if the output `path` is the checkpoint or one of the lists (of data_folder) that this run reads:
     writing there would destroy it."""
-    inputs = [checkpoint] + [os.path.join(data_folder, f"{split}_{kind}.json") for split in ("TRAIN", "TEST")
-                             for kind in ("images", "objects")] * bool(data_folder) \
-        + [os.path.join(data_folder, "label_map.json")] * bool(data_folder)
+    lists = [f"{split}_{kind}.json" for split in ("TRAIN", "TEST") for kind in ("images", "objects")]
+    lists.append("label_map.json")
+    inputs = [checkpoint] + ([os.path.join(data_folder, name) for name in lists] if data_folder else [])
     for p in inputs:
         if p and os.path.isfile(path) and os.path.isfile(p) and os.path.samefile(path, p):
             raise UserError(f"{flag} {path}: that is {p}, which this run reads; writing there would destroy it")
@@ -348,7 +347,10 @@ def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
 def lock_folder(folder, message):
     """Lock `folder` against a second process that writes there (POSIX flock, released when this process ends,
     however it ends); a UserError saying `message` if another holds it. Returns the file descriptor to close."""
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot open the folder to lock it ({e.strerror or e})") from None
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -368,7 +370,7 @@ def remove_stale_temporaries(folder, names):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace onto `path`."""
+    """torch.save to memory, written to a temporary file in the same folder, then os.replace onto `path`."""
     buffer = io.BytesIO()  # written by Python, which raises on a full disk (torch's own writer fails obscurely)
     torch.save(obj, buffer)
     write_bytes_atomic(buffer.getbuffer(), path)

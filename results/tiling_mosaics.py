@@ -176,7 +176,8 @@ def main(args):
         away = {"sources": torch.stack([per_class(away_from_seams(
                     torch.cat([placed(source_runs[i][0][0], k, n, source_size, scale) for k, i in enumerate(group)]),
                     torch.cat([source_runs[i][0][1] for i in group]), n, (width, height), band)) for group in members]),
-                "tiled": torch.stack([per_class(away_from_seams(*r[0], n, (width, height), band)) for r in runs["tiled"]])}
+                "tiled": torch.stack([per_class(away_from_seams(*r[0], n, (width, height), band))
+                                      for r in runs["tiled"]])}
         truth = [list(t) for t in zip(*[item[1:] for item in items])]  # boxes, labels, difficulties: lists over mosaics
 
         def m_ap(dets, truth):

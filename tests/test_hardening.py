@@ -262,9 +262,9 @@ def earlier_run(world):
     argv[argv.index("--out-dir") + 1] = str(world / "earlier-run")
     train.main(train.get_args_parser().parse_args(argv))
     ckpt = torch.load(world / "earlier-run" / "checkpoint.pt", weights_only=True)
-    for name, edit in DAMAGED_RUNS.items():  # hand-edited copies: {root}/damaged-<name>.pt
+    for name, edit in DAMAGED_RUNS.items():  # hand-edited copies: {root}/damaged-<name>.pt, without the momentum
         damaged = {**ckpt, "args": dict(ckpt["args"]), "optimizer": {**ckpt["optimizer"], "param_groups": [
-            dict(g) for g in ckpt["optimizer"]["param_groups"]], "state": dict(ckpt["optimizer"]["state"])}}
+            dict(g) for g in ckpt["optimizer"]["param_groups"]], "state": {}}}  # buffers (a fresh SGD has none)
         edit(damaged)
         torch.save(damaged, world / f"damaged-{name}.pt")
     return world / "earlier-run"
