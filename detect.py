@@ -107,7 +107,7 @@ def parse_min_score(values, names, source="--min-score"):
 
 def parse_max_overlap(value, source="--max-overlap"):
     """The IoU above which two boxes of a class are one cell (NMS): a number in (0, 1]; checked (nan refused)."""
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+    if not (isinstance(value, numbers.Real) and 0 < value <= 1):  # NumPy's numbers too
         raise UserError(f"{source} must be in (0, 1], not {value!r}")
     return float(value)
 
@@ -441,13 +441,13 @@ def check_call(image, model, min_score, max_overlap, top_k, batch_size):
     if min_score is None:
         min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
     elif is_real(min_score):
-        min_score = parse_min_score([float(min_score)], classes, "min_score")
+        min_score = parse_min_score([min_score], classes, "min_score")
     elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
-        min_score = parse_min_score([float(v) for v in min_score], classes, "min_score")
+        min_score = parse_min_score(list(min_score), classes, "min_score")
     else:
         raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
     max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    max_overlap = parse_max_overlap(float(max_overlap) if is_real(max_overlap) else max_overlap, "max_overlap")
+    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
     for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
             raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
@@ -761,19 +761,16 @@ def detect_files(args, locks):
             n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
             print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
                   flush=True)
-    except KeyboardInterrupt as stop:
+    except BaseException as stop:  # however the run ends early, detections.json is closed on what was finished
         if results is not None:
             results.close(quiet=True)
-        for e in errors:
-            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
-        stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
-                     f"{results.n if results else 0} of {len(paths)} image(s)"
-                     + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
+        if isinstance(stop, KeyboardInterrupt):
+            for e in errors:
+                print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+            stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
+                         f"{results.n if results else 0} of {len(paths)} image(s)"
+                         + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
         raise  # run_cli says it, in one line
-    except UserError:
-        if results is not None:
-            results.close(quiet=True)
-        raise
     if results is None:  # every file was unreadable
         for e in errors[:-1]:
             print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)

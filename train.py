@@ -341,8 +341,9 @@ def check_resumable(ckpt, path):
                    and isinstance(partial.get("loss_sum"), torch.Tensor) and partial["loss_sum"].numel() == 1
                    and isinstance(partial.get("seconds"), (int, float)) and partial["seconds"] >= 0) else None)
     if not problem:
+        actions = {a.dest: a for a in get_args_parser()._actions}
         wrong = [f"--{name.replace('_', '-')} {value!r}" for name, value in ckpt["args"].items()
-                 if not _fits_flag(name, value)]
+                 if not _fits_flag(actions.get(name), value)]
         problem = f"its args hold values no flag takes: {', '.join(wrong)}" if wrong else None
     if problem:
         raise UserError(f"--resume {path}: cannot resume from this checkpoint: {problem}")
@@ -363,9 +364,9 @@ def load_optimizer_state(optimizer, ckpt, path):
                         f"({type(e).__name__}: {e})") from None
 
 
-def _fits_flag(name, value):
-    """Whether a resumed run's recorded args value is one that train.py's flag `name` gives (None: not given)."""
-    action = next((a for a in get_args_parser()._actions if a.dest == name), None)
+def _fits_flag(action, value):
+    """Whether a resumed run's recorded args value is one that train.py's flag (argparse `action`; None: no such
+    flag) gives (None: not given)."""
     if action is None or value is None:
         return True
     if isinstance(action, argparse.BooleanOptionalAction):

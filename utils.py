@@ -384,10 +384,7 @@ def write_bytes_atomic(data, path):
 
 
 def write_text_atomic(text, path):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    _atomic(path, write)
+    write_bytes_atomic(text.encode("utf-8"), path)
 
 
 def write_json_atomic(obj, path, indent=None):
