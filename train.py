@@ -17,6 +17,7 @@ has the classes of the lists (their label_map.json), and the checkpoint carries 
 """
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
-from utils import (UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
+from utils import (FLIPS, UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
                    create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, lock_folder,
                    median_image_size, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
                    write_text_atomic)
@@ -47,8 +48,10 @@ BCCD_PRIOR_SCALES = (0.06, 0.15, 0.33, 0.51, 0.69, 0.87)
 RECIPE = {"data_folder": "data/lists", "bccd_folder": "data/BCCD", "batch_size": 32, "lr": 0.004, "momentum": 0.9,
           "weight_decay": 5e-4, "schedule": "cosine", "decay_at": [2 / 3, 5 / 6], "warmup": 300, "grad_clip": 20.,
           "seed": 0, "base_weights": "none", "batch_norm": True, "prior_scales": list(BCCD_PRIOR_SCALES),
-          "max_zoom": 4., "amp": None, "channels_last": None, "cache_images": True, "val_every": 0,
-          "checkpoint_every": 1}
+          "max_zoom": 4., "flips": "h", "ema_decay": 0., "amp": None, "channels_last": None, "cache_images": True,
+          "val_every": 0, "checkpoint_every": 1}
+# What a run resumed from a checkpoint of before these flags did (not necessarily RECIPE's value)
+BEFORE_FLAG = {"flips": "h", "ema_decay": 0.}
 ARCHITECTURE = ("batch_norm", "prior_scales")  # must be the resumed model's
 OPERATIONAL = ("data_folder", "bccd_folder", "cache_images", "val_every", "checkpoint_every")  # change nothing learnt
 
@@ -108,6 +111,15 @@ def get_args_parser():
                    f"{' '.join(map(str, BCCD_PRIOR_SCALES))})")
     p.add_argument("--max-zoom", type=float, help="largest zoom-out of the augmentation, as a multiple of the image "
                    f"(paper and default: {r['max_zoom']:g}; 1 turns zoom-out off)")
+    p.add_argument("--flips", choices=FLIPS, help="geometric augmentation: h, the tutorial's horizontal flip; d4, also "
+                   "vertical flips and transposes, so every rotation by 90 degrees and mirror image (a smear has no up) "
+                   f"(default: {r['flips']})")
+    p.add_argument("--ema-decay", type=float, help="keep an exponential moving average of the weights, updated every "
+                   "step with this decay (e.g. 0.995: an average over about the last 200 steps), saved in the checkpoint "
+                   f"beside the raw weights and validated with them; 0 = none (default: {r['ema_decay']:g})")
+    p.add_argument("--init-weights", default=None, metavar="PATH", help="start from the weights of this SSD300 "
+                   "checkpoint (a train.py checkpoint or the shipped model, with its architecture) with a new schedule "
+                   "and optimizer: a warm start (default: initialized afresh)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -128,7 +140,7 @@ def resolve_args(args, ckpt, say=print):
     previous = (ckpt or {}).get("args") or {}
     changed = []
     for name, default in RECIPE.items():
-        value, before = getattr(args, name), previous.get(name)
+        value, before = getattr(args, name), previous.get(name, BEFORE_FLAG.get(name) if ckpt is not None else None)
         if value is None:
             setattr(args, name, before if before is not None else default)
         elif ckpt is not None and before is not None and value != before and name not in OPERATIONAL:
@@ -140,6 +152,7 @@ def resolve_args(args, ckpt, say=print):
                 raise UserError(f"--resume {args.resume}: its model has {name.replace('_', ' ')} "
                                 f"{model_args[name]}, not {getattr(args, name)}; leave out --{name.replace('_', '-')} "
                                 f"to resume, or start a new run in another --out-dir")
+        args.init_weights = previous.get("init_weights")  # where the run started from, kept for its record
         if args.epochs is None and args.iterations is None:
             args.epochs, args.iterations = previous.get("epochs"), previous.get("iterations")
         elif (args.epochs, args.iterations) != (previous.get("epochs"), previous.get("iterations")):
@@ -176,6 +189,9 @@ def check_args(args):
                         f"{' '.join(map(str, args.decay_at))}")
     if args.momentum >= 1:
         raise UserError(f"--momentum must be below 1, not {args.momentum}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be 0 (no average) or in (0, 1), not {args.ema_decay}")
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +267,29 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
+
+
+class ModelEMA:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step:
+    ema = d * ema + (1 - d) * weights, with d = min(decay, (1 + t) / (10 + t)) at update t (TensorFlow's
+    ExponentialMovingAverage), so that early on the average follows the weights closely. The step count is kept
+    on the host: torch.optim.swa_utils.AveragedModel keeps it on the device and reads it back every step (a host
+    sync on CUDA). A no-grad copy in eval mode; `.module` is an SSD300 to validate or save."""
+
+    def __init__(self, model, decay, updates=0):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        mine, theirs = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in mine.items() if v.is_floating_point()]
+        torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], 1 - d)
+        for k, v in mine.items():
+            if not v.is_floating_point():  # BatchNorm's num_batches_tracked
+                v.copy_(theirs[k])
 
 
 class RunningLoss:
@@ -364,6 +403,36 @@ def load_optimizer_state(optimizer, ckpt, path):
                         f"({type(e).__name__}: {e})") from None
 
 
+def load_ema_state(ema, ckpt, path):
+    """The checkpoint's weight average (train.py --ema-decay) into `ema`, or a UserError if it does not fit; a
+    checkpoint without one (a run without --ema-decay, now resumed with it) starts the average afresh."""
+    if "ema" not in ckpt:
+        return
+    try:
+        if not (isinstance(ckpt.get("ema_updates"), int) and ckpt["ema_updates"] >= 0):
+            raise ValueError("ema_updates is not a count")
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.updates = ckpt["ema_updates"]
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:160]
+        raise UserError(f"--resume {path}: cannot resume from this checkpoint: its weight average (ema) is damaged "
+                        f"({type(e).__name__}: {detail})") from None
+
+
+def initial_weights(args):
+    """--init-weights: the checkpoint whose weights a new run starts from. Its architecture is the run's: an
+    architecture flag given with another value is an error."""
+    init = load_checkpoint(args.init_weights)
+    model_args = SSD300.from_checkpoint(init, args.init_weights).model_args
+    for name in ARCHITECTURE:
+        if getattr(args, name) is None:
+            setattr(args, name, model_args[name])
+        elif getattr(args, name) != model_args[name]:
+            raise UserError(f"--init-weights {args.init_weights}: its model has {name.replace('_', ' ')} "
+                            f"{model_args[name]}, not {getattr(args, name)}; leave out --{name.replace('_', '-')}")
+    return init
+
+
 def _fits_flag(action, value):
     """Whether a resumed run's recorded args value is one that train.py's flag (argparse `action`; None: no such
     flag) gives (None: not given)."""
@@ -383,6 +452,10 @@ def train(args, rank, world, device, cleanup):
     is_main = rank == 0
     cuda = device.type == "cuda"
     ckpt = check_resumable(load_checkpoint(args.resume), args.resume) if args.resume else None
+    if args.resume and args.init_weights:
+        raise UserError("--init-weights starts a new run from a model's weights; --resume continues a run with its "
+                        "own: give one of them")
+    init = initial_weights(args) if args.init_weights else None
     resolve_args(args, ckpt, say=print if is_main else (lambda _: None))
     check_args(args)
     amp = args.amp = bf16_is_fast(device) if args.amp is None else args.amp
@@ -401,21 +474,22 @@ def train(args, rank, world, device, cleanup):
     ensure_lists(args, rank)
     if world > 1:
         dist.barrier()
-    train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom)
+    train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom, flips=args.flips)
     field = median_image_size(train_set.images)  # (width, height) of the training images: detect.py tiles larger ones
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     base_weights = None if args.base_weights.lower() == "none" else args.base_weights
     label_map = train_set.label_map  # the classes of the lists (label_map.json)
-    if ckpt is not None:
-        model = SSD300.from_checkpoint(ckpt, args.resume)
-        check_same_classes(model.label_map, label_map, args.resume, args.data_folder)
+    if ckpt is not None or init is not None:
+        model = SSD300.from_checkpoint(ckpt or init, args.resume or args.init_weights)
+        check_same_classes(model.label_map, label_map, args.resume or args.init_weights, args.data_folder)
     else:
         model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
                        prior_scales=args.prior_scales, label_map=label_map)
     model_args = model.model_args
     check_batch(args, model_args, sampler)
-    if ckpt is not None:  # a damaged optimizer state is refused before anything is written
+    if ckpt is not None:  # a damaged optimizer or average is refused before anything is written
         load_optimizer_state(make_optimizer(model, args), ckpt, args.resume)
+        load_ema_state(ModelEMA(model, args.ema_decay), ckpt, args.resume)
     if is_main:  # the checks above passed: the run may write
         cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
@@ -434,6 +508,9 @@ def train(args, rank, world, device, cleanup):
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     criterion = MultiBoxLoss(model.priors_cxcy).to(device)
     optimizer = make_optimizer(model, args)
+    ema = ModelEMA(model, args.ema_decay) if args.ema_decay else None  # of the weights in place, on the device
+    if ema is not None and ckpt is not None:
+        load_ema_state(ema, ckpt, args.resume)
     start_epoch, iteration, partial = 0, 0, {}
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt, args.resume)
@@ -477,6 +554,8 @@ def train(args, rank, world, device, cleanup):
         state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
                  "epoch": epoch, "iteration": iteration, "args": vars(args), "label_map": label_map,
                  "field": list(field), "run_info": provenance}
+        if ema is not None:
+            state.update(ema=ema.module.state_dict(), ema_updates=ema.updates)
         if partial_epoch:
             state["partial_epoch"] = partial_epoch
         save_atomic(state, out_ckpt)
@@ -509,6 +588,8 @@ def train(args, rank, world, device, cleanup):
                 if args.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update(raw_model)
                 loss_sum += loss.detach()
                 n_steps += 1
                 iteration += 1
@@ -543,6 +624,9 @@ def train(args, rank, world, device, cleanup):
             if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
                 aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
                 record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
+                if ema is not None:
+                    aps, ema_map = evaluate(ema.module, val_loader, amp=amp, channels_last=channels_last)
+                    record.update(mAP_ema=round(ema_map, 5), AP_ema={k: round(v, 5) for k, v in aps.items()})
                 bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
             if is_main:
                 with open(log_path, "a") as f:

@@ -934,6 +934,22 @@ def flip(boxes, window):
     return torch.stack([x0 + x1 - boxes[:, 2], boxes[:, 1], x0 + x1 - boxes[:, 0], boxes[:, 3]], 1)
 
 
+FLIPS = ("h", "d4")  # transform()'s geometric symmetries: the tutorial's horizontal flip, or all 8 of the square
+
+
+def flip_rotate(image, boxes, vflip=False, transpose=False):
+    """Flip a square image (..., S, S) upside down and/or transpose it (swap x and y), with its boxes (n, 4)
+    fractional xy. With resize()'s horizontal flip these make the 8 symmetries of the square (the 90-degree
+    rotations among them): a blood smear has no up or left, so each is as likely a view as the original."""
+    if vflip:
+        image = image.flip(-2)
+        boxes = torch.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], 1)
+    if transpose:
+        image = image.transpose(-1, -2).contiguous()
+        boxes = boxes[:, [1, 0, 3, 2]]
+    return image, boxes
+
+
 def resize_placement(window, image_size, dims=(300, 300)):
     """Where resize() puts `window` (x_min, y_min, x_max, y_max, whole pixels, may reach outside) of an image of
     image_size (width, height) in an output of dims (height, width): ((ix0, iy0, ix1, iy1) the visible part in
@@ -1012,7 +1028,7 @@ def normalize(images):
     return out
 
 
-def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4.):
+def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., flips="h"):
     """Apply the tutorial's transformations (section "Data Transforms").
 
     image: uint8 tensor (3, H, W); boxes: (n, 4) pixel xy; labels, difficulties: (n,).
@@ -1020,20 +1036,25 @@ def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4.):
     'TEST' (resize); the tutorial's last step, normalization, is normalize(), applied to whole
     batches on the device. g: torch.Generator for the random draws.
     max_zoom: the largest zoom-out canvas, as a multiple of the image (paper: 4; 1 disables it).
+    flips: "h", the tutorial's horizontal flip, or "d4", also a vertical flip and a transpose (50% each, after
+    resizing, so that every symmetry of the square is as likely: flip_rotate).
     Returns (image uint8 (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
     """
     split = split.upper()
-    assert split in ("TRAIN", "TEST")
+    assert split in ("TRAIN", "TEST") and flips in FLIPS
     _, H, W = image.shape
     window = (0, 0, W, H)
-    hflip, distort = False, None
+    hflip, distort, vflip, transpose = False, None, False, False
     if split == "TRAIN":
         distort = lambda im: photometric_distort(im, g)  # applied in resize, to the visible pixels only
         if torch.rand((), generator=g) < 0.5 and max_zoom > 1:
             window = expand(window, g, max_scale=max_zoom)
         window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g)
         hflip = bool(torch.rand((), generator=g) < 0.5)
+        if flips == "d4":  # drawn after the tutorial's draws, so that "h" draws exactly what it always did
+            vflip, transpose = (torch.rand(2, generator=g) < 0.5).tolist()
     image, boxes = resize(image, window, boxes, hflip=hflip, distort=distort)
+    image, boxes = flip_rotate(image, boxes, vflip, transpose)
     return image, boxes, labels, difficulties
 
 
