@@ -27,6 +27,7 @@ From Python, as in the tutorial:
 """
 import argparse
 import csv
+import functools
 import json
 import math
 import numbers
@@ -42,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
-from model import SSD300
+from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
                    ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
                    resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
@@ -93,6 +94,9 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+    p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
+                   "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
+                   "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
     return p
 
 
@@ -134,14 +138,15 @@ def counting_defaults(ckpt, classes, source="checkpoint"):
     return min_score, max_overlap
 
 
-def load_model(checkpoint=None, device="cpu"):
+def load_model(checkpoint=None, device="cpu", tta=None):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
     BatchNorm folded).
 
     It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
     model.label_color_map; its counting thresholds: model.min_score, model.max_overlap (counting_defaults); and
     model.field, the (width, height) of the images it was trained on (the checkpoint's record; BCCD_FIELD for
-    checkpoints older than the record): detect_image tiles larger images with windows of that size.
+    checkpoints older than the record): detect_image tiles larger images with windows of that size. model.tta: the
+    test-time augmentation run_model applies (TTA_VIEWS; default: the checkpoint's record, else "off").
     """
     checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
@@ -155,8 +160,15 @@ def load_model(checkpoint=None, device="cpu"):
             all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 65535 for v in field)):
         raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels (8 to 65535), not {field!r}")
     model.field = tuple(field)
+    model.tta = check_tta(ckpt.get("tta", "off") if tta is None else tta, checkpoint if tta is None else "tta")
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
+
+
+def check_tta(tta, source="--tta"):
+    if tta not in TTA_VIEWS:
+        raise UserError(f"{source}: test-time augmentation is one of {', '.join(TTA_VIEWS)}, not {tta!r}")
+    return tta
 
 
 def open_image(path_or_file):
@@ -178,13 +190,82 @@ def preprocess(image):
 @torch.no_grad()
 def run_model(model, images, amp=None, channels_last=True):
     """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores).
-    amp: bf16 autocast (default: where it is fast, utils.bf16_is_fast)."""
+    amp: bf16 autocast (default: where it is fast, utils.bf16_is_fast). With test-time augmentation (model.tta,
+    set by load_model: see TTA_VIEWS) the predictions of each flipped view are mapped back and averaged."""
     device = next(model.parameters()).device
     amp = bf16_is_fast(device) if amp is None else amp
-    images = normalize(images.to(device, non_blocking=True,
-                                 memory_format=torch.channels_last if channels_last else torch.preserve_format))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        return model(images)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
+    views = TTA_VIEWS[getattr(model, "tta", "off")]
+    locs, probs = 0, 0
+    for view in views:
+        x = flip_view(images, view)
+        if any(view):
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            view_locs, view_scores = model(x)  # (N, P, 4), (N, P, C)
+        if len(views) == 1:
+            return view_locs, view_scores
+        view_locs, view_probs = unflip_predictions(view_locs.float(), view_scores.float().softmax(-1), view)
+        locs, probs = locs + view_locs, probs + view_probs
+    return locs / len(views), (probs / len(views)).log()  # detect_objects' softmax of log(p) is p
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation: the model also sees the image flipped (and transposed), and the
+# predictions of each view are mapped back to the image and averaged, prior by prior, before
+# decoding and NMS. The priors form a grid that every flip and the transpose map onto itself
+# (a prior of aspect ratio a onto one of 1/a), so each view's prior j' answers for a prior j of
+# the image, and its offsets map back exactly: a horizontal flip negates g_cx, a vertical one
+# g_cy, a transpose swaps (g_cx, g_cy) and (g_w, g_h). Averaging over the views makes the result
+# the same for the image flipped in any of those ways.
+# ---------------------------------------------------------------------------------------------
+
+_VIEWS = [(h, v, t) for t in (False, True) for v in (False, True) for h in (False, True)]  # (hflip, vflip, transpose)
+TTA_VIEWS = {"off": _VIEWS[:1], "h": _VIEWS[:2], "hv": _VIEWS[:4], "d4": _VIEWS}  # 1, 2, 4 or 8 forward passes
+
+
+def flip_view(images, view):
+    """images (..., H, W) flipped horizontally, vertically, then transposed, as view (hflip, vflip, transpose) says."""
+    hflip, vflip, transpose = view
+    if hflip:
+        images = images.flip(-1)
+    if vflip:
+        images = images.flip(-2)
+    return images.transpose(-1, -2) if transpose else images
+
+
+@functools.lru_cache(maxsize=None)
+def prior_permutation(view, device="cpu"):
+    """(P,) for each prior of the image, the prior of the flipped view (hflip, vflip, transpose) that lies where
+    the view puts it: from the layout of model.create_prior_boxes (map by map, row by row, column by column, the
+    boxes of a location in ASPECT_RATIOS' order after the extra square), where a horizontal flip takes column j
+    of a d x d map to d-1-j, a vertical one row i to d-1-i, and a transpose swaps row and column and a box of
+    aspect ratio a with that of 1/a."""
+    hflip, vflip, transpose = view
+    index, offset = [], 0
+    for d, ratios in zip(FMAP_DIMS, ASPECT_RATIOS):
+        kinds = [1., 1., *ratios[1:]]  # a location's boxes: ratio 1, the extra square, the others
+        inverse = torch.tensor([k if k < 2 else 2 + [math.isclose(1 / r, q) for q in ratios[1:]].index(True)
+                                for k, r in enumerate(kinds)])
+        i, j, k = torch.meshgrid(torch.arange(d), torch.arange(d), torch.arange(len(kinds)), indexing="ij")
+        j = d - 1 - j if hflip else j
+        i = d - 1 - i if vflip else i
+        i, j, k = (j, i, inverse[k]) if transpose else (i, j, k)
+        index.append(offset + ((i * d + j) * len(kinds) + k).flatten())
+        offset += d * d * len(kinds)
+    return torch.cat(index).to(device)
+
+
+def unflip_predictions(locs, probs, view):
+    """A flipped view's locs (N, P, 4) and class probabilities (N, P, C) -> those of the image, prior by prior."""
+    index = prior_permutation(view, locs.device)
+    locs, probs = locs[:, index], probs[:, index]
+    hflip, vflip, transpose = view
+    if transpose:
+        locs = locs[..., [1, 0, 3, 2]]
+    sign = locs.new_tensor([-1. if hflip else 1., -1. if vflip else 1., 1., 1.])
+    return locs * sign, probs
 
 
 def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=None, channels_last=True):
@@ -686,7 +767,7 @@ def detect_files(args, locks):
     check_args(args)
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device, tta=args.tta)
     classes = class_names(model.label_map)
     min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
+from detect import (DEFAULT_CHECKPOINT, TTA_VIEWS, check_tta, counting_defaults, format_min_score, parse_max_overlap,
+                    parse_min_score, run_model)
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
                    check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
@@ -53,6 +54,11 @@ def get_args_parser():
                    help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
+    p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the "
+                   "model on the images flipped horizontally (h), vertically too (hv), or transposed too (d4: 8 views), "
+                   "and average the predictions (default: the checkpoint's record, else off)")
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's moving average of the weights "
+                   "(train.py --ema-decay) instead of its weights")
     p.add_argument("--count-min-score", type=float, nargs="+", default=None, metavar="S", help="counting: "
                    "detect.py's --min-score, one value or one per class (default: detect.py's, from the checkpoint)")
     p.add_argument("--count-max-overlap", type=float, default=None, help="counting: detect.py's --max-overlap "
@@ -173,7 +179,12 @@ def run(args, rank, world, device):
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
+    if args.ema:
+        if "ema" not in ckpt:
+            raise UserError(f"--ema: {args.checkpoint} holds no moving average of its weights (train.py --ema-decay)")
+        ckpt = {**ckpt, "model": ckpt["ema"]}
     model = SSD300.from_checkpoint(ckpt, args.checkpoint)
+    model.tta = check_tta(ckpt.get("tta", "off") if args.tta is None else args.tta, args.checkpoint)
     names = class_names(model.label_map)
     count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
     if args.count_min_score is not None:
@@ -234,10 +245,10 @@ def run(args, rank, world, device):
               f"{' '.join(str(chosen['min_score'][name]) for name in names)} ("
               + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
-          f"bf16 autocast {'on' if amp else 'off'})")
+          f"bf16 autocast {'on' if amp else 'off'}{', test-time augmentation ' + model.tta if model.tta != 'off' else ''})")
     if args.output is not None:
         write_json_atomic({"classes": names, **metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
-                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200,
+                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "tta": model.tta, "ema": args.ema,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
                            **({"count_sweep": sweep} if sweep else {}),
                            "device": str(device),

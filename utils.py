@@ -1044,17 +1044,17 @@ def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., fl
     assert split in ("TRAIN", "TEST") and flips in FLIPS
     _, H, W = image.shape
     window = (0, 0, W, H)
-    hflip, distort, vflip, transpose = False, None, False, False
+    hflip, distort = False, None
     if split == "TRAIN":
         distort = lambda im: photometric_distort(im, g)  # applied in resize, to the visible pixels only
         if torch.rand((), generator=g) < 0.5 and max_zoom > 1:
             window = expand(window, g, max_scale=max_zoom)
         window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g)
         hflip = bool(torch.rand((), generator=g) < 0.5)
-        if flips == "d4":  # drawn after the tutorial's draws, so that "h" draws exactly what it always did
-            vflip, transpose = (torch.rand(2, generator=g) < 0.5).tolist()
     image, boxes = resize(image, window, boxes, hflip=hflip, distort=distort)
-    image, boxes = flip_rotate(image, boxes, vflip, transpose)
+    if split == "TRAIN" and flips == "d4":  # drawn after all of the tutorial's draws, which stay as they were
+        vflip, transpose = (torch.rand(2, generator=g) < 0.5).tolist()
+        image, boxes = flip_rotate(image, boxes, vflip, transpose)
     return image, boxes, labels, difficulties
 
 

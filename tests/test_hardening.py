@@ -180,6 +180,16 @@ TRAIN = [
     ("resume-args-decay-at-number", ["--resume", "{root}/damaged-decay-at-number.pt"], ["--decay-at 5"]),
     ("resume-optimizer-no-lr-mult", ["--resume", "{root}/damaged-no-lr-mult.pt"], ["optimizer state"]),
     ("resume-optimizer-buffer-shape", ["--resume", "{root}/damaged-momentum-buffer-shape.pt"], ["optimizer state"]),
+    ("resume-ema-shape", ["--resume", "{root}/damaged-ema-shape.pt"], ["weight average (ema) is damaged"]),
+    ("resume-ema-updates-text", ["--resume", "{root}/damaged-ema-updates-text.pt"], ["ema_updates is not a count"]),
+    ("ema-decay-1", ["--ema-decay", "1"], ["--ema-decay must be 0 (no average) or in (0, 1), not 1.0"]),
+    ("ema-decay-nan", ["--ema-decay", "nan"], ["--ema-decay must be 0"]),
+    ("init-weights-missing", ["--init-weights", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("init-weights-not-a-checkpoint", ["--init-weights", "{root}/file"], ["not a checkpoint file"]),
+    ("init-weights-and-resume", ["--init-weights", "{root}/checkpoint.pt", "--resume",
+                                 "{root}/earlier-run/checkpoint.pt"], ["--init-weights", "--resume", "give one of them"]),
+    ("init-weights-other-architecture", ["--init-weights", "{root}/checkpoint.pt", "--no-batch-norm"],
+     ["--init-weights", "its model has batch norm True, not False"]),
 ]
 
 EVAL_BASE = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/lists", "--device", "cpu", "--workers",
@@ -191,6 +201,7 @@ EVAL = [
     ("count-min-score-nan", ["--count-min-score", "nan"], ["--count-min-score must lie in [0, 1)"]),
     ("count-min-score-2-of-3", ["--count-min-score", "0.1", "0.2"], ["one per class"]),
     ("count-max-overlap-0", ["--count-max-overlap", "0"], ["--count-max-overlap"]),
+    ("ema-absent", ["--ema"], ["--ema", "checkpoint.pt holds no moving average of its weights"]),
     ("batch-size-0", ["--batch-size", "0"], ["--batch-size"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("checkpoint-text", ["--checkpoint", "{root}/file"], ["not a checkpoint file"]),
@@ -277,6 +288,8 @@ DAMAGED_RUNS = {
     "no-lr-mult": lambda c: c["optimizer"]["param_groups"][0].pop("lr_mult"),
     "momentum-buffer-shape": lambda c: c["optimizer"]["state"].update(
         {0: {"momentum_buffer": torch.zeros(3)}}),
+    "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1),
+    "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1"),
 }
 
 

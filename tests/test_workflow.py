@@ -53,7 +53,7 @@ CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "ar
 # (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
 # that restarted the schedule would show.
 LR = 1e-3
-SCHEDULE = ["--lr", str(LR), "--schedule", "step", "--warmup", "2", "--decay-at"]
+SCHEDULE = ["--lr", str(LR), "--schedule", "step", "--warmup", "2", "--ema-decay", "0.9", "--flips", "d4", "--decay-at"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +252,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(straight_run, resumed_r
                            resumed["model"]["pred_convs.cl_conv4_3.weight"])  # the resumed epoch trained
     assert_same(resumed["model"], straight["model"], "model")  # bit for bit, BatchNorm statistics included
     assert_same(resumed["optimizer"], straight["optimizer"], "optimizer")  # momentum buffers and lr
+    assert_same(resumed["ema"], straight["ema"], "ema")  # the weight average (--ema-decay) and its step count
+    assert resumed["ema_updates"] == straight["ema_updates"] == 3
 
     # same losses, same lr (the schedule went on at iteration 2, not from 0), same validation
     assert [untimed(r) for r in read_log(resumed_run.first) + read_log(resumed_run.second)] == \
