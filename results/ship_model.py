@@ -39,6 +39,12 @@ def get_args_parser():
     p.add_argument("--train-command", default=None, help="the command that started the run, when the checkpoint's "
                    "args are those of a resume")
     p.add_argument("--note", default=None, help="anything else about the training (interruptions, resumes)")
+    p.add_argument("--ema", action="store_true", help="ship the checkpoint's moving average of the weights "
+                   "(train.py --ema-decay), chosen on val.txt, instead of its last weights")
+    p.add_argument("--tta", default="off", help="the test-time augmentation detect.py and eval.py apply by default "
+                   "(detect.py --tta), chosen on val.txt; the sweep must have been made with it")
+    p.add_argument("--twin-val", default=None, help="eval.py --output JSON of the train.txt model of the same recipe "
+                   "on val.txt, for a model trained on trainval (where val.txt was seen in training)")
     p.add_argument("--test-lists", default="data/lists", help="lists whose TEST is test.txt")
     p.add_argument("--val-lists", default="data/lists-val", help="lists whose TEST is val.txt")
     p.add_argument("--eval-dir", default="results/shipped", help="where the eval JSONs and the figure go")
@@ -89,8 +95,13 @@ def figure(checkpoint, bccd_folder, image_id, out):
 
 def main(args):
     ckpt = load_checkpoint(args.checkpoint)
+    if args.ema:
+        ckpt["model"] = ckpt["ema"]
     with open(args.sweep) as f:
         sweep = json.load(f)
+    if sweep.get("tta", "off") != args.tta:
+        raise UserError(f"--sweep {args.sweep} was made with test-time augmentation {sweep.get('tta', 'off')}, "
+                        f"not --tta {args.tta}")
     chosen = sweep["count_sweep"]["chosen"]
     train_args = ckpt["args"]
     info = ckpt.get("run_info") or {}
@@ -105,6 +116,7 @@ def main(args):
         "model": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
         "model_args": ckpt["model_args"],
         "label_map": ckpt["label_map"],
+        "tta": args.tta,
         "count_thresholds": {"min_score": chosen["min_score"], "max_overlap": chosen["max_overlap"],
                              "chosen_on": f"{sweep['images']} images of {sweep['command']} (commit {sweep['commit']}, "
                                           f"{sweep['date']}): per class the min_score with the lowest counting error"},
@@ -115,7 +127,8 @@ def main(args):
             "epochs": ckpt["epoch"] + 1, "iterations": ckpt["iteration"], "seed": train_args["seed"],
             "commit": info.get("commit") or args.train_commit, "hardware": info.get("device_name") or args.trained_on,
             "date": info.get("date") or args.train_date, "train_seconds": seconds,
-            "torch": info.get("torch") or torch.__version__, "weights": "fp16 copy of the last checkpoint",
+            "torch": info.get("torch") or torch.__version__, "weights": "fp16 copy of the last checkpoint's " + (
+                "moving average of the weights (EMA)" if args.ema else "weights"),
         },
     }
     os.makedirs(args.eval_dir, exist_ok=True)
@@ -123,6 +136,11 @@ def main(args):
     shipped["provenance"]["test"] = evaluate(args.out, args.test_lists, os.path.join(args.eval_dir, "eval-test.json"))
     if args.train_split != "trainval":  # val.txt is part of trainval: a score there would be a training score
         shipped["provenance"]["val"] = evaluate(args.out, args.val_lists, os.path.join(args.eval_dir, "eval-val.json"))
+    elif args.twin_val:
+        with open(args.twin_val) as f:
+            twin = json.load(f)
+        shipped["provenance"]["val_of_the_train_txt_twin"] = {k: twin[k] for k in ("mAP", "AP", "counts", "images",
+                                                                                  "command", "commit", "date")}
     with tempfile.TemporaryDirectory() as tmp:
         run("detect.py", "img", "--checkpoint", args.out, "--device", "cpu", "--no-amp", "--output-dir", tmp)
         with open(os.path.join(tmp, "counts.csv"), newline="") as f:
