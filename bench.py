@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
+from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
+                  load_checkpoint, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_not_an_input, check_workers,
-                   check_writable, image_extensions, label_map, load_checkpoint, normalize, resolve_device, run_cli,
-                   run_info, write_json_atomic)
+from utils import calculate_mAP, image_extensions, label_map, normalize
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -63,7 +63,7 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: misc.bf16_is_fast)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")

@@ -18,7 +18,8 @@ import os
 import torch
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
-from utils import UserError, check_label_map, load_image, transform
+from misc import UserError
+from utils import check_label_map, load_image, transform
 
 
 MAX_COORDINATE = 1e6  # pixels: boxes of create_data_lists.py lie in their image, and no image is a million pixels wide

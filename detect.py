@@ -42,10 +42,12 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
+from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
+                  load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device, run_cli,
+                  save_image_atomic)
 from model import SSD300
-from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
-                   ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
-                   resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
+from utils import (class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement,
+                   window_boxes_to_image)
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
@@ -92,24 +94,8 @@ def get_args_parser():
                    "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     return p
-
-
-def parse_min_score(values, names, source="--min-score"):
-    """One min_score for all classes (a float), or one per class (a list in label order); checked."""
-    if len(values) not in (1, len(names)):
-        raise UserError(f"{source}: give one value or {len(names)}, one per class ({', '.join(names)}), not {len(values)}")
-    if not all(0 <= v < 1 for v in values):  # also refuses nan
-        raise UserError(f"{source} must lie in [0, 1), not {' '.join(map(str, values))}")
-    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
-
-
-def parse_max_overlap(value, source="--max-overlap"):
-    """The IoU above which two boxes of a class are one cell (NMS): a number in (0, 1]; checked (nan refused)."""
-    if not (isinstance(value, numbers.Real) and 0 < value <= 1):  # NumPy's numbers too
-        raise UserError(f"{source} must be in (0, 1], not {value!r}")
-    return float(value)
 
 
 def format_min_score(min_score, names):
@@ -178,7 +164,7 @@ def preprocess(image):
 @torch.no_grad()
 def run_model(model, images, amp=None, channels_last=True):
     """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores).
-    amp: bf16 autocast (default: where it is fast, utils.bf16_is_fast)."""
+    amp: bf16 autocast (default: where it is fast, misc.bf16_is_fast)."""
     device = next(model.parameters()).device
     amp = bf16_is_fast(device) if amp is None else amp
     images = normalize(images.to(device, non_blocking=True,

@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
+from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, run_model
+from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, ignore_stop_signals,
+                  init_distributed, load_checkpoint, parse_max_overlap, parse_min_score, run_cli, run_info,
+                  write_json_atomic)
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
-                   check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
-                   run_cli, run_info, write_json_atomic)
+from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -50,7 +51,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--count-min-score", type=float, nargs="+", default=None, metavar="S", help="counting: "

@@ -34,11 +34,11 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
+from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
+                  init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
+                  save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
-from utils import (FLIPS, UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
-                   create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, lock_folder,
-                   median_image_size, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
-                   write_text_atomic)
+from utils import FLIPS, check_same_classes, create_data_lists, median_image_size, normalize
 
 
 DEFAULT_EPOCHS = 200
@@ -121,7 +121,7 @@ def get_args_parser():
                    "checkpoint (a train.py checkpoint or the shipped model, with its architecture) with a new schedule "
                    "and optimizer: a warm start (default: initialized afresh)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
@@ -195,7 +195,7 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed training: a plain run is a world of one (utils.init_distributed)
+# distributed training: a plain run is a world of one (misc.init_distributed)
 # ---------------------------------------------------------------------------------------------
 
 def compute_loss(model, criterion, images, boxes, labels, amp=False, world=1):

@@ -29,10 +29,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import (RBC_WIDTH, detect_image, format_min_score, load_model, parse_max_overlap,  # noqa: E402
-                    parse_min_score, tile_windows, tiling)
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, class_names, resolve_device, run_cli, run_info,  # noqa: E402
-                   write_json_atomic)
+from detect import RBC_WIDTH, detect_image, format_min_score, load_model, tile_windows, tiling  # noqa: E402
+from misc import (UserError, bf16_is_fast, parse_max_overlap, parse_min_score, resolve_device, run_cli,  # noqa: E402
+                  run_info, write_json_atomic)
+from utils import bccd_labels, calculate_mAP, class_names  # noqa: E402
 
 EVAL_SETTING = (0.01, 0.45, 200)  # eval.py's, the paper's and the tutorial's: min_score, max_overlap, top_k
 

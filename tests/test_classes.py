@@ -24,7 +24,8 @@ import train
 from conftest import image_id, make_voc
 from model import SSD300
 from test_workflow import assert_one_line_error, load, train_argv
-from utils import PALETTE, UserError, class_colors, create_data_lists, label_color_map
+from misc import UserError
+from utils import PALETTE, class_colors, create_data_lists, label_color_map
 from utils import label_map as BCCD_LABEL_MAP
 
 OWN = ("Sickle cell", "Lymphozyt ä", "echinocyte", "RBC", "Ödem Zelle")

@@ -31,7 +31,8 @@ import create_data_lists as cdl
 import utils
 from conftest import CLASSES, annotation_xml, image_id
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
+from misc import UserError
+from utils import IMAGENET_MEAN, IMAGENET_STD, create_data_lists
 
 LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
 LIST_FILES = ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json", "label_map.json")

@@ -3,7 +3,7 @@ traceback, checked before long work where it can be, and what earlier runs wrote
 
     python -m pytest tests/test_hardening.py -q
 
-Each script's command line runs in this process as `python <script>.py ...` would (utils.run_cli with sys.argv
+Each script's command line runs in this process as `python <script>.py ...` would (misc.run_cli with sys.argv
 set): the exit status and stderr are those a user sees, without the seconds a fresh Python and torch cost.
 One table per entry point: (case, command line, the message's words, files it must leave as they were).
 """
@@ -24,7 +24,8 @@ import train
 from conftest import make_voc
 from model import SSD300
 from utils import create_data_lists as make_lists
-from utils import Terminated, label_map, run_cli
+from misc import Terminated, run_cli
+from utils import label_map
 
 SCRIPTS = {"create_data_lists": create_data_lists, "train": train, "eval": eval_script, "detect": detect,
            "bench": bench}
@@ -503,15 +504,15 @@ def test_a_full_disk_is_one_line_and_never_a_truncated_file(world, images, tmp_p
     """PIL's encoders and torch's writer do not say when a write falls short; every file goes through Python's,
     which raises: here onto /dev/full (every write: no space left), and the earlier file is kept."""
     import builtins
-    import utils
+    import misc
     (tmp_path / "disk").mkdir()
     target = tmp_path / "disk" / "kept.jpg"
     target.write_bytes(b"an earlier file")
-    monkeypatch.setattr(utils, "open", lambda path, mode="r", **kw: builtins.open("/dev/full", mode, **kw),
+    monkeypatch.setattr(misc, "open", lambda path, mode="r", **kw: builtins.open("/dev/full", mode, **kw),
                         raising=False)
-    for save in (lambda: utils.save_image_atomic(Image.new("RGB", (64, 48)), str(target), quality=90),
-                 lambda: utils.save_atomic({"weights": torch.zeros(1000)}, str(target))):
-        with pytest.raises(utils.UserError, match=r"No space left on device\); the earlier file is kept"):
+    for save in (lambda: misc.save_image_atomic(Image.new("RGB", (64, 48)), str(target), quality=90),
+                 lambda: misc.save_atomic({"weights": torch.zeros(1000)}, str(target))):
+        with pytest.raises(misc.UserError, match=r"No space left on device\); the earlier file is kept"):
             save()
         assert target.read_bytes() == b"an earlier file" and os.listdir(tmp_path / "disk") == ["kept.jpg"]
     monkeypatch.undo()
@@ -567,7 +568,7 @@ def test_a_process_that_exits_with_a_loader_still_open_does_not_wait_for_its_wor
     worker that ignored SIGTERM made that wait last for ever."""
     import subprocess
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from torch.utils.data import DataLoader; "
-            "from utils import ignore_stop_signals; "
+            "from misc import ignore_stop_signals; "
             "it = iter(DataLoader(range(100), num_workers=1, worker_init_fn=ignore_stop_signals)); next(it)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)

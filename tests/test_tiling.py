@@ -30,8 +30,8 @@ import train
 from detect import (BCCD_FIELD, EDGE_MARGIN, LARGEST_CELL, OVERLAP, TILE_ABOVE, Tiling, merge_windows, owned_regions,
                     tile_windows, tiling, window_starts)
 from model import SSD300
-from utils import (UserError, find_intersection, label_map, median_image_size, resize, resize_placement,
-                   window_boxes_to_image)
+from misc import UserError
+from utils import find_intersection, label_map, median_image_size, resize, resize_placement, window_boxes_to_image
 
 BCCD = tiling(BCCD_FIELD)  # windows of 640x480, overlap 354, margin 8
 

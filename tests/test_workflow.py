@@ -38,12 +38,12 @@ from PIL import Image, ImageOps
 
 import detect
 import eval as eval_script
+import misc
 import train
-import utils
 from conftest import make_voc
+from misc import UserError, bf16_is_fast
 from model import SSD300, create_prior_boxes
-from utils import (IMAGENET_MEAN, IMAGENET_STD, UserError, bccd_labels, bf16_is_fast, calculate_mAP,
-                   create_data_lists, label_color_map, label_map)
+from utils import IMAGENET_MEAN, IMAGENET_STD, bccd_labels, calculate_mAP, create_data_lists, label_color_map, label_map
 from datasets import BCCDDataset
 
 CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "field",
@@ -299,7 +299,7 @@ def test_failed_checkpoint_save_keeps_the_old_checkpoint(resumed_run, lists2, tm
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, **kwargs)
 
-    monkeypatch.setattr(utils, "open", open_that_fails_half_way, raising=False)  # the files utils writes
+    monkeypatch.setattr(misc, "open", open_that_fails_half_way, raising=False)  # the files misc writes
     with pytest.raises(UserError) as e:  # lists2: 1 step an epoch, so one step, then the save
         train.main(train_args(lists2, tmp_path, "--iterations", 3, "--resume", tmp_path / "checkpoint.pt"))
     assert str(e.value) == f"{tmp_path / 'checkpoint.pt'}: cannot write (No space left on device); the earlier file is kept"
@@ -1022,15 +1022,14 @@ def test_detect_refuses_to_overwrite_its_inputs(tmp_path, random_checkpoint):
 def test_bf16_is_chosen_on_a_cpu_only_where_it_is_faster(monkeypatch):
     """CPUs with the same bf16 instructions differ: bf16 ran 2.2x faster than fp32 on one we measured, 1.75x slower on
     another; so bf16_is_fast times a convolution in both (once per process) and takes bf16 only when clearly faster."""
-    import utils
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     for speedup, expected in ((2.2, True), (1.31, True), (1.1, False), (0.57, False)):
-        monkeypatch.setattr(utils, "_cpu_bf16_speedup", lambda threads: speedup)
-        assert utils.bf16_is_fast(cpu) is expected
+        monkeypatch.setattr(misc, "_cpu_bf16_speedup", lambda threads: speedup)
+        assert misc.bf16_is_fast(cpu) is expected
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # emulated: never
-    monkeypatch.setattr(utils, "_cpu_bf16_speedup", lambda threads: 9.)
-    assert not utils.bf16_is_fast(cpu)
+    monkeypatch.setattr(misc, "_cpu_bf16_speedup", lambda threads: 9.)
+    assert not misc.bf16_is_fast(cpu)
     monkeypatch.undo()
-    assert utils._cpu_bf16_speedup(torch.get_num_threads()) > 0  # the real timing runs
-    assert utils.bf16_is_fast(torch.device("cpu")) == utils.bf16_is_fast(torch.device("cpu"))  # cached: one answer
+    assert misc._cpu_bf16_speedup(torch.get_num_threads()) > 0  # the real timing runs
+    assert misc.bf16_is_fast(torch.device("cpu")) == misc.bf16_is_fast(torch.device("cpu"))  # cached: one answer
