@@ -25,6 +25,7 @@ From Python, as in the tutorial:
     detect(Image.open("smear.jpg"), model=model).show()   # at the model's counting thresholds
     boxes, labels, scores = detect_image(Image.open("scan-4k.jpg"), model, scale=1.5)  # boxes in pixels
 """
+
 import argparse
 import csv
 import json
@@ -54,71 +55,10 @@ DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "w
 # The tutorial's detection thresholds, used for checkpoints that record no counting thresholds of their own
 TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP = 0.2, 0.5
 
-# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
-# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
-# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
-BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
-LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
-RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
-EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
-# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
-OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
-TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
-COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
-
-def get_args_parser():
-    p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
-                   "shipped model, trained on BCCD)")
-    p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
-    p.add_argument("--min-score", type=float, nargs="+", default=None, metavar="S", help="keep detections scoring "
-                   "above this: one value, or one per class in the model's order (default: the thresholds recorded in "
-                   f"the checkpoint, chosen for counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
-    p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
-                   f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
-    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
-                   "of a tiled image)")
-    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
-                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
-                   "WxH: windows of W x H pixels")
-    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
-                   "(default 1: as large); the windows follow")
-    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
-                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
-    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
-                   "CUDA; 1 on a CPU, where it is the fastest per image)")
-    p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
-                   "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
-    return p
-
-
-def format_min_score(min_score, names):
-    if isinstance(min_score, float):
-        return f"{min_score:g}"
-    return " ".join(f"{name} {v:g}" for name, v in zip(names, min_score))
-
-
-def counting_defaults(ckpt, classes, source="checkpoint"):
-    """detect.py's (min_score, max_overlap) for a checkpoint of these classes (names in label order): its recorded
-    "count_thresholds" ({"min_score": {class: value}, "max_overlap": value}, chosen for counting on a validation
-    split: the shipped model has them), else the tutorial's 0.2 and 0.5. min_score is a float, or a list in label
-    order."""
-    recorded = ckpt.get("count_thresholds")
-    if recorded is None:
-        return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
-    try:
-        min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
-        max_overlap = parse_max_overlap(float(recorded["max_overlap"]), "max_overlap")
-    except (KeyError, TypeError, ValueError, UserError) as e:
-        raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
-    return min_score, max_overlap
-
+# ---------------------------------------------------------------------------------------------
+# The tutorial's path, top to bottom: load_model -> preprocess -> predict -> annotate -> detect_image -> detect
+# ---------------------------------------------------------------------------------------------
 
 def load_model(checkpoint=None, device="cpu"):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
@@ -143,16 +83,6 @@ def load_model(checkpoint=None, device="cpu"):
     model.field = tuple(field)
     device = device if isinstance(device, torch.device) else resolve_device(str(device))
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
-
-
-def open_image(path_or_file):
-    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
-    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
-    large scan is what tiling is for."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path_or_file) as im:
-            return pil_to_tensor(ImageOps.exif_transpose(im))
 
 
 def preprocess(image):
@@ -201,13 +131,126 @@ def annotate(image, boxes, labels, scores, rev_label_map, label_color_map):
     return image
 
 
+def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
+                 batch_size=None):
+    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
+    CPU tensors, by decreasing score.
+
+    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
+    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
+    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
+    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
+    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
+    window when tiled).
+    min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
+    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
+    """
+    min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
+    top_k, batch_size = int(top_k), None if batch_size is None else int(batch_size)  # NumPy's integers too
+    device = next(model.parameters()).device
+    if amp is not None and not isinstance(amp, bool):
+        raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")
+    amp = bf16_is_fast(device) if amp is None else amp
+    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
+    windows, inputs = prepare(pil_to_tensor(image), tiles)
+    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
+                                                 batch_size or default_batch_size(device), min_score, max_overlap,
+                                                 top_k, amp)
+    return boxes, labels, scores
+
+
+def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
+    """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
+
+    model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
+    counting thresholds. Returns a new PIL image with one colour per class, label and score. A large image
+    is tiled (tile, scale: see detect_image).
+    """
+    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
+    return annotate(original_image, boxes, labels, scores, model.rev_label_map, model.label_color_map)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of that path: counting thresholds, the Python API's arguments, boxes in pixels
+# ---------------------------------------------------------------------------------------------
+
+def counting_defaults(ckpt, classes, source="checkpoint"):
+    """detect.py's (min_score, max_overlap) for a checkpoint of these classes (names in label order): its recorded
+    "count_thresholds" ({"min_score": {class: value}, "max_overlap": value}, chosen for counting on a validation
+    split: the shipped model has them), else the tutorial's 0.2 and 0.5. min_score is a float, or a list in label
+    order."""
+    recorded = ckpt.get("count_thresholds")
+    if recorded is None:
+        return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
+    try:
+        min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
+        max_overlap = parse_max_overlap(float(recorded["max_overlap"]), "max_overlap")
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
+    return min_score, max_overlap
+
+
+def format_min_score(min_score, names):
+    if isinstance(min_score, float):
+        return f"{min_score:g}"
+    return " ".join(f"{name} {v:g}" for name, v in zip(names, min_score))
+
+
+def check_call(image, model, min_score, max_overlap, top_k, batch_size):
+    """detect_image's arguments, checked as the command line's are: (min_score, max_overlap) with the model's
+    defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "detect_objects")):  # SSD300, or one wrapped
+        raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
+    if min(image.size) < 1:
+        raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
+    classes = class_names(model.label_map)
+    if min_score is None:
+        min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
+    elif is_real(min_score):
+        min_score = parse_min_score([min_score], classes, "min_score")
+    elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
+        min_score = parse_min_score(list(min_score), classes, "min_score")
+    else:
+        raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
+    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
+    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
+    for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
+            raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
+    return min_score, max_overlap
+
+
+def is_real(value):
+    """A number (Python's or NumPy's, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def default_batch_size(device):
+    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
+
+
 def to_pixels(boxes, width, height):
     return boxes * boxes.new_tensor([width, height, width, height])
 
 
 # ---------------------------------------------------------------------------------------------
-# large images: windows of the training field, through the model in batches, merged back
+# Large images: windows of the training field, through the model in batches, merged back
 # ---------------------------------------------------------------------------------------------
+
+# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
+# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
+# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
+BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
+LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
+RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
+EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
+# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
+OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
+TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
+COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
+
 
 class Tiling(NamedTuple):
     """Windows of `window` (width, height) pixels whose neighbours overlap by at least `overlap` pixels; a box
@@ -410,83 +453,63 @@ def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap
     yield from finished()
 
 
-def default_batch_size(device):
-    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
-
-
-def check_call(image, model, min_score, max_overlap, top_k, batch_size):
-    """detect_image's arguments, checked as the command line's are: (min_score, max_overlap) with the model's
-    defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "detect_objects")):  # SSD300, or one wrapped
-        raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
-    if min(image.size) < 1:
-        raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
-    classes = class_names(model.label_map)
-    if min_score is None:
-        min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
-    elif is_real(min_score):
-        min_score = parse_min_score([min_score], classes, "min_score")
-    elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
-        min_score = parse_min_score(list(min_score), classes, "min_score")
-    else:
-        raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
-    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
-    for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
-            raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
-    return min_score, max_overlap
-
-
-def is_real(value):
-    """A number (Python's or NumPy's, not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
-                 batch_size=None):
-    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
-    CPU tensors, by decreasing score.
-
-    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
-    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
-    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
-    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
-    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
-    window when tiled).
-    min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
-    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
-    """
-    min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
-    top_k, batch_size = int(top_k), None if batch_size is None else int(batch_size)  # NumPy's integers too
-    device = next(model.parameters()).device
-    if amp is not None and not isinstance(amp, bool):
-        raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")
-    amp = bf16_is_fast(device) if amp is None else amp
-    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
-    windows, inputs = prepare(pil_to_tensor(image), tiles)
-    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
-                                                 batch_size or default_batch_size(device), min_score, max_overlap,
-                                                 top_k, amp)
-    return boxes, labels, scores
-
-
-def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
-    """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
-
-    model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
-    counting thresholds. Returns a new PIL image with one colour per class, label and score. A large image
-    is tiled (tile, scale: see detect_image).
-    """
-    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
-    return annotate(original_image, boxes, labels, scores, model.rev_label_map, model.label_color_map)
-
-
 # ---------------------------------------------------------------------------------------------
-# the command line: many files, read in worker processes while the model runs
+# The command line: many files, read in worker processes while the model runs
 # ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
+                   "shipped model, trained on BCCD)")
+    p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
+    p.add_argument("--min-score", type=float, nargs="+", default=None, metavar="S", help="keep detections scoring "
+                   "above this: one value, or one per class in the model's order (default: the thresholds recorded in "
+                   f"the checkpoint, chosen for counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
+    p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
+                   f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
+    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
+                   "of a tiled image)")
+    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
+                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
+                   "WxH: windows of W x H pixels")
+    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
+                   "(default 1: as large); the windows follow")
+    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
+                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
+    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
+                   "CUDA; 1 on a CPU, where it is the fastest per image)")
+    p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
+                   "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
+    return p
+
+
+def check_args(args):
+    if args.min_score is not None and not all(0 <= v < 1 for v in args.min_score):  # the count: once the model is known
+        raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
+    if args.max_overlap is not None:
+        parse_max_overlap(args.max_overlap)
+    if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
+        raise UserError("--top-k and --batch-size must be 1 to 100,000")
+    check_workers(args.workers)
+    if args.scale is not None and args.rbc_width is not None:
+        raise UserError("give --scale or --rbc-width, not both")
+    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
+        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
+    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
+
+
+def tile_settings(args, field):
+    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
+    if args.rbc_width is None:
+        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
+    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
+    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
+
 
 def find_images(inputs, skip=None):
     """Expand files and folders (recursively) into a sorted list of image paths, each file once (a file given twice,
@@ -512,6 +535,16 @@ def find_images(inputs, skip=None):
                 seen.add(key)
                 paths.append(path)
     return paths, missing, repeats
+
+
+def open_image(path_or_file):
+    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
+    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
+    large scan is what tiling is for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path_or_file) as im:
+            return pil_to_tensor(ImageOps.exif_transpose(im))
 
 
 class ImageFiles(Dataset):
@@ -561,6 +594,12 @@ def output_names(paths, reserved=("counts.csv", "detections.json")):
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
+def printable(path):
+    """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
+    file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
+
+
 def earlier_outputs(folder):
     """The names of the annotated images that an earlier detect.py wrote in `folder`, as its detections.json
     records them (also when that run was killed before closing the list); an empty set if there is none."""
@@ -577,35 +616,6 @@ def earlier_outputs(folder):
         if isinstance(records, list):
             return {r.get("output") for r in records if isinstance(r, dict)}
     return set()
-
-
-def printable(path):
-    """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
-    file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
-
-
-def check_args(args):
-    if args.min_score is not None and not all(0 <= v < 1 for v in args.min_score):  # the count: once the model is known
-        raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
-    if args.max_overlap is not None:
-        parse_max_overlap(args.max_overlap)
-    if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
-        raise UserError("--top-k and --batch-size must be 1 to 100,000")
-    check_workers(args.workers)
-    if args.scale is not None and args.rbc_width is not None:
-        raise UserError("give --scale or --rbc-width, not both")
-    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
-        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
-    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
-
-
-def tile_settings(args, field):
-    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
-    if args.rbc_width is None:
-        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
-    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
-    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
 
 
 class Results:
@@ -657,15 +667,6 @@ class Results:
         if failed and not quiet:
             raise UserError(f"--output-dir {self.folder}: cannot finish detections.json ({failed.strerror or failed}); "
                             f"counts.csv holds the {self.n} image(s)")
-
-
-def main(args):
-    locks = []  # the output folder's lock, held while this run writes there
-    try:
-        detect_files(args, locks)
-    finally:
-        for fd in locks:
-            os.close(fd)
 
 
 def detect_files(args, locks):
@@ -769,6 +770,15 @@ def detect_files(args, locks):
         print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
     if errors:
         sys.exit(1)
+
+
+def main(args):
+    locks = []  # the output folder's lock, held while this run writes there
+    try:
+        detect_files(args, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 if __name__ == "__main__":

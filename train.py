@@ -354,16 +354,6 @@ def check_batch(args, model_args, sampler):
                         f"{'and more TRAIN images ' if args.batch_size >= 2 else ''}or train with --no-batch-norm")
 
 
-def main(args):
-    rank, world, device = init_distributed(args.device)
-    try:
-        with contextlib.ExitStack() as cleanup:
-            train(args, rank, world, device, cleanup)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
 def check_resumable(ckpt, path):
     """A checkpoint train.py can continue: the state it saves, of the right kinds (a damaged or hand-edited file,
     or a weights-only file such as the shipped model, is refused in one line before anything is written)."""
@@ -659,6 +649,16 @@ def stopped(stop, out_ckpt, iteration, where):
         print(f"stopped at iteration {iteration} ({where}); saved {out_ckpt}. Resume with:\n"
               f"  {launcher} --resume {out_ckpt}", file=sys.stderr)
     sys.exit(128 + (stop.signal or signal.SIGINT))
+
+
+def main(args):
+    rank, world, device = init_distributed(args.device)
+    try:
+        with contextlib.ExitStack() as cleanup:
+            train(args, rank, world, device, cleanup)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
