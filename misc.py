@@ -152,8 +152,16 @@ def run_info(device):
             with open("/proc/cpuinfo") as f:
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         name = f"CPU {cpu}, {torch.get_num_threads()} threads"
-    return {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "commit": commit,
+    command = " ".join(["python", *(repo_relative(a) if os.path.isabs(a) else a for a in sys.argv)])
+    return {"date": datetime.date.today().isoformat(), "command": command, "commit": commit,
             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "device_name": name}
+
+
+def repo_relative(path):
+    """A path inside the repository, relative to it, as results record paths (no machine's folders); a path
+    elsewhere as given."""
+    full, repo = os.path.abspath(path), os.path.dirname(os.path.abspath(__file__))
+    return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path)
 
 
 def bf16_is_fast(device):

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import RBC_WIDTH, detect_image, format_min_score, load_model, tile_windows, tiling  # noqa: E402
-from misc import (UserError, bf16_is_fast, parse_max_overlap, parse_min_score, resolve_device, run_cli,  # noqa: E402
-                  run_info, write_json_atomic)
+from misc import (UserError, bf16_is_fast, parse_max_overlap, parse_min_score, repo_relative,  # noqa: E402
+                  resolve_device, run_cli, run_info, write_json_atomic)
 from utils import bccd_labels, calculate_mAP, class_names  # noqa: E402
 
 EVAL_SETTING = (0.01, 0.45, 200)  # eval.py's, the paper's and the tutorial's: min_score, max_overlap, top_k
@@ -200,7 +200,7 @@ def main(args):
     seconds = time.perf_counter() - start
 
     print_table(results, (format_min_score(min_score, classes), max_overlap))
-    write_json_atomic({**run_info(device), "checkpoint": os.path.abspath(args.checkpoint), "field": list(model.field),
+    write_json_atomic({**run_info(device), "checkpoint": repo_relative(args.checkpoint), "field": list(model.field),
                        "count_setting": {"min_score": min_score, "max_overlap": max_overlap, "top_k": 200,
                                          "classes": classes},
                        "map_setting": dict(zip(("min_score", "max_overlap", "top_k"), EVAL_SETTING)),
