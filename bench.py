@@ -46,6 +46,7 @@ from utils import calculate_mAP, image_extensions, label_map, normalize
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
+PIPELINE_EPOCHS = 4  # train.py's epochs in the pipeline measurement: the first starts the workers, the others are timed
 PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling")
 
 
@@ -218,7 +219,7 @@ def bench_infer(args, device, amp, channels_last, out):
 def bench_pipeline(args, device, amp, out):
     """train.py as a user runs it, in a fresh process: the median images/s of its epochs after the first (which
     starts the workers), so with its data pipeline; beside the train measurement's fixed batch when there is one."""
-    epochs = 4
+    epochs = PIPELINE_EPOCHS
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--data-folder",
                args.data_folder, "--out-dir", tmp, "--epochs", str(epochs), "--batch-size", str(args.train_batch),

@@ -20,6 +20,7 @@ thresholds and prints, per class, the min_score that counts best: run it on a va
 """
 import argparse
 import os
+import shlex
 import time
 from typing import NamedTuple
 
@@ -29,10 +30,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, run_model
-from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, ignore_stop_signals,
-                  init_distributed, load_checkpoint, parse_max_overlap, parse_min_score, repo_relative, run_cli,
-                  run_info, write_json_atomic)
+from detect import DEFAULT_CHECKPOINT, counting_defaults, run_model
+from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, format_min_score,
+                  ignore_stop_signals, init_distributed, load_checkpoint, parse_max_overlap, parse_min_score,
+                  repo_relative, run_cli, run_info, write_json_atomic)
 from model import SSD300
 from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
@@ -55,8 +56,8 @@ def get_args_parser():
                    help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
-    p.add_argument("--count-min-score", type=float, nargs="+", default=None, metavar="S", help="counting: "
-                   "detect.py's --min-score, one value or one per class (default: detect.py's, from the checkpoint)")
+    p.add_argument("--count-min-score", default=None, metavar="S", help="counting: detect.py's --min-score, 0.5, "
+                   "RBC=0.35,WBC=0.25 or 0.35,0.25,0.3 (default: detect.py's, from the checkpoint)")
     p.add_argument("--count-max-overlap", type=float, default=None, help="counting: detect.py's --max-overlap "
                    "(default: detect.py's, from the checkpoint)")
     p.add_argument("--count-sweep", action="store_true", help="also count at every min_score of "
@@ -185,6 +186,8 @@ def run(args, rank, world, device):
     if not 1 <= args.batch_size <= 10**5:
         raise UserError(f"--batch-size must be 1 to 100,000, not {args.batch_size}")
     check_workers(args.workers)
+    if args.count_min_score is not None:
+        parse_min_score(args.count_min_score, source="--count-min-score")  # the classes once the model is known
     if args.count_max_overlap is not None:
         parse_max_overlap(args.count_max_overlap, "--count-max-overlap")
     if args.output is not None and rank == 0:
@@ -197,7 +200,7 @@ def run(args, rank, world, device):
     names = class_names(model.label_map)
     count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
     if args.count_min_score is not None:
-        count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score")
+        count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score", default=count_min_score)
     if args.count_max_overlap is not None:
         count_max_overlap = args.count_max_overlap
     count_at = [(count_min_score, count_max_overlap)]
@@ -249,8 +252,8 @@ def run(args, rank, world, device):
             for name, e in per.items():
                 print(f"{mo:<12}{name:<{w}}" + "".join(f"{100 * v:>5.0f}%" for v in e))
         chosen = sweep["chosen"]
-        print(f"best: --max-overlap {chosen['max_overlap']} --min-score "
-              f"{' '.join(str(chosen['min_score'][name]) for name in names)} ("
+        best = format_min_score([chosen["min_score"][name] for name in names], names)
+        print(f"best: --max-overlap {chosen['max_overlap']} --min-score {shlex.quote(best)} ("
               + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'})")

@@ -6,7 +6,7 @@
                                    run_info
   * Files                        -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
                                    check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
-  * Flag values                  -> parse_min_score, parse_max_overlap
+  * Flag values                  -> parse_min_score, format_min_score, parse_max_overlap
 
 Nothing here does work at import time.
 """
@@ -380,13 +380,56 @@ def load_checkpoint(path):
 # Flag values
 # ---------------------------------------------------------------------------------------------
 
-def parse_min_score(values, names, source="--min-score"):
-    """One min_score for all classes (a float), or one per class (a list in label order); checked."""
-    if len(values) not in (1, len(names)):
-        raise UserError(f"{source}: give one value or {len(names)}, one per class ({', '.join(names)}), not {len(values)}")
+MIN_SCORE_FORMS = "0.5 (every class), RBC=0.35,WBC=0.25 (those named) or 0.35,0.25,0.3 (one per class, in order)"
+
+
+def parse_min_score(value, names=None, source="--min-score", default=None):
+    """The min_score of each class: a float (one for all) or a list of floats in label order, each in [0, 1).
+
+    value: a number, or numbers one per class in label order (the Python API's; a checkpoint's record); or a command
+    line's text, one word that cannot swallow the arguments after it: "0.5" (every class), "RBC=0.35,WBC=0.25"
+    (the classes named; the others keep `default`, a float or a list in label order) or "0.35,0.25,0.3" (one per
+    class, in label order). names: the class names in label order; None checks the form and the numbers only,
+    before the model is known. A bad value is a UserError naming `source`.
+    """
+    if isinstance(value, str):
+        pairs = [item.rsplit("=", 1) if "=" in item else [None, item] for item in value.split(",")]
+        try:
+            pairs = [(None if name is None else name.strip(), float(number)) for name, number in pairs]
+        except ValueError:
+            raise UserError(f"{source} {value!r}: give {MIN_SCORE_FORMS}") from None
+    else:
+        pairs = [(None, v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    values = [v for _, v in pairs]
     if not all(0 <= v < 1 for v in values):  # also refuses nan
         raise UserError(f"{source} must lie in [0, 1), not {' '.join(map(str, values))}")
-    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+    named = [name for name, _ in pairs if name is not None]
+    if named and len(named) < len(pairs):
+        raise UserError(f"{source} {value!r}: name every value's class or none; give {MIN_SCORE_FORMS}")
+    if names is None:
+        return None
+    if not named:
+        if len(values) not in (1, len(names)):
+            raise UserError(f"{source}: give one value or {len(names)}, one per class ({', '.join(names)}), not "
+                            f"{len(values)}")
+        return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+    for i, name in enumerate(named):
+        if name not in names:
+            raise UserError(f"{source}: the model has no class {name!r} (its classes: {', '.join(names)})")
+        if name in named[:i]:
+            raise UserError(f"{source}: {name!r} given twice")
+    if default is None and len(named) < len(names):
+        raise UserError(f"{source}: give a value for every class ({', '.join(names)})")
+    base = default if isinstance(default, list) else [default] * len(names)
+    given = dict(pairs)
+    return [float(given.get(name, b)) for name, b in zip(names, base)]
+
+
+def format_min_score(min_score, names):
+    """min_score as --min-score takes it: 0.5, or RBC=0.35,WBC=0.25,Platelets=0.3 (names: the classes in label order)."""
+    if isinstance(min_score, float):
+        return f"{min_score:g}"
+    return ",".join(f"{name}={v:g}" for name, v in zip(names, min_score))
 
 
 def parse_max_overlap(value, source="--max-overlap"):
