@@ -614,28 +614,69 @@ def earlier_outputs(folder):
 
 
 class Results:
-    """counts.csv and detections.json, written as the images are done (each row flushed), so that an interrupted
-    or failing run keeps what it finished. Opening them replaces an earlier run's, which would otherwise describe
-    other images beside these; detections.json is closed (a valid JSON list) however the run ends, but a kill
-    (SIGKILL) leaves it without its closing bracket, while counts.csv stays whole up to its last row."""
+    """The output folder of a run: the annotated images, counts.csv and detections.json, written as the images are
+    done (each row flushed), so that an interrupted or failing run keeps what it finished. A context manager:
+
+        with Results(folder, classes, rev_label_map) as results:   # locks the folder, if it is there
+            results.add(...)   # the first image creates the folder (locked), replacing an earlier run's two files
+
+    A run that detects nothing leaves earlier results alone; one that does replaces them, as they would describe
+    other images beside these. Leaving the block closes detections.json as a JSON list however the run ends (a
+    kill, SIGKILL, leaves it without its closing bracket; counts.csv stays whole up to its last row) and releases
+    the lock: a second detect.py writing into the folder at the same time is refused."""
 
     def __init__(self, folder, classes, rev_label_map):
-        self.classes, self.rev_label_map, self.n, self.folder = classes, rev_label_map, 0, folder
-        for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
-            if os.path.islink(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-        self.counts = open(os.path.join(folder, "counts.csv"), "w", encoding="utf-8", newline="")
-        self.detections = open(os.path.join(folder, "detections.json"), "w", encoding="utf-8")
+        self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
+        self.lock = self.counts = self.detections = None
+
+    def __enter__(self):
+        if os.path.isdir(self.folder):
+            self._lock()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if self.counts is not None:
+                self.close(quiet=error is not None)  # a run already ending with an error says that one
+        finally:
+            if self.lock is not None:
+                os.close(self.lock)
+
+    def _lock(self):
+        self.lock = lock_folder(self.folder, f"--output-dir {self.folder}: another detect.py is writing there; wait "
+                                             f"for it or choose another folder")
+
+    def _open(self):
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            if self.lock is None:
+                self._lock()
+            for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
+                if os.path.islink(os.path.join(self.folder, name)):
+                    os.remove(os.path.join(self.folder, name))
+            self.counts = open(os.path.join(self.folder, "counts.csv"), "w", encoding="utf-8", newline="")
+            self.detections = open(os.path.join(self.folder, "detections.json"), "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
-        self.csv.writerow(["image", *classes])
+        self.csv.writerow(["image", *self.classes])
         self.counts.flush()
         self.detections.write("[")
 
-    def add(self, path, output, width, height, windows, boxes, labels, scores):
-        """One image's detections (boxes in pixels): a row of counts.csv, a record of detections.json; its counts."""
+    def add(self, path, name, annotated, windows, boxes, labels, scores):
+        """One image: its annotated copy (a PIL image) saved as `name`, a row of counts.csv and a record of
+        detections.json (boxes in pixels). Returns (its counts per class, the UserError that kept its annotated
+        image from being written or None: it is counted all the same)."""
+        if self.counts is None:
+            self._open()
+        try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
+            save_image_atomic(annotated, os.path.join(self.folder, name), quality=90)
+            failed = None
+        except UserError as e:
+            failed = e
         n = torch.bincount(labels, minlength=len(self.classes) + 1).tolist()[1:]
-        record = {"image": printable(path), "output": printable(output), "width": width, "height": height,
-                  "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
+        record = {"image": printable(path), "output": printable(name), "width": annotated.width,
+                  "height": annotated.height, "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
                   "scores": [round(s, 4) for s in scores.tolist()]}
         try:
@@ -647,11 +688,10 @@ class Results:
             raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
                             f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
         self.n += 1
-        return n
+        return n, failed
 
     def close(self, quiet=False):
-        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet (when
-        the run is already ending with an error)."""
+        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet."""
         failed = None
         for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
             try:
@@ -664,7 +704,7 @@ class Results:
                             f"counts.csv holds the {self.n} image(s)")
 
 
-def detect_files(args, locks):
+def detect_files(args):
     check_args(args)
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
@@ -694,11 +734,6 @@ def detect_files(args, locks):
     for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
 
-    def lock():  # a second detect.py writing there would mix its rows and images with this run's
-        locks.append(lock_folder(args.output_dir, f"--output-dir {args.output_dir}: another detect.py is writing "
-                                                  f"there; wait for it or choose another folder"))
-    if os.path.isdir(args.output_dir):
-        lock()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
@@ -716,65 +751,44 @@ def detect_files(args, locks):
             else:
                 yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
 
+    def say_errors(errors):
+        for e in errors:
+            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+
     width = max([len("image")] + [len(printable(p)) for p in paths])
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
-    def open_results():  # at the first image detected: a run that detects nothing leaves earlier results alone
+    start = time.perf_counter()
+    with Results(args.output_dir, classes, model.rev_label_map) as results:
         try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            if not locks:
-                lock()
-            return Results(args.output_dir, classes, model.rev_label_map)
-        except OSError as e:
-            raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
-
-    start, results = time.perf_counter(), None
-    try:
-        for (i, image, windows), boxes, labels, scores in detect_windows(
-                model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,
-                args.top_k, amp):
-            _, h, w = image.shape
-            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            results = results or open_results()
-            output = os.path.join(args.output_dir, names[i])
-            try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
-                save_image_atomic(annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map),
-                                  output, quality=90)
-            except UserError as e:  # counted all the same, and said at the end
-                errors.append(f"the annotated image {printable(str(e))}")
-            n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
-            print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
-                  flush=True)
-    except BaseException as stop:  # however the run ends early, detections.json is closed on what was finished
-        if results is not None:
-            results.close(quiet=True)
-        if isinstance(stop, KeyboardInterrupt):
-            for e in errors:
-                print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
-            stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
-                         f"{results.n if results else 0} of {len(paths)} image(s)"
-                         + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
-        raise  # run_cli says it, in one line
-    if results is None:  # every file was unreadable
-        for e in errors[:-1]:
-            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+            for (i, image, windows), boxes, labels, scores in detect_windows(
+                    model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,
+                    args.top_k, amp):
+                pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+                annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
+                n, failed = results.add(paths[i], names[i], annotated, 1 if windows is None else len(windows), boxes,
+                                        labels, scores)
+                if failed:  # counted all the same, and said at the end
+                    errors.append(f"the annotated image {printable(str(failed))}")
+                print(f"{printable(paths[i]):<{width}}  "
+                      + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)), flush=True)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_cli says this in one line, after the errors
+            say_errors(errors)
+            held = f"; counts.csv and detections.json in {args.output_dir} hold those" if results.n else ""
+            raise type(stop)(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after {results.n} of "
+                             f"{len(paths)} image(s){held}") from None
+    if results.n == 0:  # every file was unreadable
+        say_errors(errors[:-1])
         raise UserError(f"{errors[-1]}; no image could be read, nothing written")
-    results.close()
     seconds = time.perf_counter() - start
     print(f"{results.n} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
           f"{max_overlap:g}; results in {args.output_dir}")
-    for e in errors:
-        print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+    say_errors(errors)
     if errors:
         sys.exit(1)
 
 
 def main(args):
-    locks = []  # the output folder's lock, held while this run writes there
-    try:
-        detect_files(args, locks)
-    finally:
-        for fd in locks:
-            os.close(fd)
+    detect_files(args)
 
 
 if __name__ == "__main__":
