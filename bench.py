@@ -33,7 +33,6 @@ import tempfile
 import time
 
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -43,6 +42,8 @@ from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, c
                   load_checkpoint, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
 from utils import calculate_mAP, image_extensions, label_map, normalize
+
+import torchvision  # after misc, which says in one line when it does not fit torch
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}

@@ -41,7 +41,6 @@ from typing import NamedTuple
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.ops import batched_nms, box_area
 
 from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device,
@@ -49,6 +48,8 @@ from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writ
 from model import SSD300
 from utils import (class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement,
                    window_boxes_to_image)
+
+from torchvision.ops import batched_nms, box_area  # after misc, which says in one line when it does not fit torch
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")

@@ -8,7 +8,8 @@
                                    check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values                  -> parse_min_score, format_min_score, parse_max_overlap
 
-Nothing here does work at import time.
+Nothing here does work at import time, but for one check: a torchvision that does not work with the installed torch
+stops the import in one line naming both and the command that installs a matching pair (torch_pair_message).
 """
 import datetime
 import errno
@@ -36,8 +37,30 @@ except ImportError:  # Windows
 
 import torch
 import torch.distributed as dist
-import torchvision
 from PIL import Image
+
+
+def torch_pair_message(error):
+    """One line for a torchvision that does not import with this torch (a CPU torch beside a CUDA torchvision, or
+    builds of different releases: "operator torchvision::nms does not exist"): both versions, and the install
+    command of a matching pair (torchvision's wheel names the torch release it needs)."""
+    from importlib import metadata
+    try:
+        version = metadata.version("torchvision")
+        built_for = next((m[1] for r in metadata.requires("torchvision") or []
+                          for m in [re.match(r"torch\s*\(?\s*(?:==|>=|~=)\s*([\w.]+)", r)] if m), None)
+    except metadata.PackageNotFoundError:
+        version, built_for = "(version unknown)", None
+    pair = f"torch=={built_for} torchvision=={version}" if built_for else "torch torchvision"
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+    return (f"torch {torch.__version__} and torchvision {version}{f' (which needs torch {built_for})' if built_for else ''}"
+            f" do not work together ({cause}); install a matching pair: pip install --force-reinstall {pair}")
+
+
+try:  # here, before any other module of the project imports torchvision: a mismatch is one line, not a traceback
+    import torchvision
+except (ImportError, OSError, RuntimeError) as error:
+    raise SystemExit(f"error: {torch_pair_message(error)}") from None
 
 # ---------------------------------------------------------------------------------------------
 # Errors and the command line, devices and processes
