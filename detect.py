@@ -46,8 +46,7 @@ from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writ
                   format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device,
                   run_cli, save_image_atomic)
 from model import SSD300
-from utils import (class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement,
-                   window_boxes_to_image)
+from utils import class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement
 
 from torchvision.ops import batched_nms, box_area  # after misc, which says in one line when it does not fit torch
 
@@ -356,6 +355,20 @@ def owned_regions(windows):
         lo, hi = dict(zip(starts, [-math.inf] + middles)), dict(zip(starts, middles + [math.inf]))
         bounds.append([(lo[w[axis]], hi[w[axis]]) for w in windows])
     return torch.tensor([[x0, y0, x1, y1] for (x0, x1), (y0, y1) in zip(*bounds)])
+
+
+def window_boxes_to_image(boxes, visible, placed, dims=(300, 300)):
+    """The inverse of resize()'s box mapping: boxes (n, 4) fractional in a resized window -> pixels of the image.
+
+    visible, placed: (n, 4) each, every box's window's resize_placement() (the visible part in image pixels,
+    where it landed in output pixels). Boxes are clipped to the visible part: a box over the canvas around
+    it becomes narrower, or empty.
+    """
+    out_h, out_w = dims
+    size = boxes.new_tensor([out_w, out_h, out_w, out_h])
+    scale = (visible[:, 2:] - visible[:, :2]) / (placed[:, 2:] - placed[:, :2])  # (n, 2) image pixels per output pixel
+    pixels = (boxes * size - placed) * scale.repeat(1, 2) + visible
+    return torch.minimum(torch.maximum(pixels, visible[:, :2].repeat(1, 2)), visible[:, 2:].repeat(1, 2))
 
 
 def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overlap):

@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from create_data_lists import missing_data_message
-from datasets import AugmentationSampler, BCCDDataset, EpochBatches
+from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import evaluate
 from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
                   save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
-from utils import FLIPS, check_same_classes, create_data_lists, median_image_size, normalize
+from utils import FLIPS, check_same_classes, create_data_lists, normalize
 
 
 DEFAULT_EPOCHS = 200

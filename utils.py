@@ -7,7 +7,7 @@ Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
-                        (resize_placement, window_boxes_to_image: where resize puts a window, and back)
+                        (resize_placement: where resize puts a window)
   * Evaluation       -> calculate_mAP
 
 The scripts' plumbing (errors and the command line, devices, atomic writes, checkpoint loading) is in misc.py.
@@ -232,66 +232,18 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
         raise UserError(f"{voc_path}: no {' and no '.join(missing)} folder; a Pascal VOC dataset has Annotations/, "
                         f"ImageSets/Main/ and JPEGImages/")
     check_writable(output_folder, "--output-folder", folder=True, create=False)  # before the parsing, not after
-    errors, warnings, lists, listings, split_ids, annotated_by = [], [], {}, {}, {}, {}
+    errors, warnings, lists, split_ids, seen = [], [], {}, {}, ({}, {})  # seen: find_image's listings, image owners
     for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
-        split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
-        if not os.path.isfile(split_file):
-            errors.append(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
-                          f"create_data_lists.py --test-fraction 0.2)")
-            continue
         try:
-            with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
-                ids = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})")
-            continue
-        if not ids:
-            errors.append(f"{split_file}: empty split")
-            continue
-        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
-        if twice:
-            errors.append(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
-                          f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
-            continue
-        outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
-        if outside:
-            errors.append(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
-                          f"file name there, without .xml")
+            ids = read_split(voc_path, split_name)
+        except UserError as e:
+            errors.append(str(e))
             continue
         split_ids[split] = (split_name, set(ids))
         images, objects = [], []
-        for image_id in ids:
-            xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
-            if not os.path.isfile(xml_path):
-                errors.append(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
-                continue
+        for image_id in ids:  # the tutorial's loop: each annotation, its image, its objects
             try:
-                root = read_annotation(xml_path)
-            except UserError as e:
-                errors.append(str(e))
-                continue
-            filename = (root.findtext("filename") or "").strip()
-            img_path = find_image(voc_path, image_id, filename, listings)
-            if img_path is None:
-                expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
-                errors.append(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image "
-                              f"extension> either)")
-                continue
-            other = annotated_by.setdefault(os.path.realpath(img_path), image_id)
-            if other != image_id:  # a <filename> naming another id's image
-                errors.append(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each "
-                              f"image must be annotated once")
-                continue
-            if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
-                errors.append(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
-                continue
-            try:
-                with Image.open(img_path) as im:  # reads the header only
-                    size = im.size
-            except Exception as e:
-                errors.append(f"{img_path}: not a readable image ({type(e).__name__})")
-                continue
-            try:
+                xml_path, root, img_path, size = annotated_image(voc_path, image_id, split_name, seen)
                 objs, warns = parse_annotation(xml_path, image_size=size, label_map=given, root=root)
             except UserError as e:
                 errors.append(str(e))
@@ -342,6 +294,59 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
     return summary
 
 
+def read_split(voc_path, split_name):
+    """The ids of ImageSets/Main/<split_name>.txt, one a line; UserError if the file is missing, unreadable, empty, or
+    lists an id twice or one that climbs out of Annotations/."""
+    split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
+    if not os.path.isfile(split_file):
+        raise UserError(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
+                        f"create_data_lists.py --test-fraction 0.2)")
+    try:
+        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
+            ids = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if not ids:
+        raise UserError(f"{split_file}: empty split")
+    twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    if twice:
+        raise UserError(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
+                        f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
+    outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
+    if outside:
+        raise UserError(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
+                        f"file name there, without .xml")
+    return ids
+
+
+def annotated_image(voc_path, image_id, split_name, seen):
+    """(xml path, its parsed XML, image path, image (width, height)) of an id of <split_name>.txt; UserError if the
+    annotation or the image is missing or unreadable, or if another id's annotation already claimed the image.
+    seen: (find_image's folder listings, {image: the id that claimed it}), kept from one call to the next."""
+    xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
+    if not os.path.isfile(xml_path):
+        raise UserError(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
+    root = read_annotation(xml_path)
+    filename = (root.findtext("filename") or "").strip()
+    listings, owners = seen
+    img_path = find_image(voc_path, image_id, filename, listings)
+    if img_path is None:
+        expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
+        raise UserError(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image extension> "
+                        f"either)")
+    other = owners.setdefault(os.path.realpath(img_path), image_id)
+    if other != image_id:  # a <filename> naming another id's image
+        raise UserError(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each image "
+                        f"must be annotated once")
+    if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
+        raise UserError(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
+    try:
+        with Image.open(img_path) as im:  # reads the header only
+            return xml_path, root, img_path, im.size
+    except Exception as e:
+        raise UserError(f"{img_path}: not a readable image ({type(e).__name__})") from None
+
+
 def load_image(path):
     """Read an image file as a uint8 tensor (3, H, W), RGB. Any PIL mode is converted; errors name the file."""
     try:
@@ -351,20 +356,6 @@ def load_image(path):
         raise UserError(f"{path}: image not found") from None
     except Exception as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-
-
-def median_image_size(paths):
-    """(width, height): the median width and median height of the image files (headers only are read).
-
-    train.py records it in checkpoints as the field the model was trained on; detect.py tiles larger images."""
-    sizes = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except Exception as e:
-            raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
-    return tuple(torch.tensor(sizes).median(0).values.tolist())  # the lower median: a size that exists
 
 
 def pil_to_tensor(image):
@@ -624,20 +615,6 @@ def resize_placement(window, image_size, dims=(300, 300)):
     ox1, oy1 = min(ox1, out_w), min(oy1, out_h)
     ox0, oy0 = min(ox0, ox1 - 1), min(oy0, oy1 - 1)
     return (ix0, iy0, ix1, iy1), (ox0, oy0, ox1, oy1)
-
-
-def window_boxes_to_image(boxes, visible, placed, dims=(300, 300)):
-    """The inverse of resize()'s box mapping: boxes (n, 4) fractional in a resized window -> pixels of the image.
-
-    visible, placed: (n, 4) each, every box's window's resize_placement() (the visible part in image pixels,
-    where it landed in output pixels). Boxes are clipped to the visible part: a box over the canvas around
-    it becomes narrower, or empty.
-    """
-    out_h, out_w = dims
-    size = boxes.new_tensor([out_w, out_h, out_w, out_h])
-    scale = (visible[:, 2:] - visible[:, :2]) / (placed[:, 2:] - placed[:, :2])  # (n, 2) image pixels per output pixel
-    pixels = (boxes * size - placed) * scale.repeat(1, 2) + visible
-    return torch.minimum(torch.maximum(pixels, visible[:, :2].repeat(1, 2)), visible[:, 2:].repeat(1, 2))
 
 
 def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):

@@ -28,8 +28,9 @@ from torchvision.ops import box_area, box_iou
 import detect
 from detect import (BCCD_FIELD, EDGE_MARGIN, LARGEST_CELL, OVERLAP, TILE_ABOVE, Tiling, merge_windows, owned_regions,
                     tile_windows, tiling, window_starts)
+from datasets import median_image_size
 from misc import UserError
-from utils import find_intersection, label_map, median_image_size, resize, resize_placement, window_boxes_to_image
+from utils import find_intersection, label_map, resize, resize_placement
 
 BCCD = tiling(BCCD_FIELD)  # windows of 640x480, overlap 354, margin 8
 
@@ -126,7 +127,7 @@ def test_boxes_map_back_exactly_to_pixels_of_the_image(width, height, scale):
         originals.append(boxes)
         counts.append(len(boxes))
     visible, placed = placements(windows, (width, height), counts)
-    back = window_boxes_to_image(torch.cat(fractions), visible, placed)
+    back = detect.window_boxes_to_image(torch.cat(fractions), visible, placed)
     assert torch.allclose(back, torch.cat(originals), atol=1e-3, rtol=0)
     # a window inside the image is a plain affine map: pixel = window corner + fraction x window size
     inner = [k for k, (x0, y0, x1, y1) in enumerate(windows) if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height]
