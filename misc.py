@@ -1,12 +1,12 @@
 """The plumbing of the scripts, kept apart from the tutorial's helpers (utils.py), as DETR keeps its util/misc.py.
 
-  * Errors and the command line -> UserError, run_cli (one line and an exit status, no traceback), Terminated,
-                                   ignore_stop_signals, one_line
-  * Devices and processes        -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
-                                   run_info
-  * Files                        -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
-                                   check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
-  * Flag values                  -> parse_min_score, format_min_score, parse_max_overlap
+  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), Terminated,
+                                ignore_stop_signals, one_line
+  * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
+                                run_info, repo_relative
+  * Files                     -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
+                                check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
+  * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
 
 Nothing here does work at import time, but for one check: a torchvision that does not work with the installed torch
 stops the import in one line naming both and the command that installs a matching pair (torch_pair_message).

@@ -3,7 +3,8 @@
 Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
   * Label map        -> label_map, rev_label_map, label_color_map (BCCD's, the defaults), make_label_map,
                         class_names, class_colors, check_classes, check_label_map, check_same_classes
-  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists
+  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists (read_split,
+                        annotated_image), load_image, pil_to_tensor
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
