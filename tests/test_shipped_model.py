@@ -29,7 +29,7 @@ MAP_TOLERANCE = 2e-3
 
 @pytest.fixture(scope="module")
 def shipped():
-    from utils import load_checkpoint
+    from misc import load_checkpoint
     if not SHIPPED.is_file():
         pytest.fail(f"{SHIPPED} is missing: the project ships a trained model")
     return load_checkpoint(str(SHIPPED))  # weights_only=True: plain data
