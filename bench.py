@@ -33,19 +33,21 @@ import tempfile
 import time
 
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
+from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
+                  load_checkpoint, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
-from utils import (UserError, available_cpus, bf16_is_fast, calculate_mAP, check_not_an_input, check_workers,
-                   check_writable, image_extensions, label_map, load_checkpoint, normalize, resolve_device, run_cli,
-                   run_info, write_json_atomic)
+from utils import calculate_mAP, image_extensions, label_map, normalize
+
+import torchvision  # after misc, which says in one line when it does not fit torch
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
+PIPELINE_EPOCHS = 4  # train.py's epochs in the pipeline measurement: the first starts the workers, the others are timed
 PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling")
 
 
@@ -63,7 +65,7 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: misc.bf16_is_fast)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
@@ -218,7 +220,7 @@ def bench_infer(args, device, amp, channels_last, out):
 def bench_pipeline(args, device, amp, out):
     """train.py as a user runs it, in a fresh process: the median images/s of its epochs after the first (which
     starts the workers), so with its data pipeline; beside the train measurement's fixed batch when there is one."""
-    epochs = 4
+    epochs = PIPELINE_EPOCHS
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--data-folder",
                args.data_folder, "--out-dir", tmp, "--epochs", str(epochs), "--batch-size", str(args.train_batch),

@@ -24,7 +24,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from utils import UserError, check_writable, create_data_lists, run_cli, write_text_atomic
+from misc import UserError, check_writable, run_cli, write_text_atomic
+from utils import create_data_lists
 
 BCCD_REPOSITORY = "https://github.com/Shenggan/BCCD_Dataset"
 BCCD_ARCHIVE_URL = BCCD_REPOSITORY + "/archive/refs/heads/master.zip"

@@ -16,9 +16,11 @@ import json
 import os
 
 import torch
+from PIL import Image
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
-from utils import UserError, check_label_map, load_image, transform
+from misc import UserError
+from utils import check_label_map, load_image, transform
 
 
 MAX_COORDINATE = 1e6  # pixels: boxes of create_data_lists.py lie in their image, and no image is a million pixels wide
@@ -139,6 +141,20 @@ class BCCDDataset(Dataset):
         since images hold different numbers of objects."""
         images, boxes, labels, difficulties = zip(*batch)
         return torch.stack(images), list(boxes), list(labels), list(difficulties)
+
+
+def median_image_size(paths):
+    """(width, height): the median width and median height of the image files (headers only are read).
+
+    train.py records it in checkpoints as the field the model was trained on; detect.py tiles larger images."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except Exception as e:
+            raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+    return tuple(torch.tensor(sizes).median(0).values.tolist())  # the lower median: a size that exists
 
 
 class AugmentationSampler(Sampler):

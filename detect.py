@@ -25,6 +25,7 @@ From Python, as in the tutorial:
     detect(Image.open("smear.jpg"), model=model).show()   # at the model's counting thresholds
     boxes, labels, scores = detect_image(Image.open("scan-4k.jpg"), model, scale=1.5)  # boxes in pixels
 """
+
 import argparse
 import csv
 import functools
@@ -41,102 +42,24 @@ from typing import NamedTuple
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.ops import batched_nms, box_area
 
+from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
+                  format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device,
+                  run_cli, save_image_atomic)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
-from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
-                   ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
-                   resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
+from utils import class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement
+
+from torchvision.ops import batched_nms, box_area  # after misc, which says in one line when it does not fit torch
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "ssd300_bccd.pt")
 # The tutorial's detection thresholds, used for checkpoints that record no counting thresholds of their own
 TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP = 0.2, 0.5
 
-# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
-# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
-# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
-BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
-LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
-RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
-EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
-# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
-OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
-TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
-COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
-
-def get_args_parser():
-    p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
-                   "shipped model, trained on BCCD)")
-    p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
-    p.add_argument("--min-score", type=float, nargs="+", default=None, metavar="S", help="keep detections scoring "
-                   "above this: one value, or one per class in the model's order (default: the thresholds recorded in "
-                   f"the checkpoint, chosen for counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
-    p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
-                   f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
-    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
-                   "of a tiled image)")
-    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
-                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
-                   "WxH: windows of W x H pixels")
-    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
-                   "(default 1: as large); the windows follow")
-    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
-                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
-    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
-                   "CUDA; 1 on a CPU, where it is the fastest per image)")
-    p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
-                   "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
-    p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
-                   "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
-                   "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
-    return p
-
-
-def parse_min_score(values, names, source="--min-score"):
-    """One min_score for all classes (a float), or one per class (a list in label order); checked."""
-    if len(values) not in (1, len(names)):
-        raise UserError(f"{source}: give one value or {len(names)}, one per class ({', '.join(names)}), not {len(values)}")
-    if not all(0 <= v < 1 for v in values):  # also refuses nan
-        raise UserError(f"{source} must lie in [0, 1), not {' '.join(map(str, values))}")
-    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
-
-
-def parse_max_overlap(value, source="--max-overlap"):
-    """The IoU above which two boxes of a class are one cell (NMS): a number in (0, 1]; checked (nan refused)."""
-    if not (isinstance(value, numbers.Real) and 0 < value <= 1):  # NumPy's numbers too
-        raise UserError(f"{source} must be in (0, 1], not {value!r}")
-    return float(value)
-
-
-def format_min_score(min_score, names):
-    if isinstance(min_score, float):
-        return f"{min_score:g}"
-    return " ".join(f"{name} {v:g}" for name, v in zip(names, min_score))
-
-
-def counting_defaults(ckpt, classes, source="checkpoint"):
-    """detect.py's (min_score, max_overlap) for a checkpoint of these classes (names in label order): its recorded
-    "count_thresholds" ({"min_score": {class: value}, "max_overlap": value}, chosen for counting on a validation
-    split: the shipped model has them), else the tutorial's 0.2 and 0.5. min_score is a float, or a list in label
-    order."""
-    recorded = ckpt.get("count_thresholds")
-    if recorded is None:
-        return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
-    try:
-        min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
-        max_overlap = parse_max_overlap(float(recorded["max_overlap"]), "max_overlap")
-    except (KeyError, TypeError, ValueError, UserError) as e:
-        raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
-    return min_score, max_overlap
-
+# ---------------------------------------------------------------------------------------------
+# The tutorial's path, top to bottom: load_model -> preprocess -> predict -> annotate -> detect_image -> detect
+# ---------------------------------------------------------------------------------------------
 
 def load_model(checkpoint=None, device="cpu", tta=None):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
@@ -171,16 +94,6 @@ def check_tta(tta, source="--tta"):
     return tta
 
 
-def open_image(path_or_file):
-    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
-    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
-    large scan is what tiling is for."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path_or_file) as im:
-            return pil_to_tensor(ImageOps.exif_transpose(im))
-
-
 def preprocess(image):
     """uint8 (3, H, W) -> uint8 (3, 300, 300), as TEST images are transformed (predict normalizes)."""
     _, h, w = image.shape
@@ -190,7 +103,7 @@ def preprocess(image):
 @torch.no_grad()
 def run_model(model, images, amp=None, channels_last=True):
     """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores).
-    amp: bf16 autocast (default: where it is fast, utils.bf16_is_fast). With test-time augmentation (model.tta,
+    amp: bf16 autocast (default: where it is fast, misc.bf16_is_fast). With test-time augmentation (model.tta,
     set by load_model: see TTA_VIEWS) the predictions of each flipped view are mapped back and averaged."""
     device = next(model.parameters()).device
     amp = bf16_is_fast(device) if amp is None else amp
@@ -296,13 +209,120 @@ def annotate(image, boxes, labels, scores, rev_label_map, label_color_map):
     return image
 
 
+def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
+                 batch_size=None):
+    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
+    CPU tensors, by decreasing score.
+
+    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
+    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
+    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
+    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
+    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
+    window when tiled).
+    min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
+    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
+    """
+    min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
+    top_k, batch_size = int(top_k), None if batch_size is None else int(batch_size)  # NumPy's integers too
+    device = next(model.parameters()).device
+    if amp is not None and not isinstance(amp, bool):
+        raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")
+    amp = bf16_is_fast(device) if amp is None else amp
+    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
+    windows, inputs = prepare(pil_to_tensor(image), tiles)
+    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
+                                                 batch_size or default_batch_size(device), min_score, max_overlap,
+                                                 top_k, amp)
+    return boxes, labels, scores
+
+
+def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
+    """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
+
+    model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
+    counting thresholds. Returns a new PIL image with one colour per class, label and score. A large image
+    is tiled (tile, scale: see detect_image).
+    """
+    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
+    return annotate(original_image, boxes, labels, scores, model.rev_label_map, model.label_color_map)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of that path: counting thresholds, the Python API's arguments, boxes in pixels
+# ---------------------------------------------------------------------------------------------
+
+def counting_defaults(ckpt, classes, source="checkpoint"):
+    """detect.py's (min_score, max_overlap) for a checkpoint of these classes (names in label order): its recorded
+    "count_thresholds" ({"min_score": {class: value}, "max_overlap": value}, chosen for counting on a validation
+    split: the shipped model has them), else the tutorial's 0.2 and 0.5. min_score is a float, or a list in label
+    order."""
+    recorded = ckpt.get("count_thresholds")
+    if recorded is None:
+        return TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP
+    try:
+        min_score = parse_min_score([recorded["min_score"][name] for name in classes], classes, "min_score")
+        max_overlap = parse_max_overlap(float(recorded["max_overlap"]), "max_overlap")
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise UserError(f"{source}: unusable count_thresholds {recorded!r:.200} ({e})") from None
+    return min_score, max_overlap
+
+
+def check_call(image, model, min_score, max_overlap, top_k, batch_size):
+    """detect_image's arguments, checked as the command line's are: (min_score, max_overlap) with the model's
+    defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "detect_objects")):  # SSD300, or one wrapped
+        raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
+    if min(image.size) < 1:
+        raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
+    classes = class_names(model.label_map)
+    if min_score is None:
+        min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
+    elif is_real(min_score):
+        min_score = parse_min_score([min_score], classes, "min_score")
+    elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
+        min_score = parse_min_score(list(min_score), classes, "min_score")
+    else:
+        raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
+    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
+    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
+    for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
+            raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
+    return min_score, max_overlap
+
+
+def is_real(value):
+    """A number (Python's or NumPy's, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def default_batch_size(device):
+    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
+
+
 def to_pixels(boxes, width, height):
     return boxes * boxes.new_tensor([width, height, width, height])
 
 
 # ---------------------------------------------------------------------------------------------
-# large images: windows of the training field, through the model in batches, merged back
+# Large images: windows of the training field, through the model in batches, merged back
 # ---------------------------------------------------------------------------------------------
+
+# Tiling large images (see tile_windows and merge_windows). Sizes are pixels of a BCCD field, measured on BCCD's 364
+# annotations (4,888 objects; every image 640x480); at --scale S they are S times as many pixels of the image. A model
+# trained on another field sees it at 300x300 too: cells are taken to fill the same share of it as of BCCD's.
+BCCD_FIELD = (640, 480)  # the field a checkpoint's model was trained on when the checkpoint does not record it
+LARGEST_CELL = 338  # the widest BCCD object (a WBC of 338x251 px in BloodImage_00352); the tallest is 286 px
+RBC_WIDTH = 106  # the median width of BCCD's 3,166 red cells that the image border does not cut (all 4,155: 105)
+EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted edges scatter by a few pixels
+# overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
+OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
+TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
+COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
+
 
 class Tiling(NamedTuple):
     """Windows of `window` (width, height) pixels whose neighbours overlap by at least `overlap` pixels; a box
@@ -415,6 +435,20 @@ def owned_regions(windows):
     return torch.tensor([[x0, y0, x1, y1] for (x0, x1), (y0, y1) in zip(*bounds)])
 
 
+def window_boxes_to_image(boxes, visible, placed, dims=(300, 300)):
+    """The inverse of resize()'s box mapping: boxes (n, 4) fractional in a resized window -> pixels of the image.
+
+    visible, placed: (n, 4) each, every box's window's resize_placement() (the visible part in image pixels,
+    where it landed in output pixels). Boxes are clipped to the visible part: a box over the canvas around
+    it becomes narrower, or empty.
+    """
+    out_h, out_w = dims
+    size = boxes.new_tensor([out_w, out_h, out_w, out_h])
+    scale = (visible[:, 2:] - visible[:, :2]) / (placed[:, 2:] - placed[:, :2])  # (n, 2) image pixels per output pixel
+    pixels = (boxes * size - placed) * scale.repeat(1, 2) + visible
+    return torch.minimum(torch.maximum(pixels, visible[:, :2].repeat(1, 2)), visible[:, 2:].repeat(1, 2))
+
+
 def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overlap):
     """One image's detections from those of its windows: (boxes (n, 4) in pixels of the image, labels (n,),
     scores (n,)), by decreasing score.
@@ -505,83 +539,67 @@ def detect_windows(model, items, tiles, batch_size=1, min_score=0.2, max_overlap
     yield from finished()
 
 
-def default_batch_size(device):
-    return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
-
-
-def check_call(image, model, min_score, max_overlap, top_k, batch_size):
-    """detect_image's arguments, checked as the command line's are: (min_score, max_overlap) with the model's
-    defaults filled in. TypeError for a wrong kind of object, UserError for a value out of range."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image: a PIL image (PIL.Image.open(path)), not {type(image).__name__}")
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "detect_objects")):  # SSD300, or one wrapped
-        raise TypeError(f"model: an SSD300 from load_model(), not {type(model).__name__}")
-    if min(image.size) < 1:
-        raise UserError(f"an empty image ({image.width}x{image.height} pixels)")
-    classes = class_names(model.label_map)
-    if min_score is None:
-        min_score = getattr(model, "min_score", TUTORIAL_MIN_SCORE)
-    elif is_real(min_score):
-        min_score = parse_min_score([min_score], classes, "min_score")
-    elif isinstance(min_score, (list, tuple)) and all(is_real(v) for v in min_score):
-        min_score = parse_min_score(list(min_score), classes, "min_score")
-    else:
-        raise TypeError(f"min_score: a number, or one per class, not {min_score!r}")
-    max_overlap = getattr(model, "max_overlap", TUTORIAL_MAX_OVERLAP) if max_overlap is None else max_overlap
-    max_overlap = parse_max_overlap(max_overlap, "max_overlap")
-    for name, value in (("top_k", top_k), ("batch_size", 1 if batch_size is None else batch_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= 10**5:
-            raise UserError(f"{name} must be an integer from 1 to 100,000, not {value!r}")
-    return min_score, max_overlap
-
-
-def is_real(value):
-    """A number (Python's or NumPy's, not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def detect_image(image, model, min_score=None, max_overlap=None, top_k=200, tile="auto", scale=1.0, amp=None,
-                 batch_size=None):
-    """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
-    CPU tensors, by decreasing score.
-
-    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
-    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
-    their detections merged (tile_windows, merge_windows); a smaller one is resized whole, as in the tutorial.
-    tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
-    as in the training images (rbc_scale converts a red cell's width in pixels). top_k: per model input (per
-    window when tiled).
-    min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
-    batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
-    """
-    min_score, max_overlap = check_call(image, model, min_score, max_overlap, top_k, batch_size)
-    top_k, batch_size = int(top_k), None if batch_size is None else int(batch_size)  # NumPy's integers too
-    device = next(model.parameters()).device
-    if amp is not None and not isinstance(amp, bool):
-        raise TypeError(f"amp: True, False or None (where fast), not {amp!r}")
-    amp = bf16_is_fast(device) if amp is None else amp
-    tiles = tiling(getattr(model, "field", BCCD_FIELD), tile, scale)
-    windows, inputs = prepare(pil_to_tensor(image), tiles)
-    (_, boxes, labels, scores), = detect_windows(model, [(None, image.size, windows, inputs)], tiles,
-                                                 batch_size or default_batch_size(device), min_score, max_overlap,
-                                                 top_k, amp)
-    return boxes, labels, scores
-
-
-def detect(original_image, min_score=None, max_overlap=None, top_k=200, *, model, amp=None, tile="auto", scale=1.0):
-    """Detect cells in a PIL image and return it annotated (the tutorial's detect()).
-
-    model: from load_model(). min_score (one value or one per class) and max_overlap default to the model's
-    counting thresholds. Returns a new PIL image with one colour per class, label and score. A large image
-    is tiled (tile, scale: see detect_image).
-    """
-    boxes, labels, scores = detect_image(original_image, model, min_score, max_overlap, top_k, tile, scale, amp)
-    return annotate(original_image, boxes, labels, scores, model.rev_label_map, model.label_color_map)
-
-
 # ---------------------------------------------------------------------------------------------
-# the command line: many files, read in worker processes while the model runs
+# The command line: many files, read in worker processes while the model runs
 # ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser("detect.py", description="Detect and count blood cells in images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
+                   "shipped model, trained on BCCD)")
+    p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
+    p.add_argument("--min-score", default=None, metavar="S", help="keep detections scoring above this: 0.5 for every "
+                   "class, RBC=0.35,WBC=0.25 for the classes named (the others keep their default), or 0.35,0.25,0.3 "
+                   "one per class in the model's order (default: the thresholds recorded in the checkpoint, chosen for "
+                   f"counting on a validation split; else the tutorial's {TUTORIAL_MIN_SCORE})")
+    p.add_argument("--max-overlap", type=float, default=None, help="NMS: suppress boxes overlapping a better one by more "
+                   f"(IoU) (default: the checkpoint's, else the tutorial's {TUTORIAL_MAX_OVERLAP})")
+    p.add_argument("--top-k", type=int, default=200, help="keep at most this many detections per image (per window "
+                   "of a tiled image)")
+    p.add_argument("--tile", default="auto", help="auto: cut images more than 1.25 times as wide or tall as the "
+                   "training field (x --scale) into overlapping windows of its size; off: resize every image whole; "
+                   "WxH: windows of W x H pixels")
+    p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
+                   "(default 1: as large); the windows follow")
+    p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
+                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
+    p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
+                   "CUDA; 1 on a CPU, where it is the fastest per image)")
+    p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
+                   "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
+    p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
+                   "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
+                   "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
+    return p
+
+
+def check_args(args):
+    if args.min_score is not None:
+        parse_min_score(args.min_score)  # the form and the numbers; the classes once the model is known
+    if args.max_overlap is not None:
+        parse_max_overlap(args.max_overlap)
+    if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
+        raise UserError("--top-k and --batch-size must be 1 to 100,000")
+    check_workers(args.workers)
+    if args.scale is not None and args.rbc_width is not None:
+        raise UserError("give --scale or --rbc-width, not both")
+    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
+        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
+    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
+
+
+def tile_settings(args, field):
+    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
+    if args.rbc_width is None:
+        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
+    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
+    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
+
 
 def find_images(inputs, skip=None):
     """Expand files and folders (recursively) into a sorted list of image paths, each file once (a file given twice,
@@ -607,6 +625,16 @@ def find_images(inputs, skip=None):
                 seen.add(key)
                 paths.append(path)
     return paths, missing, repeats
+
+
+def open_image(path_or_file):
+    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
+    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
+    large scan is what tiling is for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path_or_file) as im:
+            return pil_to_tensor(ImageOps.exif_transpose(im))
 
 
 class ImageFiles(Dataset):
@@ -656,6 +684,12 @@ def output_names(paths, reserved=("counts.csv", "detections.json")):
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
+def printable(path):
+    """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
+    file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
+
+
 def earlier_outputs(folder):
     """The names of the annotated images that an earlier detect.py wrote in `folder`, as its detections.json
     records them (also when that run was killed before closing the list); an empty set if there is none."""
@@ -674,58 +708,70 @@ def earlier_outputs(folder):
     return set()
 
 
-def printable(path):
-    """A path as text that any UTF-8 file or terminal takes, on one line: bytes that are not UTF-8 (on Linux a
-    file name may hold any) and control characters (a newline, a tab) shown as \\xNN, as `ls -b` does."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
-
-
-def check_args(args):
-    if args.min_score is not None and not all(0 <= v < 1 for v in args.min_score):  # the count: once the model is known
-        raise UserError(f"--min-score must lie in [0, 1), not {' '.join(map(str, args.min_score))}")
-    if args.max_overlap is not None:
-        parse_max_overlap(args.max_overlap)
-    if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
-        raise UserError("--top-k and --batch-size must be 1 to 100,000")
-    check_workers(args.workers)
-    if args.scale is not None and args.rbc_width is not None:
-        raise UserError("give --scale or --rbc-width, not both")
-    if (args.scale is not None or args.rbc_width is not None) and args.tile != "auto":
-        raise UserError(f"--scale and --rbc-width set the windows of --tile auto; with --tile {args.tile} they have no use")
-    tile_settings(args, BCCD_FIELD)  # the checkpoint's own field is checked once it is loaded
-
-
-def tile_settings(args, field):
-    """The Tiling of the command line's --tile, --scale and --rbc-width, for a model trained on `field`."""
-    if args.rbc_width is None:
-        return tiling(field, args.tile, 1.0 if args.scale is None else args.scale)
-    check_scale(rbc_scale(args.rbc_width, field), f"--rbc-width {args.rbc_width:g}")
-    return tiling(field, args.tile, rbc_scale(args.rbc_width, field))
-
-
 class Results:
-    """counts.csv and detections.json, written as the images are done (each row flushed), so that an interrupted
-    or failing run keeps what it finished. Opening them replaces an earlier run's, which would otherwise describe
-    other images beside these; detections.json is closed (a valid JSON list) however the run ends, but a kill
-    (SIGKILL) leaves it without its closing bracket, while counts.csv stays whole up to its last row."""
+    """The output folder of a run: the annotated images, counts.csv and detections.json, written as the images are
+    done (each row flushed), so that an interrupted or failing run keeps what it finished. A context manager:
+
+        with Results(folder, classes, rev_label_map) as results:   # locks the folder, if it is there
+            results.add(...)   # the first image creates the folder (locked), replacing an earlier run's two files
+
+    A run that detects nothing leaves earlier results alone; one that does replaces them, as they would describe
+    other images beside these. Leaving the block closes detections.json as a JSON list however the run ends (a
+    kill, SIGKILL, leaves it without its closing bracket; counts.csv stays whole up to its last row) and releases
+    the lock: a second detect.py writing into the folder at the same time is refused."""
 
     def __init__(self, folder, classes, rev_label_map):
-        self.classes, self.rev_label_map, self.n, self.folder = classes, rev_label_map, 0, folder
-        for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
-            if os.path.islink(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-        self.counts = open(os.path.join(folder, "counts.csv"), "w", encoding="utf-8", newline="")
-        self.detections = open(os.path.join(folder, "detections.json"), "w", encoding="utf-8")
+        self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
+        self.lock = self.counts = self.detections = None
+
+    def __enter__(self):
+        if os.path.isdir(self.folder):
+            self._lock()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if self.counts is not None:
+                self.close(quiet=error is not None)  # a run already ending with an error says that one
+        finally:
+            if self.lock is not None:
+                os.close(self.lock)
+
+    def _lock(self):
+        self.lock = lock_folder(self.folder, f"--output-dir {self.folder}: another detect.py is writing there; wait "
+                                             f"for it or choose another folder")
+
+    def _open(self):
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            if self.lock is None:
+                self._lock()
+            for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
+                if os.path.islink(os.path.join(self.folder, name)):
+                    os.remove(os.path.join(self.folder, name))
+            self.counts = open(os.path.join(self.folder, "counts.csv"), "w", encoding="utf-8", newline="")
+            self.detections = open(os.path.join(self.folder, "detections.json"), "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
-        self.csv.writerow(["image", *classes])
+        self.csv.writerow(["image", *self.classes])
         self.counts.flush()
         self.detections.write("[")
 
-    def add(self, path, output, width, height, windows, boxes, labels, scores):
-        """One image's detections (boxes in pixels): a row of counts.csv, a record of detections.json; its counts."""
+    def add(self, path, name, annotated, windows, boxes, labels, scores):
+        """One image: its annotated copy (a PIL image) saved as `name`, a row of counts.csv and a record of
+        detections.json (boxes in pixels). Returns (its counts per class, the UserError that kept its annotated
+        image from being written or None: it is counted all the same)."""
+        if self.counts is None:
+            self._open()
+        try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
+            save_image_atomic(annotated, os.path.join(self.folder, name), quality=90)
+            failed = None
+        except UserError as e:
+            failed = e
         n = torch.bincount(labels, minlength=len(self.classes) + 1).tolist()[1:]
-        record = {"image": printable(path), "output": printable(output), "width": width, "height": height,
-                  "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
+        record = {"image": printable(path), "output": printable(name), "width": annotated.width,
+                  "height": annotated.height, "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
                   "scores": [round(s, 4) for s in scores.tolist()]}
         try:
@@ -737,11 +783,10 @@ class Results:
             raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
                             f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
         self.n += 1
-        return n
+        return n, failed
 
     def close(self, quiet=False):
-        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet (when
-        the run is already ending with an error)."""
+        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet."""
         failed = None
         for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
             try:
@@ -754,22 +799,14 @@ class Results:
                             f"counts.csv holds the {self.n} image(s)")
 
 
-def main(args):
-    locks = []  # the output folder's lock, held while this run writes there
-    try:
-        detect_files(args, locks)
-    finally:
-        for fd in locks:
-            os.close(fd)
-
-
-def detect_files(args, locks):
+def detect_files(args):
     check_args(args)
     device = resolve_device(args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device, tta=args.tta)
     classes = class_names(model.label_map)
-    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
+    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes,
+                                                                                  default=model.min_score)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     tiles = tile_settings(args, model.field)
     paths, missing, repeats = find_images(args.inputs, skip=args.output_dir)
@@ -792,11 +829,6 @@ def detect_files(args, locks):
     for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
 
-    def lock():  # a second detect.py writing there would mix its rows and images with this run's
-        locks.append(lock_folder(args.output_dir, f"--output-dir {args.output_dir}: another detect.py is writing "
-                                                  f"there; wait for it or choose another folder"))
-    if os.path.isdir(args.output_dir):
-        lock()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
@@ -814,56 +846,44 @@ def detect_files(args, locks):
             else:
                 yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
 
+    def say_errors(errors):
+        for e in errors:
+            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+
     width = max([len("image")] + [len(printable(p)) for p in paths])
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
-    def open_results():  # at the first image detected: a run that detects nothing leaves earlier results alone
+    start = time.perf_counter()
+    with Results(args.output_dir, classes, model.rev_label_map) as results:
         try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            if not locks:
-                lock()
-            return Results(args.output_dir, classes, model.rev_label_map)
-        except OSError as e:
-            raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
-
-    start, results = time.perf_counter(), None
-    try:
-        for (i, image, windows), boxes, labels, scores in detect_windows(
-                model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,
-                args.top_k, amp):
-            _, h, w = image.shape
-            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-            results = results or open_results()
-            output = os.path.join(args.output_dir, names[i])
-            try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
-                save_image_atomic(annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map),
-                                  output, quality=90)
-            except UserError as e:  # counted all the same, and said at the end
-                errors.append(f"the annotated image {printable(str(e))}")
-            n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
-            print(f"{printable(paths[i]):<{width}}  " + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)),
-                  flush=True)
-    except BaseException as stop:  # however the run ends early, detections.json is closed on what was finished
-        if results is not None:
-            results.close(quiet=True)
-        if isinstance(stop, KeyboardInterrupt):
-            for e in errors:
-                print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
-            stop.args = (f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
-                         f"{results.n if results else 0} of {len(paths)} image(s)"
-                         + (f"; counts.csv and detections.json in {args.output_dir} hold those" if results else ""),)
-        raise  # run_cli says it, in one line
-    if results is None:  # every file was unreadable
-        for e in errors[:-1]:
-            print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+            for (i, image, windows), boxes, labels, scores in detect_windows(
+                    model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,
+                    args.top_k, amp):
+                pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+                annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
+                n, failed = results.add(paths[i], names[i], annotated, 1 if windows is None else len(windows), boxes,
+                                        labels, scores)
+                if failed:  # counted all the same, and said at the end
+                    errors.append(f"the annotated image {printable(str(failed))}")
+                print(f"{printable(paths[i]):<{width}}  "
+                      + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)), flush=True)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_cli says this in one line, after the errors
+            say_errors(errors)
+            held = f"; counts.csv and detections.json in {args.output_dir} hold those" if results.n else ""
+            raise type(stop)(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after {results.n} of "
+                             f"{len(paths)} image(s){held}") from None
+    if results.n == 0:  # every file was unreadable
+        say_errors(errors[:-1])
         raise UserError(f"{errors[-1]}; no image could be read, nothing written")
-    results.close()
     seconds = time.perf_counter() - start
     print(f"{results.n} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
           f"{max_overlap:g}; results in {args.output_dir}")
-    for e in errors:
-        print(f"{get_args_parser().prog}: error: {e}", file=sys.stderr)
+    say_errors(errors)
     if errors:
         sys.exit(1)
+
+
+def main(args):
+    detect_files(args)
 
 
 if __name__ == "__main__":

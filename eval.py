@@ -20,7 +20,9 @@ thresholds and prints, per class, the min_score that counts best: run it on a va
 """
 import argparse
 import os
+import shlex
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,12 +30,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import (DEFAULT_CHECKPOINT, TTA_VIEWS, check_tta, counting_defaults, format_min_score, parse_max_overlap,
-                    parse_min_score, run_model)
+from detect import DEFAULT_CHECKPOINT, TTA_VIEWS, check_tta, counting_defaults, run_model
+from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, format_min_score,
+                  ignore_stop_signals, init_distributed, load_checkpoint, parse_max_overlap, parse_min_score,
+                  repo_relative, run_cli, run_info, write_json_atomic)
 from model import SSD300
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
-                   check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
-                   run_cli, run_info, write_json_atomic)
+from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -51,7 +53,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the "
@@ -59,8 +61,8 @@ def get_args_parser():
                    "and average the predictions (default: the checkpoint's record, else off)")
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's moving average of the weights "
                    "(train.py --ema-decay) instead of its weights")
-    p.add_argument("--count-min-score", type=float, nargs="+", default=None, metavar="S", help="counting: "
-                   "detect.py's --min-score, one value or one per class (default: detect.py's, from the checkpoint)")
+    p.add_argument("--count-min-score", default=None, metavar="S", help="counting: detect.py's --min-score, 0.5, "
+                   "RBC=0.35,WBC=0.25 or 0.35,0.25,0.3 (default: detect.py's, from the checkpoint)")
     p.add_argument("--count-max-overlap", type=float, default=None, help="counting: detect.py's --max-overlap "
                    "(default: detect.py's, from the checkpoint)")
     p.add_argument("--count-sweep", action="store_true", help="also count at every min_score of "
@@ -69,26 +71,44 @@ def get_args_parser():
     return p
 
 
+class Detections(NamedTuple):
+    """What detect_dataset collects, as the tutorial's eval.py does: lists over images of CPU tensors, boxes
+    fractional. The first six are calculate_mAP's arguments (Detections.for_map)."""
+    det_boxes: list  # (n_d, 4) per image
+    det_labels: list  # (n_d,)
+    det_scores: list  # (n_d,)
+    true_boxes: list  # (n_t, 4)
+    true_labels: list  # (n_t,)
+    true_difficulties: list  # (n_t,)
+    counted: list  # per image, the labels detected at each of detect_dataset's count_at settings, in their order
+
+    @property
+    def for_map(self):
+        """(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), as calculate_mAP takes them."""
+        return self[:6]
+
+    def counted_at(self, k):
+        """The labels detected per image at the k-th count_at setting."""
+        return [labels[k] for labels in self.counted]
+
+
 @torch.no_grad()
 def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
                    progress=False, count_at=()):
-    """Run the model over a loader of BCCDDataset('test') items.
+    """Run the model over a loader of BCCDDataset('test') items: its Detections.
 
-    Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
-    over images of CPU tensors, boxes fractional. count_at: settings (min_score, max_overlap) at
-    which the same network outputs are also decoded; one more list per setting holds those
-    detections' labels.
+    count_at: settings (min_score, max_overlap) at which the same network outputs are also decoded, for counting
+    (Detections.counted).
     """
     model.eval()
-    results = tuple([] for _ in range(6 + len(count_at)))
+    results = Detections([], [], [], [], [], [], [])
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
         locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
         dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
-        columns = (*dets, boxes, labels, difficulties)
-        for setting in count_at:
-            columns += (model.detect_objects(locs, scores, *setting, top_k=top_k)[1],)
-        for store, items in zip(results, columns):
+        for store, items in zip(results, (*dets, boxes, labels, difficulties)):
             store.extend(t.cpu() for t in items)
+        counted = [model.detect_objects(locs, scores, *setting, top_k=top_k)[1] for setting in count_at]  # per setting
+        results.counted.extend(tuple(c[i].cpu() for c in counted) for i in range(len(boxes)))
     return results
 
 
@@ -99,7 +119,7 @@ def label_names(model):
 
 def evaluate(model, loader, amp=False, channels_last=False):
     """VOC2007 mAP of `model` on `loader`: (dict class -> AP, mAP). Used by train.py --val-every."""
-    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last),
+    return calculate_mAP(*detect_dataset(model, loader, amp=amp, channels_last=channels_last).for_map,
                          label_names=label_names(model))
 
 
@@ -171,6 +191,8 @@ def run(args, rank, world, device):
     if not 1 <= args.batch_size <= 10**5:
         raise UserError(f"--batch-size must be 1 to 100,000, not {args.batch_size}")
     check_workers(args.workers)
+    if args.count_min_score is not None:
+        parse_min_score(args.count_min_score, source="--count-min-score")  # the classes once the model is known
     if args.count_max_overlap is not None:
         parse_max_overlap(args.count_max_overlap, "--count-max-overlap")
     if args.output is not None and rank == 0:
@@ -188,7 +210,7 @@ def run(args, rank, world, device):
     names = class_names(model.label_map)
     count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
     if args.count_min_score is not None:
-        count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score")
+        count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score", default=count_min_score)
     if args.count_max_overlap is not None:
         count_max_overlap = args.count_max_overlap
     count_at = [(count_min_score, count_max_overlap)]
@@ -211,15 +233,14 @@ def run(args, rank, world, device):
         if rank != 0:
             return
         order = [i for s, _ in gathered for i in s]
-        merged = [[x for _, r in gathered for x in r[k]] for k in range(len(results))]
         position = sorted(range(len(order)), key=order.__getitem__)
-        results = [[column[p] for p in position] for column in merged]
+        merged = ([x for part in parts for x in part] for parts in zip(*(r for _, r in gathered)))  # per field
+        results = Detections(*([column[p] for p in position] for column in merged))
     seconds = time.perf_counter() - start
 
-    counts = count_errors(results[6], results[4], names)
-    counted = dict(zip(count_at[1:], results[7:]))  # the sweep's settings
-    results = results[:6]
-    metrics = compute_metrics(*results, label_names=label_names(model))
+    counts = count_errors(results.counted_at(0), results.true_labels, names)
+    counted = {setting: results.counted_at(k) for k, setting in enumerate(count_at) if k > 0}  # the sweep's settings
+    metrics = compute_metrics(*results.for_map, label_names=label_names(model))
     w = max(12, *(len(name) + 2 for name in names))  # the class column
     print(f"\n{'class':<{w}}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
     for name in names:
@@ -233,7 +254,7 @@ def run(args, rank, world, device):
     for name, c in counts.items():
         relative = "-" if c["relative_error"] is None else f"{c['relative_error']:.1%}"
         print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}")
-    sweep = sweep_counts(counted, results[4], names) if args.count_sweep else None
+    sweep = sweep_counts(counted, results.true_labels, names) if args.count_sweep else None
     if sweep:
         print(f"\ncounting sweep: error / annotated at each min_score, per max_overlap (choose on a validation split)")
         print(f"{'max_overlap':<12}{'class':<{w}}" + "".join(f"{ms:>6}" for ms in SWEEP_MIN_SCORES))
@@ -241,19 +262,21 @@ def run(args, rank, world, device):
             for name, e in per.items():
                 print(f"{mo:<12}{name:<{w}}" + "".join(f"{100 * v:>5.0f}%" for v in e))
         chosen = sweep["chosen"]
-        print(f"best: --max-overlap {chosen['max_overlap']} --min-score "
-              f"{' '.join(str(chosen['min_score'][name]) for name in names)} ("
+        best = format_min_score([chosen["min_score"][name] for name in names], names)
+        print(f"best: --max-overlap {chosen['max_overlap']} --min-score {shlex.quote(best)} ("
               + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'}{', test-time augmentation ' + model.tta if model.tta != 'off' else ''})")
     if args.output is not None:
-        write_json_atomic({"classes": names, **metrics, "checkpoint": os.path.abspath(args.checkpoint), "images": len(test_set),
+        write_json_atomic({"classes": names, **metrics, "checkpoint": repo_relative(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "tta": model.tta, "ema": args.ema,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
                            **({"count_sweep": sweep} if sweep else {}),
                            "device": str(device),
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
-                           "train_args": ckpt.get("args"), **run_info(device)}, args.output, indent=2)
+                           "train_args": {k: repo_relative(v) if isinstance(v, str) and os.path.isabs(v) else v
+                                          for k, v in (ckpt.get("args") or {}).items()} or None,
+                           **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")
 
 

@@ -19,7 +19,8 @@ import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import batched_nms
 
-from utils import (UserError, check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
+from misc import UserError
+from utils import (check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
                    find_jaccard_overlap, gcxgcy_to_cxcy, make_label_map, xy_to_cxcy)
 from utils import label_map as bccd_label_map
 
@@ -279,7 +280,7 @@ class SSD300(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, source="checkpoint"):
-        """Rebuild the model saved in a checkpoint dict (see utils.load_checkpoint), with its label map.
+        """Rebuild the model saved in a checkpoint dict (see misc.load_checkpoint), with its label map.
 
         A checkpoint without "label_map" (written before the classes were data) is BCCD's. Raises
         UserError, naming `source`, for a label map that does not fit the model or weights that do not fit.

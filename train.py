@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from create_data_lists import missing_data_message
-from datasets import AugmentationSampler, BCCDDataset, EpochBatches
+from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import evaluate
+from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
+                  init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
+                  save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
-from utils import (FLIPS, UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
-                   create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, lock_folder,
-                   median_image_size, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
-                   write_text_atomic)
+from utils import FLIPS, check_same_classes, create_data_lists, normalize
 
 
 DEFAULT_EPOCHS = 200
@@ -121,7 +122,7 @@ def get_args_parser():
                    "checkpoint (a train.py checkpoint or the shipped model, with its architecture) with a new schedule "
                    "and optimizer: a warm start (default: initialized afresh)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: utils.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
@@ -164,8 +165,6 @@ def resolve_args(args, ckpt, say=print):
             args.out_dir = os.path.dirname(os.path.abspath(args.resume))
     if args.out_dir is None:
         args.out_dir = "runs/ssd300"
-    if args.base_weights is None:
-        args.base_weights = RECIPE["base_weights"]
     return args
 
 
@@ -195,7 +194,7 @@ def check_args(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed training: a plain run is a world of one (utils.init_distributed)
+# distributed training: a plain run is a world of one (misc.init_distributed)
 # ---------------------------------------------------------------------------------------------
 
 def compute_loss(model, criterion, images, boxes, labels, amp=False, world=1):
@@ -354,16 +353,6 @@ def check_batch(args, model_args, sampler):
                         f"{'and more TRAIN images ' if args.batch_size >= 2 else ''}or train with --no-batch-norm")
 
 
-def main(args):
-    rank, world, device = init_distributed(args.device)
-    try:
-        with contextlib.ExitStack() as cleanup:
-            train(args, rank, world, device, cleanup)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
 def check_resumable(ckpt, path):
     """A checkpoint train.py can continue: the state it saves, of the right kinds (a damaged or hand-edited file,
     or a weights-only file such as the shipped model, is refused in one line before anything is written)."""
@@ -448,9 +437,13 @@ def _fits_flag(action, value):
                and (action.choices is None or v in action.choices) for v in values)
 
 
-def train(args, rank, world, device, cleanup):
-    is_main = rank == 0
-    cuda = device.type == "cuda"
+def set_up(args, rank, world, device, cleanup):
+    """Everything a run needs before its first step, a new run (from scratch or --init-weights) or one resumed:
+    the flags, the data, the model on the device, the optimizer and the weight average with their resumed state,
+    the lock on --out-dir. Every check comes before anything is written; a resumed optimizer or average that does
+    not fit the model is refused here. Returns the run (a SimpleNamespace, see the end), or None when a resumed
+    run has no iteration left."""
+    is_main, cuda = rank == 0, device.type == "cuda"
     ckpt = check_resumable(load_checkpoint(args.resume), args.resume) if args.resume else None
     if args.resume and args.init_weights:
         raise UserError("--init-weights starts a new run from a model's weights; --resume continues a run with its "
@@ -458,8 +451,8 @@ def train(args, rank, world, device, cleanup):
     init = initial_weights(args) if args.init_weights else None
     resolve_args(args, ckpt, say=print if is_main else (lambda _: None))
     check_args(args)
-    amp = args.amp = bf16_is_fast(device) if args.amp is None else args.amp
-    channels_last = args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.amp = bf16_is_fast(device) if args.amp is None else args.amp
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
     torch.manual_seed(args.seed)  # the same on every rank; augmentations differ by rank (AugmentationSampler)
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -477,21 +470,14 @@ def train(args, rank, world, device, cleanup):
     train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom, flips=args.flips)
     field = median_image_size(train_set.images)  # (width, height) of the training images: detect.py tiles larger ones
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
-    base_weights = None if args.base_weights.lower() == "none" else args.base_weights
-    label_map = train_set.label_map  # the classes of the lists (label_map.json)
     if ckpt is not None or init is not None:
         model = SSD300.from_checkpoint(ckpt or init, args.resume or args.init_weights)
-        check_same_classes(model.label_map, label_map, args.resume or args.init_weights, args.data_folder)
-    else:
-        model = SSD300(n_classes=len(label_map), base_weights=base_weights, batch_norm=args.batch_norm,
-                       prior_scales=args.prior_scales, label_map=label_map)
-    model_args = model.model_args
-    check_batch(args, model_args, sampler)
-    if ckpt is not None:  # a damaged optimizer or average is refused before anything is written
-        load_optimizer_state(make_optimizer(model, args), ckpt, args.resume)
-        load_ema_state(ModelEMA(model, args.ema_decay), ckpt, args.resume)
-    if is_main:  # the checks above passed: the run may write
-        cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
+        check_same_classes(model.label_map, train_set.label_map, args.resume or args.init_weights, args.data_folder)
+    else:  # the classes of the lists (their label_map.json)
+        model = SSD300(n_classes=len(train_set.label_map), label_map=train_set.label_map, batch_norm=args.batch_norm,
+                       base_weights=None if args.base_weights.lower() == "none" else args.base_weights,
+                       prior_scales=args.prior_scales)
+    check_batch(args, model.model_args, sampler)
     drop_last = len(sampler) >= args.batch_size  # no ragged last batch for BatchNorm
     steps_per_epoch = len(EpochBatches(sampler, args.batch_size, drop_last, epochs=range(1)))
     if args.epochs is None and args.iterations is not None:
@@ -505,26 +491,27 @@ def train(args, rank, world, device, cleanup):
     elif world > 1 and model.batch_norm and is_main:  # PyTorch's SyncBatchNorm runs on CUDA only
         print(f"note: BatchNorm without sync on {device.type}: each process normalizes over its own "
               f"{args.batch_size} images; running statistics are rank 0's")
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    criterion = MultiBoxLoss(model.priors_cxcy).to(device)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model, args)
     ema = ModelEMA(model, args.ema_decay) if args.ema_decay else None  # of the weights in place, on the device
-    if ema is not None and ckpt is not None:
-        load_ema_state(ema, ckpt, args.resume)
     start_epoch, iteration, partial = 0, 0, {}
-    if ckpt is not None:
+    if ckpt is not None:  # a damaged optimizer state or average is refused here, before anything is written
         load_optimizer_state(optimizer, ckpt, args.resume)
+        if ema is not None:
+            load_ema_state(ema, ckpt, args.resume)
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         partial = ckpt.get("partial_epoch") or {}  # an interrupted epoch: its steps done, loss sum, seconds
+    if is_main:  # the checks above passed: the run may write
+        cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     if epochs is None:  # enough epochs for the iterations left (a run may stop in the middle of an epoch)
         epochs = start_epoch + math.ceil(max(total_iterations - iteration + partial.get("steps", 0), 0) / steps_per_epoch)
     if iteration >= total_iterations:
         if is_main:
             print(f"nothing to do: {args.resume} is at iteration {iteration} of {total_iterations}")
-        return
+        return None
+    raw_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    raw_model = model.module if world > 1 else model
 
     val_loader = None
     if args.val_every and is_main:
@@ -533,114 +520,144 @@ def train(args, rank, world, device, cleanup):
                                 num_workers=min(args.workers, 4), pin_memory=cuda, worker_init_fn=ignore_stop_signals)
     if args.cache_images:
         train_set.cache()  # after the checks above: decoding BCCD takes seconds, a large dataset minutes
-
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    provenance = (ckpt or {}).get("run_info") or run_info(device)  # where and when the run started (commit, hardware)
     if is_main:
         if continuing:
             trim_log(log_path, start_epoch)  # epochs logged after the checkpoint was saved are trained again
         print(f"training on {device} x{world}: {len(train_set)} images, {steps_per_epoch} steps/epoch at batch "
               f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
-              f"{total_iterations} iterations, bf16 autocast {'on' if amp else 'off'}")
-    skip = partial.get("steps", 0)
-    stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs), skip=skip)
+              f"{total_iterations} iterations, bf16 autocast {'on' if args.amp else 'off'}")
+    stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs),
+                          skip=partial.get("steps", 0))
     loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
                         pin_memory=cuda, worker_init_fn=ignore_stop_signals)
-    batches = iter(loader)  # all epochs in one stream: the workers never wait for the next epoch
-    bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
-    running = RunningLoss(device)
+    return SimpleNamespace(
+        args=args, device=device, world=world, is_main=is_main, model=model, raw_model=raw_model,  # raw: not DDP's
+        criterion=MultiBoxLoss(raw_model.priors_cxcy).to(device), optimizer=optimizer, ema=ema,
+        batches=iter(loader),  # all epochs in one stream: the workers never wait for the next epoch
+        steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, epochs=epochs, total_iterations=total_iterations,
+        iteration=iteration, lr=None, partial=partial, val_loader=val_loader, log_path=log_path, out_ckpt=out_ckpt,
+        label_map=train_set.label_map, field=field,
+        provenance=(ckpt or {}).get("run_info") or run_info(device),  # where and when the run started (commit, hardware)
+        bar=tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True),
+        running=RunningLoss(device))
 
-    def save(epoch, partial_epoch=None):
-        state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
-                 "epoch": epoch, "iteration": iteration, "args": vars(args), "label_map": label_map,
-                 "field": list(field), "run_info": provenance}
-        if ema is not None:
-            state.update(ema=ema.module.state_dict(), ema_updates=ema.updates)
-        if partial_epoch:
-            state["partial_epoch"] = partial_epoch
-        save_atomic(state, out_ckpt)
 
-    with StopRequest() as stop, bar:  # the bar is closed however training ends (an error: no stale bar at exit)
-        for epoch in range(start_epoch, epochs):
-            if iteration >= total_iterations:
+def train_one_epoch(run, epoch, stop):
+    """The steps of one epoch (those left of it, resuming in its middle): for each batch the schedule's lr, the loss,
+    its gradient, an SGD step and the weight average. Ends early at the run's last iteration, and on Ctrl-C or SIGTERM
+    in a run of one process. Returns (steps done in the epoch, their loss sum on the device, seconds)."""
+    args, model, optimizer, device = run.args, run.model, run.optimizer, run.device
+    model.train()
+    partial, run.partial = run.partial, {}
+    start = time.perf_counter() - partial.get("seconds", 0.)
+    loss_sum = partial["loss_sum"].to(device) if partial else torch.zeros((), device=device)
+    n_steps = partial.get("steps", 0)
+    for _ in range(n_steps, run.steps_per_epoch):
+        if run.iteration >= run.total_iterations or (stop.signal and run.world == 1):
+            break
+        images, boxes, labels, _ = next(run.batches)
+        run.lr = args.lr * lr_at(run.iteration, run.total_iterations, args)
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr * group["lr_mult"]
+        images = images.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalize(images)  # uint8 -> float on the device, in the memory format above
+        boxes = [b.to(device, non_blocking=True) for b in boxes]
+        labels = [l.to(device, non_blocking=True) for l in labels]
+        loss = compute_loss(model, run.criterion, images, boxes, labels, amp=args.amp, world=run.world)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.raw_model)
+        loss_sum += loss.detach()
+        n_steps += 1
+        run.iteration += 1
+        shown = run.running.update(loss)
+        if shown is not None:
+            run.bar.set_postfix(epoch=epoch + 1, loss=f"{shown:.3f}", refresh=False)
+        run.bar.update(1)
+    return n_steps, loss_sum, time.perf_counter() - start
+
+
+def save_checkpoint(run, epoch, partial_epoch=None):
+    """checkpoint.pt: plain data, enough to rebuild the model and to resume (also in the middle of an epoch)."""
+    state = {"model": run.raw_model.state_dict(), "model_args": run.raw_model.model_args,
+             "optimizer": run.optimizer.state_dict(), "epoch": epoch, "iteration": run.iteration, "args": vars(run.args),
+             "label_map": run.label_map, "field": list(run.field), "run_info": run.provenance}
+    if run.ema is not None:
+        state.update(ema=run.ema.module.state_dict(), ema_updates=run.ema.updates)
+    if partial_epoch:
+        state["partial_epoch"] = partial_epoch
+    save_atomic(state, run.out_ckpt)
+
+
+def validate(run, record):
+    """TEST's mAP into the epoch's log record (--val-every), of the weights and of their average; returns the mAP."""
+    args = run.args
+    aps, mean_ap = evaluate(run.raw_model, run.val_loader, amp=args.amp, channels_last=args.channels_last)
+    record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
+    if run.ema is not None:
+        aps, ema_map = evaluate(run.ema.module, run.val_loader, amp=args.amp, channels_last=args.channels_last)
+        record.update(mAP_ema=round(ema_map, 5), AP_ema={k: round(v, 5) for k, v in aps.items()})
+    return mean_ap
+
+
+def train(args, rank, world, device, cleanup):
+    """The tutorial's training loop: set up the run (set_up), then for each epoch train_one_epoch, the epoch's loss
+    (stop if it is not finite), --val-every's validation, a line of log.jsonl and the checkpoint. Ctrl-C or SIGTERM
+    saves where the run stopped and exits with the command that resumes it."""
+    run = set_up(args, rank, world, device, cleanup)
+    if run is None:
+        return
+    with StopRequest() as stop, run.bar:  # the bar is closed however training ends (an error: no stale bar at exit)
+        for epoch in range(run.start_epoch, run.epochs):
+            if run.iteration >= run.total_iterations:
                 break
-            model.train()
-            start = time.perf_counter() - partial.get("seconds", 0.)
-            loss_sum = partial["loss_sum"].to(device) if partial else torch.zeros((), device=device)
-            n_steps = partial.get("steps", 0)
-            partial = {}
-            for _ in range(n_steps, steps_per_epoch):
-                if iteration >= total_iterations or (stop.signal and world == 1):
-                    break
-                images, boxes, labels, _ = next(batches)
-                lr = args.lr * lr_at(iteration, total_iterations, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_mult"]
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                images = normalize(images)  # uint8 -> float on the device, in the memory format above
-                boxes = [b.to(device, non_blocking=True) for b in boxes]
-                labels = [l.to(device, non_blocking=True) for l in labels]
-                loss = compute_loss(model, criterion, images, boxes, labels, amp=amp, world=world)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(raw_model)
-                loss_sum += loss.detach()
-                n_steps += 1
-                iteration += 1
-                shown = running.update(loss)
-                if shown is not None:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{shown:.3f}", refresh=False)
-                bar.update(1)
-            if stop.signal and world == 1 and n_steps < steps_per_epoch and iteration < total_iterations:
-                bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
-                save(epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),
-                                             "seconds": time.perf_counter() - start})
-                stopped(stop, out_ckpt, iteration, f"epoch {epoch + 1}, step {n_steps} of {steps_per_epoch}")
+            n_steps, loss_sum, seconds = train_one_epoch(run, epoch, stop)
+            if stop.signal and world == 1 and n_steps < run.steps_per_epoch and run.iteration < run.total_iterations:
+                run.bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
+                save_checkpoint(run, epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),
+                                                             "seconds": seconds})
+                stopped(stop, run.out_ckpt, run.iteration, f"epoch {epoch + 1}, step {n_steps} of {run.steps_per_epoch}")
             if n_steps == 0:
                 break
-            epoch_loss = (loss_sum / n_steps)
+            epoch_loss = loss_sum / n_steps
             if world > 1:
                 dist.all_reduce(epoch_loss)
                 epoch_loss /= world
             epoch_loss = epoch_loss.item()  # one host sync per epoch
-            seconds = time.perf_counter() - start
             if not math.isfinite(epoch_loss):
-                bar.close()
-                kept = (f"the last good checkpoint is kept in {args.out_dir}" if os.path.exists(out_ckpt) else
+                run.bar.close()
+                kept = (f"the last good checkpoint is kept in {args.out_dir}" if os.path.exists(run.out_ckpt) else
                         "no checkpoint was saved")
                 raise UserError(f"epoch {epoch + 1}: the loss is {epoch_loss}; training stopped ({kept}). Try a lower "
                                 f"--lr or --grad-clip")
-            record = {"epoch": epoch + 1, "iteration": iteration, "loss": round(epoch_loss, 5), "lr": lr,
+            record = {"epoch": epoch + 1, "iteration": run.iteration, "loss": round(epoch_loss, 5), "lr": run.lr,
                       "seconds": round(seconds, 3), "images_per_s": round(n_steps * args.batch_size * world / seconds, 1)}
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
-            last = epoch + 1 == epochs or iteration >= total_iterations
+            run.bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
+            last = epoch + 1 == run.epochs or run.iteration >= run.total_iterations
             stopping = stop_requested(stop, world, device)
-            if val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
-                aps, mean_ap = evaluate(raw_model, val_loader, amp=amp, channels_last=channels_last)
-                record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
-                if ema is not None:
-                    aps, ema_map = evaluate(ema.module, val_loader, amp=amp, channels_last=channels_last)
-                    record.update(mAP_ema=round(ema_map, 5), AP_ema={k: round(v, 5) for k, v in aps.items()})
-                bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
-            if is_main:
-                with open(log_path, "a") as f:
+            if run.val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
+                mean_ap = validate(run, record)
+                run.bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
+            if run.is_main:
+                with open(run.log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
-                    save(epoch)
+                    save_checkpoint(run, epoch)
             if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
                 dist.barrier()
             if stopping and not last:
-                bar.close()
-                stopped(stop, out_ckpt, iteration, f"the end of epoch {epoch + 1}")
-    bar.close()
-    if is_main:
-        print(f"done: {iteration} iterations; checkpoint in {out_ckpt}")
+                run.bar.close()
+                stopped(stop, run.out_ckpt, run.iteration, f"the end of epoch {epoch + 1}")
+    run.bar.close()
+    if run.is_main:
+        print(f"done: {run.iteration} iterations; checkpoint in {run.out_ckpt}")
 
 
 def stop_requested(stop, world, device):
@@ -659,6 +676,16 @@ def stopped(stop, out_ckpt, iteration, where):
         print(f"stopped at iteration {iteration} ({where}); saved {out_ckpt}. Resume with:\n"
               f"  {launcher} --resume {out_ckpt}", file=sys.stderr)
     sys.exit(128 + (stop.signal or signal.SIGINT))
+
+
+def main(args):
+    rank, world, device = init_distributed(args.device)
+    try:
+        with contextlib.ExitStack() as cleanup:
+            train(args, rank, world, device, cleanup)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

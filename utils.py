@@ -3,50 +3,35 @@
 Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
   * Label map        -> label_map, rev_label_map, label_color_map (BCCD's, the defaults), make_label_map,
                         class_names, class_colors, check_classes, check_label_map, check_same_classes
-  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists
+  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists (read_split,
+                        annotated_image), load_image, pil_to_tensor
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
-                        (resize_placement, window_boxes_to_image: where resize puts a window, and back)
+                        (resize_placement: where resize puts a window)
   * Evaluation       -> calculate_mAP
-  * Plumbing         -> UserError, run_cli, save_atomic, write_json_atomic, load_checkpoint
+
+The scripts' plumbing (errors and the command line, devices, atomic writes, checkpoint loading) is in misc.py.
 
 Boxes are `(x_min, y_min, x_max, y_max)` ("xy") unless a name says otherwise: "cxcy" is
 (c_x, c_y, w, h) and "gcxgcy" is the offset encoding w.r.t. priors (see cxcy_to_gcxgcy).
 Nothing here does work at import time.
 """
-import datetime
-import errno
 import functools
-import io
-import json
 import math
 import os
-import pickle
-import platform
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 import xml.etree.ElementTree as ET
-import zipfile
-
-try:
-    import fcntl  # locks an output folder against a second process (POSIX)
-except ImportError:  # Windows
-    fcntl = None
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.functional as FT
 from PIL import Image
+
+from misc import UserError, check_writable, write_json_files_atomic
 
 # ---------------------------------------------------------------------------------------------
 # Label map
@@ -118,336 +103,6 @@ def check_same_classes(model_label_map, lists_label_map, checkpoint, data_folder
                         f"{', '.join(class_names(lists_label_map))} (label_map.json); make lists of the model's "
                         f"classes: create_data_lists.py --classes {' '.join(shlex.quote(n) for n in names)}")
 
-
-# ImageNet statistics: the VGG base was trained on images normalized this way (tutorial, "Images").
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the zoom-out canvas colour: (124, 116, 104)
-
-
-class UserError(Exception):
-    """A problem with the user's input (a file, a flag, the data). Scripts print it without a traceback."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a kill, a job scheduler's stop) raised like Ctrl-C, so that the scripts' cleanup runs for both."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
-def run_cli(main, parser):
-    """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1; Ctrl-C and
-    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first)."""
-    args = parser.parse_args()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as e:
-        said = str(e) or ("terminated" if isinstance(e, Terminated) else "interrupted")  # a script may say more
-        print(f"{parser.prog}: {said}", file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-
-
-def ignore_stop_signals(worker_id=None):
-    """DataLoader workers (worker_init_fn) leave Ctrl-C and SIGTERM, which a terminal, a container's stop or a job
-    scheduler sends to the whole process group, to the main process, which stops in order. Ctrl-C is ignored;
-    SIGTERM ends a worker quietly, with status 0: killed by the signal, a worker was a traceback in the main
-    process, and ignoring it would make the exit, where multiprocessing terminates and joins workers, hang."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
-
-
-def one_line(error):
-    """A UserError's message; one raised in a DataLoader worker comes back wrapped in the worker's traceback
-    ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
-    text = str(error)
-    if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]*UserError: ", "", last.strip())
-    return text
-
-
-def available_cpus():
-    """The CPUs this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_workers(workers, flag="--workers"):
-    """DataLoader worker processes: 0 (in-process) up to one per available CPU. Each worker is a copy of the
-    process (hundreds of MB), so a number far beyond the CPUs adds no speed and can exhaust the memory."""
-    if workers is not None and not 0 <= workers <= available_cpus():
-        raise UserError(f"{flag} {workers}: give 0 (no worker processes) to {available_cpus()}, the CPUs available "
-                        f"here; more add no speed and each costs memory")
-
-
-def resolve_device(name):
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is checked and returned as a torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def init_distributed(device_flag):
-    """Set up torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU).
-
-    Returns (rank, world_size, device), the device being this process's GPU under torchrun; a run
-    without torchrun is a world of one and sets nothing up.
-    """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_flag)
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def run_info(device):
-    """Where and when a result was made: date, command, git commit, versions and device name (for results JSON)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        cpu = platform.processor() or platform.machine()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        name = f"CPU {cpu}, {torch.get_num_threads()} threads"
-    return {"date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "commit": commit,
-            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "device_name": name}
-
-
-def bf16_is_fast(device):
-    """Whether bf16 autocast speeds up convolutions on `device`: on CUDA, yes; on a CPU, only where it has native
-    bf16 (AVX512-BF16, AMX) and a VGG-sized convolution runs at least BF16_GAIN times as fast in bf16 as in fp32,
-    timed once per process (about 0.1 s): on one AVX512-BF16 CPU we measured bf16 2.2x faster, on another 1.75x
-    slower (README, "Results")."""
-    if device.type == "cuda":
-        return True
-    try:
-        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return native and _cpu_bf16_speedup(torch.get_num_threads()) >= BF16_GAIN
-
-
-BF16_GAIN = 1.3  # below this, fp32: the same speed, and results that do not depend on the CPU's bf16 kernels
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_speedup(threads):
-    """fp32 time / bf16-autocast time of a 3x3 convolution of 128 channels at 75x75 (conv3 of VGG at 300x300)."""
-    conv = torch.nn.Conv2d(128, 128, 3, padding=1).eval()
-    x = torch.randn(1, 128, 75, 75).contiguous(memory_format=torch.channels_last)
-    conv = conv.to(memory_format=torch.channels_last)
-    times = {}
-    with torch.no_grad():
-        for amp in (False, True, False, True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                conv(x)  # warm-up (kernel choice, packing)
-                start = time.perf_counter()
-                for _ in range(3):
-                    conv(x)
-                times[amp] = min(times.get(amp, math.inf), time.perf_counter() - start)
-    return times[False] / times[True]
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: atomic writes and safe checkpoint loading
-# ---------------------------------------------------------------------------------------------
-
-def _atomic(path, write):
-    """Call write(tmp_path) and move the result onto `path`: an interrupted write never destroys `path`.
-
-    A write the file system refuses (full disk, no permission, a file where a folder should be) is a UserError
-    naming `path`; the temporary file is removed, and one that a killed process left is removed by
-    remove_stale_temporaries."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # same folder, so os.replace is atomic; created with the usual permissions
-    try:
-        _refuse_special(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            kept = "the earlier file is kept" if os.path.exists(path) else "nothing written"
-            raise UserError(f"{path}: cannot write ({e.strerror or e}); {kept}") from None
-        raise
-
-
-def _refuse_special(path, folder_ok=True):
-    """OSError if `path` exists and is neither a regular file nor a folder (a device such as /dev/full, a pipe,
-    a socket, or a link to one): os.replace would put a regular file in its place. folder_ok=False: a folder
-    is refused too (where a file is to go)."""
-    if not folder_ok and os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "a folder is in the way")
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
-        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket); name a file")
-
-
-def check_writable(path, flag, folder=False, create=True):
-    """Before any long work: check that the output `path` (a file, or a folder if `folder`) can be written,
-    creating its folder (create=True) or, without creating anything, in the nearest folder above it that
-    exists. UserError naming the flag and path otherwise (read-only, a file in the way, ...)."""
-    if not str(path).strip():
-        raise UserError(f"{flag} is empty: name a {'folder' if folder else 'file'}")
-    where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
-    try:
-        _refuse_special(path, folder_ok=folder)
-        existing = where
-        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder")
-        if create:
-            os.makedirs(where, exist_ok=True)
-        else:
-            where = existing
-        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-
-
-def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
-    """UserError if the output `path` is the checkpoint or one of the lists (of data_folder) that this run reads:
-    writing there would destroy it."""
-    lists = [f"{split}_{kind}.json" for split in ("TRAIN", "TEST") for kind in ("images", "objects")]
-    lists.append("label_map.json")
-    inputs = [checkpoint] + ([os.path.join(data_folder, name) for name in lists] if data_folder else [])
-    for p in inputs:
-        if p and os.path.isfile(path) and os.path.isfile(p) and os.path.samefile(path, p):
-            raise UserError(f"{flag} {path}: that is {p}, which this run reads; writing there would destroy it")
-
-
-def lock_folder(folder, message):
-    """Lock `folder` against a second process that writes there (POSIX flock, released when this process ends,
-    however it ends); a UserError saying `message` if another holds it. Returns the file descriptor to close."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as e:
-        raise UserError(f"{folder}: cannot open the folder to lock it ({e.strerror or e})") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UserError(message) from None
-    return fd
-
-
-def remove_stale_temporaries(folder, names):
-    """Remove the temporary files (<name>.<pid>.tmp, see _atomic) that a killed process left beside `names` in
-    `folder`. Call it only while no other process writes there (train.py holds a lock on its folder)."""
-    pattern = re.compile("(" + "|".join(re.escape(n) for n in names) + r")\.\d+\.tmp")
-    for entry in os.listdir(folder):
-        if pattern.fullmatch(entry):
-            os.remove(os.path.join(folder, entry))
-
-
-def save_atomic(obj, path):
-    """torch.save to memory, written to a temporary file in the same folder, then os.replace onto `path`."""
-    buffer = io.BytesIO()  # written by Python, which raises on a full disk (torch's own writer fails obscurely)
-    torch.save(obj, buffer)
-    write_bytes_atomic(buffer.getbuffer(), path)
-
-
-def write_bytes_atomic(data, path):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    _atomic(path, write)
-
-
-def write_text_atomic(text, path):
-    write_bytes_atomic(text.encode("utf-8"), path)
-
-
-def write_json_atomic(obj, path, indent=None):
-    write_text_atomic(json.dumps(obj, indent=indent) + "\n", path)
-
-
-def save_image_atomic(image, path, **params):
-    """PIL image.save(path, **params) to a temporary file, then os.replace onto `path` (format from its extension)."""
-    buffer = io.BytesIO()  # PIL's encoders ignore a short write (a full disk): Python's file raises
-    image.save(buffer, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()), **params)
-    write_bytes_atomic(buffer.getbuffer(), path)
-
-
-def write_json_files_atomic(files):
-    """Write several JSON files that belong together ({path: obj}): all to temporary files first, then each moved
-    into place, so that a failed write (a full disk) leaves the earlier set whole, never half old, half new."""
-    written, path = [], None
-    try:
-        for path in files:
-            _refuse_special(path, folder_ok=False)
-        for path, obj in files.items():
-            tmp = f"{path}.{os.getpid()}.tmp"
-            written.append((tmp, path))
-            with open(tmp, "w") as f:
-                f.write(json.dumps(obj) + "\n")
-        for tmp, path in written:
-            os.replace(tmp, path)
-    except BaseException as e:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"{path}: cannot write ({e.strerror or e}); the earlier files are kept") from None
-        raise
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by train.py: tensors and plain data only.
-
-    `weights_only=True` means unpickling can build tensors, dicts, lists, numbers and strings
-    and nothing else, so opening a checkpoint never runs code. A file that needs more is refused.
-    """
-    if not str(path).strip():
-        raise UserError("the checkpoint's name is empty: name a checkpoint file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint file" if not os.path.exists(path) else
-                        f"{path}: not a regular file, not a checkpoint")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a checkpoint file (train.py writes zip archives with torch.save)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message
-        what = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
-        raise UserError(f"{path}: refused: it holds pickled objects, not only tensors and plain data, and "
-                        f"loading it could run code{' (' + what[:160] + ')' if what else ''}") from None
-    except Exception as e:  # truncated or damaged archive, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"{path}: not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,66 +233,18 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
         raise UserError(f"{voc_path}: no {' and no '.join(missing)} folder; a Pascal VOC dataset has Annotations/, "
                         f"ImageSets/Main/ and JPEGImages/")
     check_writable(output_folder, "--output-folder", folder=True, create=False)  # before the parsing, not after
-    errors, warnings, lists, listings, split_ids, annotated_by = [], [], {}, {}, {}, {}
+    errors, warnings, lists, split_ids, seen = [], [], {}, {}, ({}, {})  # seen: find_image's listings, image owners
     for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
-        split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
-        if not os.path.isfile(split_file):
-            errors.append(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
-                          f"create_data_lists.py --test-fraction 0.2)")
-            continue
         try:
-            with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
-                ids = [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            errors.append(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})")
-            continue
-        if not ids:
-            errors.append(f"{split_file}: empty split")
-            continue
-        twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
-        if twice:
-            errors.append(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
-                          f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
-            continue
-        outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
-        if outside:
-            errors.append(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
-                          f"file name there, without .xml")
+            ids = read_split(voc_path, split_name)
+        except UserError as e:
+            errors.append(str(e))
             continue
         split_ids[split] = (split_name, set(ids))
         images, objects = [], []
-        for image_id in ids:
-            xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
-            if not os.path.isfile(xml_path):
-                errors.append(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
-                continue
+        for image_id in ids:  # the tutorial's loop: each annotation, its image, its objects
             try:
-                root = read_annotation(xml_path)
-            except UserError as e:
-                errors.append(str(e))
-                continue
-            filename = (root.findtext("filename") or "").strip()
-            img_path = find_image(voc_path, image_id, filename, listings)
-            if img_path is None:
-                expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
-                errors.append(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image "
-                              f"extension> either)")
-                continue
-            other = annotated_by.setdefault(os.path.realpath(img_path), image_id)
-            if other != image_id:  # a <filename> naming another id's image
-                errors.append(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each "
-                              f"image must be annotated once")
-                continue
-            if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
-                errors.append(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
-                continue
-            try:
-                with Image.open(img_path) as im:  # reads the header only
-                    size = im.size
-            except Exception as e:
-                errors.append(f"{img_path}: not a readable image ({type(e).__name__})")
-                continue
-            try:
+                xml_path, root, img_path, size = annotated_image(voc_path, image_id, split_name, seen)
                 objs, warns = parse_annotation(xml_path, image_size=size, label_map=given, root=root)
             except UserError as e:
                 errors.append(str(e))
@@ -688,6 +295,59 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
     return summary
 
 
+def read_split(voc_path, split_name):
+    """The ids of ImageSets/Main/<split_name>.txt, one a line; UserError if the file is missing, unreadable, empty, or
+    lists an id twice or one that climbs out of Annotations/."""
+    split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
+    if not os.path.isfile(split_file):
+        raise UserError(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
+                        f"create_data_lists.py --test-fraction 0.2)")
+    try:
+        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
+            ids = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if not ids:
+        raise UserError(f"{split_file}: empty split")
+    twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
+    if twice:
+        raise UserError(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
+                        f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
+    outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
+    if outside:
+        raise UserError(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
+                        f"file name there, without .xml")
+    return ids
+
+
+def annotated_image(voc_path, image_id, split_name, seen):
+    """(xml path, its parsed XML, image path, image (width, height)) of an id of <split_name>.txt; UserError if the
+    annotation or the image is missing or unreadable, or if another id's annotation already claimed the image.
+    seen: (find_image's folder listings, {image: the id that claimed it}), kept from one call to the next."""
+    xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
+    if not os.path.isfile(xml_path):
+        raise UserError(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
+    root = read_annotation(xml_path)
+    filename = (root.findtext("filename") or "").strip()
+    listings, owners = seen
+    img_path = find_image(voc_path, image_id, filename, listings)
+    if img_path is None:
+        expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
+        raise UserError(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image extension> "
+                        f"either)")
+    other = owners.setdefault(os.path.realpath(img_path), image_id)
+    if other != image_id:  # a <filename> naming another id's image
+        raise UserError(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each image "
+                        f"must be annotated once")
+    if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
+        raise UserError(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
+    try:
+        with Image.open(img_path) as im:  # reads the header only
+            return xml_path, root, img_path, im.size
+    except Exception as e:
+        raise UserError(f"{img_path}: not a readable image ({type(e).__name__})") from None
+
+
 def load_image(path):
     """Read an image file as a uint8 tensor (3, H, W), RGB. Any PIL mode is converted; errors name the file."""
     try:
@@ -697,20 +357,6 @@ def load_image(path):
         raise UserError(f"{path}: image not found") from None
     except Exception as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-
-
-def median_image_size(paths):
-    """(width, height): the median width and median height of the image files (headers only are read).
-
-    train.py records it in checkpoints as the field the model was trained on; detect.py tiles larger images."""
-    sizes = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except Exception as e:
-            raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
-    return tuple(torch.tensor(sizes).median(0).values.tolist())  # the lower median: a size that exists
 
 
 def pil_to_tensor(image):
@@ -816,6 +462,12 @@ def decimate(tensor, m):
 # ImageNet mean, as in the tutorial's zoom-out. The random draws are those of the tutorial.
 # All randomness comes from one torch.Generator, so an item is reproducible from its seed.
 # ---------------------------------------------------------------------------------------------
+
+# ImageNet statistics: the VGG base was trained on images normalized this way (tutorial, "Images").
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN_UINT8 = tuple(round(255 * m) for m in IMAGENET_MEAN)  # the zoom-out canvas colour: (124, 116, 104)
+
 
 def _uniform(g, low, high):
     return low + (high - low) * torch.rand((), generator=g).item()
@@ -964,20 +616,6 @@ def resize_placement(window, image_size, dims=(300, 300)):
     ox1, oy1 = min(ox1, out_w), min(oy1, out_h)
     ox0, oy0 = min(ox0, ox1 - 1), min(oy0, oy1 - 1)
     return (ix0, iy0, ix1, iy1), (ox0, oy0, ox1, oy1)
-
-
-def window_boxes_to_image(boxes, visible, placed, dims=(300, 300)):
-    """The inverse of resize()'s box mapping: boxes (n, 4) fractional in a resized window -> pixels of the image.
-
-    visible, placed: (n, 4) each, every box's window's resize_placement() (the visible part in image pixels,
-    where it landed in output pixels). Boxes are clipped to the visible part: a box over the canvas around
-    it becomes narrower, or empty.
-    """
-    out_h, out_w = dims
-    size = boxes.new_tensor([out_w, out_h, out_w, out_h])
-    scale = (visible[:, 2:] - visible[:, :2]) / (placed[:, 2:] - placed[:, :2])  # (n, 2) image pixels per output pixel
-    pixels = (boxes * size - placed) * scale.repeat(1, 2) + visible
-    return torch.minimum(torch.maximum(pixels, visible[:, :2].repeat(1, 2)), visible[:, 2:].repeat(1, 2))
 
 
 def resize(image, window, boxes, dims=(300, 300), hflip=False, distort=None):

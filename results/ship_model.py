@@ -24,7 +24,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils import UserError, load_checkpoint, run_cli, run_info, save_atomic  # noqa: E402
+from misc import UserError, load_checkpoint, run_cli, run_info, save_atomic  # noqa: E402
 
 
 def get_args_parser():

@@ -29,10 +29,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import (RBC_WIDTH, detect_image, format_min_score, load_model, parse_max_overlap,  # noqa: E402
-                    parse_min_score, tile_windows, tiling)
-from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, class_names, resolve_device, run_cli, run_info,  # noqa: E402
-                   write_json_atomic)
+from detect import RBC_WIDTH, detect_image, load_model, tile_windows, tiling  # noqa: E402
+from misc import (UserError, bf16_is_fast, format_min_score, parse_max_overlap, parse_min_score,  # noqa: E402
+                  repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
+from utils import bccd_labels, calculate_mAP, class_names  # noqa: E402
 
 EVAL_SETTING = (0.01, 0.45, 200)  # eval.py's, the paper's and the tutorial's: min_score, max_overlap, top_k
 
@@ -46,8 +46,9 @@ def get_args_parser():
     p.add_argument("--images", type=int, default=36, help="the first this many TEST images make the mosaics "
                    "(36: 9 2x2 and 4 3x3 mosaics)")
     p.add_argument("--enlarged", type=int, default=3, help="this many 2x2 mosaics are also enlarged 2x")
-    p.add_argument("--min-score", type=float, nargs="+", default=None,
-                   help="counting: detect.py's --min-score (one, or one per class; default: the checkpoint's)")
+    p.add_argument("--min-score", default=None,
+                   help="counting: detect.py's --min-score (0.5, RBC=0.35,WBC=0.25 or 0.35,0.25,0.3; default: the "
+                   "checkpoint's)")
     p.add_argument("--max-overlap", type=float, default=None,
                    help="counting: detect.py's --max-overlap (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -134,7 +135,8 @@ def main(args):
     amp = bf16_is_fast(device)
     model = OneForwardPass(load_model(args.checkpoint, device))
     classes = class_names(model.label_map)
-    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes)
+    min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes,
+                                                                                  default=model.min_score)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
     if args.images > len(test_set):
@@ -200,7 +202,7 @@ def main(args):
     seconds = time.perf_counter() - start
 
     print_table(results, (format_min_score(min_score, classes), max_overlap))
-    write_json_atomic({**run_info(device), "checkpoint": os.path.abspath(args.checkpoint), "field": list(model.field),
+    write_json_atomic({**run_info(device), "checkpoint": repo_relative(args.checkpoint), "field": list(model.field),
                        "count_setting": {"min_score": min_score, "max_overlap": max_overlap, "top_k": 200,
                                          "classes": classes},
                        "map_setting": dict(zip(("min_score", "max_overlap", "top_k"), EVAL_SETTING)),

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import BCCD_FIELD, merge_windows, tile_windows, tiling  # noqa: E402
-from utils import UserError, resize, run_cli, run_info, write_json_atomic  # noqa: E402
+from misc import UserError, run_cli, run_info, write_json_atomic  # noqa: E402
+from utils import resize  # noqa: E402
 
 
 def get_args_parser():

@@ -10,15 +10,23 @@ Fixtures:
   * real_bccd_dir (session): the real BCCD; the test is skipped where it is missing.
   * data_lists (session): the folder of lists that utils.create_data_lists wrote from bccd_dir
     (TRAIN/TEST _images.json, _objects.json, label_map.json). Read only.
+  * tiny_lists (session): lists of a tiny generated dataset of 64x48 images (4 TRAIN, 2 TEST), made once. Read only.
+  * untrained_checkpoint (session): an untrained SSD300 (seed 0; BatchNorm, train.py's BCCD priors, BCCD's classes)
+    saved as eval.py and detect.py read checkpoints, made once. Its detections depend on the image. Read only.
   * tiny_voc (function): a factory, tiny_voc(**options) -> path of a new tiny VOC dataset made
     in tmp_path; the test may change it freely. Options: see make_voc.
-  * run_script (function): run_script("create_data_lists.py", "--flag", ...) runs a script of the
-    repository in a fresh Python, as a user would, and returns the subprocess.CompletedProcess.
+  * run_main (function): run_main("detect.py", "--flag", ...) runs a script's command line in this process, as
+    `python detect.py --flag ...` would (misc.run_cli with sys.argv set): the same exit status, stdout and stderr,
+    without the seconds a fresh Python and torch cost. Returns an object with returncode, stdout and stderr.
+  * run_script (function): the same in a fresh Python, as a user would (a subprocess.CompletedProcess): for what
+    only a separate process shows (a traceback at import, signals to a process group, torchrun).
 """
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -169,6 +177,30 @@ def data_lists(bccd_dir, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_lists(tmp_path_factory):
+    """Lists of a generated dataset of 64x48 images: 4 TRAIN (2 steps an epoch at batch 2), 2 TEST."""
+    from utils import create_data_lists
+    root = tmp_path_factory.mktemp("tiny")
+    create_data_lists(make_voc(root / "BCCD", n_trainval=4, n_test=2), root / "lists", verbose=False)
+    return root / "lists"
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory):
+    """An untrained SSD300 (BatchNorm, train.py's BCCD priors, seed 0) saved with the fields eval.py and detect.py
+    read. Its scores are not uniform and depend on the image, so its detections do too."""
+    import torch
+    from model import SSD300
+    from train import BCCD_PRIOR_SCALES
+    from utils import label_map
+    torch.manual_seed(0)
+    model = SSD300(base_weights=None, batch_norm=True, prior_scales=BCCD_PRIOR_SCALES)
+    path = tmp_path_factory.mktemp("untrained") / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "model_args": model.model_args, "label_map": label_map}, path)
+    return path
+
+
 @pytest.fixture
 def tiny_voc(tmp_path):
     """Factory: tiny_voc(**options) makes a new tiny VOC dataset under tmp_path and returns its path.
@@ -182,14 +214,47 @@ def tiny_voc(tmp_path):
     return make
 
 
+def child_env():
+    """The environment of a command the tests start: no proxy for local addresses (the download tests' server)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """run_main(script, *args) -> (returncode, stdout, stderr) of `python script args`, run in this process."""
+    import importlib
+    from misc import run_cli
+
+    def run(script, *args):
+        module = importlib.import_module(script.removesuffix(".py"))
+        for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        capsys.readouterr()  # what the test printed before
+        sigterm = signal.getsignal(signal.SIGTERM)  # run_cli turns SIGTERM into an exception: not for pytest
+        try:
+            run_cli(module.main, module.get_args_parser())
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 @pytest.fixture
 def run_script():
     """run_script(script, *args, timeout=120) -> CompletedProcess (text stdout/stderr) of
     `python script args` run in the repository, with no proxy for local addresses."""
     def run(script, *args, timeout=120):
-        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-        return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+        return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=child_env(),
                               capture_output=True, text=True, timeout=timeout)
 
     return run

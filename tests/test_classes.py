@@ -24,7 +24,8 @@ import train
 from conftest import image_id, make_voc
 from model import SSD300
 from test_workflow import assert_one_line_error, load, train_argv
-from utils import PALETTE, UserError, class_colors, create_data_lists, label_color_map
+from misc import UserError
+from utils import PALETTE, class_colors, create_data_lists, label_color_map
 from utils import label_map as BCCD_LABEL_MAP
 
 OWN = ("Sickle cell", "Lymphozyt ä", "echinocyte", "RBC", "Ödem Zelle")
@@ -85,9 +86,9 @@ def test_bccd_classes_or_some_of_them_keep_bccd_label_map(classes, tiny_voc, tmp
     assert read_json(tmp_path / "lists" / "label_map.json") == {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
 
 
-def test_classes_flag_gives_the_order_and_warns_of_a_class_never_seen(tiny_voc, tmp_path, run_script):
+def test_classes_flag_gives_the_order_and_warns_of_a_class_never_seen(tiny_voc, tmp_path, run_main):
     voc = tiny_voc(classes=TWO)
-    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", tmp_path / "lists",
+    result = run_main("create_data_lists.py", "--data-folder", voc, "--output-folder", tmp_path / "lists",
                         "--classes", " Sickle cell ", "Spherozyt", "Lymphozyt ä")
     assert result.returncode == 0, result.stderr
     assert read_json(tmp_path / "lists" / "label_map.json") == {"background": 0, "Sickle cell": 1, "Spherozyt": 2,
@@ -257,11 +258,11 @@ def test_class_absent_from_test_is_reported_as_such_and_left_out_of_the_mean(two
     assert re.search(r"^Lymphozyt ä +0\.00 +\d+\.\d\d +\d+\.\d\d +-$", count_table, re.M), count_table
 
 
-def test_eval_refuses_lists_whose_label_map_differs(two_class_lists, tiny_voc, tmp_path, run_script):
+def test_eval_refuses_lists_whose_label_map_differs(two_class_lists, tiny_voc, tmp_path, run_main):
     checkpoint = save_random_checkpoint(tmp_path / "checkpoint.pt", read_json(two_class_lists / "label_map.json"))
     # the same classes in another order: the labels would mean other classes
     create_data_lists(tiny_voc(classes=TWO), tmp_path / "reordered", classes=TWO, verbose=False)
-    result = run_script("eval.py", *eval_argv(checkpoint, tmp_path / "reordered", "--output", tmp_path / "eval.json"))
+    result = run_main("eval.py", *eval_argv(checkpoint, tmp_path / "reordered", "--output", tmp_path / "eval.json"))
     line = assert_one_line_error(result, "eval.py", str(checkpoint))
     assert "Lymphozyt ä, Sickle cell" in line and "Sickle cell, Lymphozyt ä" in line and "label_map.json" in line
     assert "--classes 'Lymphozyt ä' 'Sickle cell'" in line  # the command that makes lists of the model's classes
@@ -306,27 +307,26 @@ def test_class_colors_keep_bccd_colours_and_give_others_distinct_ones():
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end, as commands
+# End to end, as commands (in this process: test_workflow.py runs the commands in fresh Pythons)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_own_classes_end_to_end(tiny_voc, tmp_path, run_script):
+def test_own_classes_end_to_end(tiny_voc, tmp_path, run_main):
     voc = tiny_voc(n_trainval=4, n_test=2, classes=OWN)
     lists, run = tmp_path / "lists", tmp_path / "run"
-    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", lists)
+    result = run_main("create_data_lists.py", "--data-folder", voc, "--output-folder", lists)
     assert result.returncode == 0, result.stderr
     label_map = read_json(lists / "label_map.json")
     assert list(label_map) == ["background", *OWN_SORTED]
     assert "classes (from the annotations): 0 background, 1 echinocyte, 2 Lymphozyt ä" in result.stdout
 
-    result = run_script("train.py", *train_argv(lists, run, "--iterations", 2), timeout=600)
+    result = run_main("train.py", *train_argv(lists, run, "--iterations", 2))
     assert result.returncode == 0, result.stderr
     ckpt = load(run / "checkpoint.pt")
     assert ckpt["label_map"] == label_map and ckpt["model_args"]["n_classes"] == 6
     assert ckpt["model"]["pred_convs.cl_conv4_3.weight"].shape[0] == 4 * 6  # 4 priors a location, 6 classes
 
-    result = run_script("eval.py", *eval_argv(run / "checkpoint.pt", lists, "--output", tmp_path / "eval.json"),
-                        timeout=600)
+    result = run_main("eval.py", *eval_argv(run / "checkpoint.pt", lists, "--output", tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr
     metrics = read_json(tmp_path / "eval.json")
     in_test = {name for name, label in label_map.items()
@@ -340,8 +340,8 @@ def test_own_classes_end_to_end(tiny_voc, tmp_path, run_script):
         assert len(rows) == 1 and re.search(expected, rows[0]), (name, ap_table)
 
     images = read_json(lists / "TEST_images.json")
-    result = run_script("detect.py", "--checkpoint", run / "checkpoint.pt", *images, "--output-dir", tmp_path / "det",
-                        "--device", "cpu", "--min-score", "0.01", timeout=600)
+    result = run_main("detect.py", "--checkpoint", run / "checkpoint.pt", "--min-score", "0.01", *images,
+                      "--output-dir", tmp_path / "det", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "det" / "counts.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))

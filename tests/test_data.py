@@ -31,7 +31,8 @@ import create_data_lists as cdl
 import utils
 from conftest import CLASSES, annotation_xml, image_id
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, create_data_lists
+from misc import UserError
+from utils import IMAGENET_MEAN, IMAGENET_STD, create_data_lists
 
 LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
 LIST_FILES = ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json", "label_map.json")
@@ -102,7 +103,7 @@ def snapshot(folder):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(Path(folder).iterdir())}
 
 
-def run_main(*argv):
+def cdl_main(*argv):
     """create_data_lists.py's main in this process: (stdout, stderr). A UserError propagates."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -167,7 +168,7 @@ def cli_run(request, bccd_dir, tmp_path_factory):
     """create_data_lists.py's main on bccd_dir with one pair of splits: (splits, output folder, stdout, stderr)."""
     train_split, test_split = request.param
     out = tmp_path_factory.mktemp("cli_lists")
-    stdout, stderr = run_main("--data-folder", bccd_dir, "--output-folder", out,
+    stdout, stderr = cdl_main("--data-folder", bccd_dir, "--output-folder", out,
                               "--train-split", train_split, "--test-split", test_split)
     return request.param, out, stdout, stderr
 
@@ -404,13 +405,13 @@ def test_output_folder_that_cannot_be_written_is_refused_before_parsing(where, t
     assert (tmp_path / "file").read_text() == "a file where a folder should be"
 
 
-def test_cli_reports_all_errors_together(tiny_voc, tmp_path, run_script):
+def test_cli_reports_all_errors_together(tiny_voc, tmp_path, run_main):
     voc = tiny_voc(n_trainval=5, n_test=2)
     lists = tmp_path / "lists"
     create_data_lists(voc, lists, verbose=False)
     before = snapshot(lists)
     problems = [problem(voc) for problem in PROBLEMS[:7]]  # the others hide these: a split file's, or image 5's (test)
-    result = run_script("create_data_lists.py", "--data-folder", voc, "--output-folder", lists, "--classes", *CLASSES)
+    result = run_main("create_data_lists.py", "--data-folder", voc, "--output-folder", lists, "--classes", *CLASSES)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
@@ -423,9 +424,9 @@ def test_cli_reports_all_errors_together(tiny_voc, tmp_path, run_script):
 # Getting the data
 # ---------------------------------------------------------------------------------------------
 
-def test_cli_missing_data_says_where_to_get_it(tmp_path, run_script):
+def test_cli_missing_data_says_where_to_get_it(tmp_path, run_main):
     missing = tmp_path / "nowhere" / "BCCD"
-    result = run_script("create_data_lists.py", "--data-folder", missing, "--output-folder", tmp_path / "lists")
+    result = run_main("create_data_lists.py", "--data-folder", missing, "--output-folder", tmp_path / "lists")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     message = result.stderr.strip()
@@ -468,9 +469,9 @@ def archive_server(tmp_path_factory):
     server.server_close()
 
 
-def test_cli_download_places_bccd(archive_server, tmp_path, run_script):
+def test_cli_download_places_bccd(archive_server, tmp_path, run_main):
     data = tmp_path / "data" / "BCCD"
-    result = run_script("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
+    result = run_main("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
                         "--download", "--url", f"{archive_server}/bccd.zip")
     assert result.returncode == 0, result.stderr
     assert len(list((data / "Annotations").glob("*.xml"))) == 364
@@ -486,19 +487,19 @@ def test_download_refuses_wrong_count(archive_server, tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     data = tmp_path / "data" / "BCCD"
     with pytest.raises(UserError, match=r"363.*364"):
-        run_main("--data-folder", data, "--output-folder", tmp_path / "lists", "--download", "--url", f"{archive_server}/short.zip")
+        cdl_main("--data-folder", data, "--output-folder", tmp_path / "lists", "--download", "--url", f"{archive_server}/short.zip")
     assert not data.exists() and not (tmp_path / "lists").exists()
     assert list((tmp_path / "data").iterdir()) == []  # no temporary folder left either
 
 
-def test_cli_unreachable_url_is_one_line_error(tmp_path, run_script):
+def test_cli_unreachable_url_is_one_line_error(tmp_path, run_main):
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/bccd.zip"
     data = tmp_path / "data" / "BCCD"
-    result = run_script("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
-                        "--download", "--url", url, timeout=60)
+    result = run_main("create_data_lists.py", "--data-folder", data, "--output-folder", tmp_path / "lists",
+                        "--download", "--url", url)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

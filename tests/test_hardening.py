@@ -3,12 +3,13 @@ traceback, checked before long work where it can be, and what earlier runs wrote
 
     python -m pytest tests/test_hardening.py -q
 
-Each script's command line runs in this process as `python <script>.py ...` would (utils.run_cli with sys.argv
+Each script's command line runs in this process as `python <script>.py ...` would (misc.run_cli with sys.argv
 set): the exit status and stderr are those a user sees, without the seconds a fresh Python and torch cost.
 One table per entry point: (case, command line, the message's words, files it must leave as they were).
 """
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,9 +23,9 @@ import detect
 import eval as eval_script
 import train
 from conftest import make_voc
-from model import SSD300
+from misc import Terminated, run_cli
+from utils import bccd_labels
 from utils import create_data_lists as make_lists
-from utils import Terminated, label_map, run_cli
 
 SCRIPTS = {"create_data_lists": create_data_lists, "train": train, "eval": eval_script, "detect": detect,
            "bench": bench}
@@ -59,15 +60,12 @@ def snapshot(paths):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, untrained_checkpoint):
     """A tiny VOC dataset, its lists, a random checkpoint, an image, and earlier outputs of every script."""
     root = tmp_path_factory.mktemp("hostile")
     voc = make_voc(root / "voc", n_trainval=4, n_test=2)
     make_lists(voc, root / "lists", verbose=False)
-    torch.manual_seed(0)
-    model = SSD300(base_weights=None, batch_norm=True, prior_scales=train.BCCD_PRIOR_SCALES)
-    checkpoint = root / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "model_args": model.model_args, "label_map": label_map}, checkpoint)
+    shutil.copy(untrained_checkpoint, root / "checkpoint.pt")  # conftest's untrained SSD300
     (root / "file").write_text("a file where a folder should be\n")
     os.mkfifo(root / "fifo")  # as a device such as /dev/full: os.replace would put a regular file in its place
     (root / "fifo-out").mkdir()
@@ -153,7 +151,16 @@ TRAIN_BASE = ["--data-folder", "{root}/lists", "--out-dir", "{root}/run", "--dev
 TRAIN = [
     ("lr-nan", ["--lr", "nan"], ["--lr must be a finite number > 0, not nan"]),
     ("lr-inf", ["--lr", "inf"], ["--lr"]),
+    ("lr-0", ["--lr", "0"], ["--lr must be a finite number > 0"]),
+    ("lr-negative", ["--lr", "-1"], ["--lr"]),
     ("momentum-nan", ["--momentum", "nan"], ["--momentum"]),
+    ("momentum-1", ["--momentum", "1"], ["--momentum must be below 1"]),
+    ("weight-decay-nan", ["--weight-decay", "nan"], ["--weight-decay"]),
+    ("grad-clip-inf", ["--grad-clip", "inf"], ["--grad-clip"]),
+    ("max-zoom-0.5", ["--max-zoom", "0.5"], ["--max-zoom must be between 1 and 16"]),
+    ("prior-scales-nan", ["--prior-scales", "nan", "0.2", "0.3", "0.4", "0.5", "0.6"], ["--prior-scales"]),
+    ("decay-at-nan", ["--schedule", "step", "--decay-at", "nan"], ["--decay-at"]),
+    ("device-nonsense", ["--device", "nonsense"], ["nonsense"]),
     ("weight-decay-negative", ["--weight-decay", "-1"], ["--weight-decay"]),
     ("grad-clip-nan", ["--grad-clip", "nan"], ["--grad-clip"]),
     ("warmup-negative", ["--warmup", "-5"], ["--warmup"]),
@@ -199,7 +206,9 @@ EVAL = [
     ("output-under-a-file", ["--output", "{root}/file/eval.json"], ["--output", "cannot write there"]),
     ("output-is-a-pipe", ["--output", "{root}/fifo"], ["--output", "not a regular file"]),
     ("count-min-score-nan", ["--count-min-score", "nan"], ["--count-min-score must lie in [0, 1)"]),
-    ("count-min-score-2-of-3", ["--count-min-score", "0.1", "0.2"], ["one per class"]),
+    ("count-min-score-2-of-3", ["--count-min-score", "0.1,0.2"], ["one per class"]),
+    ("count-min-score-1", ["--count-min-score", "1"], ["--count-min-score must lie in [0, 1)"]),
+    ("count-min-score-unknown-class", ["--count-min-score", "RBC=0.3,Lymphocyte=0.2"], ["no class 'Lymphocyte'"]),
     ("count-max-overlap-0", ["--count-max-overlap", "0"], ["--count-max-overlap"]),
     ("ema-absent", ["--ema"], ["--ema", "checkpoint.pt holds no moving average of its weights"]),
     ("batch-size-0", ["--batch-size", "0"], ["--batch-size"]),
@@ -228,10 +237,17 @@ DETECT = [
     ("output-under-a-file", ["--output-dir", "{root}/file/out"], ["--output-dir", "cannot write there"]),
     ("output-is-the-input-folder", ["--output-dir", "{root}/voc/JPEGImages"], ["would overwrite an input image"]),
     ("counts-csv-is-a-pipe", ["--output-dir", "{root}/fifo-out"], ["counts.csv", "not a regular file"]),
+    ("min-score-2", ["--min-score", "2"], ["--min-score must lie in [0, 1)"]),
     ("min-score-nan", ["--min-score", "nan"], ["--min-score must lie in [0, 1)"]),
-    ("min-score-2-of-3", ["--min-score", "0.1", "0.2"], ["one per class"]),
+    ("min-score-2-of-3", ["--min-score", "0.1,0.2"], ["one per class"]),
+    ("min-score-not-a-number", ["--min-score", "smears/"], ["--min-score 'smears/'", "RBC=0.35,WBC=0.25"]),
+    ("min-score-unknown-class", ["--min-score", "RBC=0.3,Lymphocyte=0.2"], ["no class 'Lymphocyte'", "RBC, WBC"]),
+    ("min-score-class-twice", ["--min-score", "RBC=0.3,RBC=0.2"], ["'RBC' given twice"]),
     ("max-overlap-2", ["--max-overlap", "2"], ["--max-overlap"]),
+    ("min-score-some-named", ["--min-score", "RBC=0.3,0.2"], ["name every value's class or none"]),
+    ("max-overlap-0", ["--max-overlap", "0"], ["--max-overlap"]),
     ("top-k-0", ["--top-k", "0"], ["--top-k"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--top-k and --batch-size must be 1 to 100,000"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("tile-nonsense", ["--tile", "big"], ["--tile"]),
     ("scale-nan", ["--scale", "nan"], ["--scale"]),
@@ -242,6 +258,7 @@ DETECT = [
     ("input-is-a-pipe", ["{root}/fifo"], ["fifo: not a regular file"]),  # read, it would wait for ever
     ("top-k-huge", ["--top-k", "99999999999999999999"], ["--top-k and --batch-size must be 1 to 100,000"]),
     ("device-mps", ["--device", "mps"], ["only cpu and cuda"]),
+    ("device-nonsense", ["--device", "nonsense"], ["nonsense"]),
     ("output-empty", ["--output-dir", ""], ["--output-dir is empty"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),  # not the shipped model
 ]
@@ -338,6 +355,53 @@ def test_bench(case, argv, says, world, monkeypatch, capsys):
     code, _, err = cli("bench", fill(BENCH_BASE + argv, world), monkeypatch, capsys)
     assert_one_line_error(code, err, "bench", says)
     assert snapshot([world / "bench.json"]) == kept
+
+
+# the contract as commands, once per script: a fresh Python, status 1, one line on stderr and nothing else, no
+# traceback (the tables above run the same run_cli in this process); eval.py's is a checkpoint carrying code
+COMMANDS = [
+    ("create_data_lists", ["--data-folder", "{root}/nowhere", "--output-folder", "{root}/lists"], ["BCCD not found"]),
+    ("train", TRAIN_BASE + ["--max-zoom", "0.5"], ["--max-zoom must be between 1 and 16"]),
+    ("eval", EVAL_BASE + ["--checkpoint", "{root}/code.pt"], ["code.pt: refused", "could run code"]),
+    ("detect", ["--min-score", "0.5", "{root}/none.jpg", "--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint"]),
+    ("bench", BENCH_BASE + ["--iters", "0"], ["--iters"]),
+]
+
+
+class CreatesFileWhenUnpickled:
+    """Unpickling this object calls open(path, "w"): a loader that runs pickled code creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("script, argv, says", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_a_user_error_as_a_command_is_one_line_and_status_1(script, argv, says, world, run_script):
+    ckpt = torch.load(world / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "extra": CreatesFileWhenUnpickled(world / "marker")}, world / "code.pt")
+    result = run_script(f"{script}.py", *fill(argv, world))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"{script}.py: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert all(w in result.stderr for w in says), result.stderr
+    assert not (world / "marker").exists(), "loading the checkpoint ran the code it carries"
+
+
+def test_min_score_per_class_by_name_after_the_flags_come_the_inputs(world, images, tmp_path, monkeypatch, capsys):
+    """--min-score takes one word: the inputs after it are inputs. Named classes get their value, the others keep
+    the model's (the untrained checkpoint records none: the tutorial's 0.2)."""
+    out = tmp_path / "out"
+    for value, shown in (("0.5", "0.5"), ("WBC=0.9", "RBC=0.2,WBC=0.9,Platelets=0.2")):
+        code, stdout, err = cli("detect", ["--min-score", value, images, "--checkpoint", world / "checkpoint.pt",
+                                           "--output-dir", out, "--device", "cpu"], monkeypatch, capsys)
+        assert code == 0, err
+        assert "4 image(s) in" in stdout and f"at min_score {shown}, max_overlap 0.5;" in stdout, stdout
+        records = json.loads((out / "detections.json").read_text())
+        assert len(records) == 4
+        floor = {"RBC": 0.2, "WBC": 0.9, "Platelets": 0.2} if "=" in value else dict.fromkeys(bccd_labels, 0.5)
+        assert all(s > floor[l] for r in records for l, s in zip(r["labels"], r["scores"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,15 +580,15 @@ def test_a_full_disk_is_one_line_and_never_a_truncated_file(world, images, tmp_p
     """PIL's encoders and torch's writer do not say when a write falls short; every file goes through Python's,
     which raises: here onto /dev/full (every write: no space left), and the earlier file is kept."""
     import builtins
-    import utils
+    import misc
     (tmp_path / "disk").mkdir()
     target = tmp_path / "disk" / "kept.jpg"
     target.write_bytes(b"an earlier file")
-    monkeypatch.setattr(utils, "open", lambda path, mode="r", **kw: builtins.open("/dev/full", mode, **kw),
+    monkeypatch.setattr(misc, "open", lambda path, mode="r", **kw: builtins.open("/dev/full", mode, **kw),
                         raising=False)
-    for save in (lambda: utils.save_image_atomic(Image.new("RGB", (64, 48)), str(target), quality=90),
-                 lambda: utils.save_atomic({"weights": torch.zeros(1000)}, str(target))):
-        with pytest.raises(utils.UserError, match=r"No space left on device\); the earlier file is kept"):
+    for save in (lambda: misc.save_image_atomic(Image.new("RGB", (64, 48)), str(target), quality=90),
+                 lambda: misc.save_atomic({"weights": torch.zeros(1000)}, str(target))):
+        with pytest.raises(misc.UserError, match=r"No space left on device\); the earlier file is kept"):
             save()
         assert target.read_bytes() == b"an earlier file" and os.listdir(tmp_path / "disk") == ["kept.jpg"]
     monkeypatch.undo()
@@ -580,7 +644,7 @@ def test_a_process_that_exits_with_a_loader_still_open_does_not_wait_for_its_wor
     worker that ignored SIGTERM made that wait last for ever."""
     import subprocess
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from torch.utils.data import DataLoader; "
-            "from utils import ignore_stop_signals; "
+            "from misc import ignore_stop_signals; "
             "it = iter(DataLoader(range(100), num_workers=1, worker_init_fn=ignore_stop_signals)); next(it)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)

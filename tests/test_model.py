@@ -17,7 +17,7 @@ import torchvision
 from torchvision.ops import box_iou, nms
 
 from model import SSD300, MultiBoxLoss, create_prior_boxes
-from utils import UserError
+from misc import UserError
 
 N_CLASSES = 4
 N_PRIORS = 8732
