@@ -24,7 +24,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from misc import UserError, load_checkpoint, run_cli, run_info, save_atomic  # noqa: E402
+from misc import UserError, load_checkpoint, repo_relative, run_cli, run_info, save_atomic  # noqa: E402
 
 
 def get_args_parser():
@@ -103,7 +103,8 @@ def main(args):
         raise UserError(f"--sweep {args.sweep} was made with test-time augmentation {sweep.get('tta', 'off')}, "
                         f"not --tta {args.tta}")
     chosen = sweep["count_sweep"]["chosen"]
-    train_args = ckpt["args"]
+    train_args = {k: repo_relative(v) if isinstance(v, str) and os.path.isabs(v) else v  # no machine paths
+                  for k, v in ckpt["args"].items()}
     info = ckpt.get("run_info") or {}
     seconds = None
     if args.log:

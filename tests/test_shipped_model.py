@@ -22,8 +22,8 @@ SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 # than BOX_TOLERANCE (results/shipped/README.md).
 BOX_TOLERANCE, SCORE_TOLERANCE = 1.0, 0.003
 RECORDED_DETECTIONS = REPO / "results" / "shipped" / "detections-img.json"
-# Measured with the shipped file on TEST (2026-11-27, 2-core Xeon): bf16 autocast 0.8008 against fp32 0.8025 (-0.0017);
-# a decode broken by 10 % (box sizes, or centre offsets) gave 0.7995 and 0.7966, and failed here.
+# Measured with the previous shipped file on TEST (2026-11-27, 2-core Xeon): bf16 autocast 0.8008 against fp32 0.8025
+# (-0.0017); a decode broken by 10 % (box sizes, or centre offsets) gave 0.7995 and 0.7966, and failed here.
 MAP_TOLERANCE = 2e-3
 
 
