@@ -130,6 +130,7 @@ def ddp_gradient_worker(rank, port, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradient_equals_single_process_gradient(tmp_path):
     out_path = tmp_path / "ddp.pt"
     mp.spawn(ddp_gradient_worker, args=(free_port(), out_path), nprocs=WORLD, join=True)
@@ -158,6 +159,7 @@ def test_ddp_gradient_equals_single_process_gradient(tmp_path):
 # train.py under torchrun: rank 0 logs and saves, resume, the non-finite loss stop
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_training_logs_once_resumes_and_stops_together(tiny_voc, tmp_path):
     voc = tiny_voc(n_trainval=4, n_test=1)  # TRAIN = the 4 trainval images
     lists, out = tmp_path / "lists", tmp_path / "run"
@@ -222,6 +224,7 @@ def big_objects(ids, size, seed=0):
     return objects
 
 
+@pytest.mark.slow
 def test_torchrun_evaluation_equals_single_process(tiny_voc, tmp_path):
     size, n_test = (160, 120), 5  # 5 test images: shards of 3 and 2
     test_ids = [image_id(1 + i) for i in range(n_test)]  # image 0 is the one TRAIN image

@@ -80,6 +80,7 @@ def test_detect_with_the_default_model_gives_the_recorded_detections(shipped, tm
                            json.loads(RECORDED_DETECTIONS.read_text()), shipped["count_thresholds"]["min_score"])
 
 
+@pytest.mark.slow
 def test_eval_of_the_default_model_on_test_gives_the_recorded_map(shipped, real_bccd_dir, tmp_path, run_main):
     """eval.py's whole path on the real TEST (lists, BCCDDataset, detect_objects, calculate_mAP, counting) gives the
     figures recorded in the file. On fewer images the mAP is a weak check (on the first 24 or 36, a size variance
