@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
+from export import is_export, load_export
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
                    ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
                    resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
@@ -70,7 +71,7 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
-                   "shipped model, trained on BCCD)")
+                   "shipped model, trained on BCCD), or its export by export.py (.onnx, .xml: faster on a CPU)")
     p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
     p.add_argument("--min-score", type=float, nargs="+", default=None, metavar="S", help="keep detections scoring "
                    "above this: one value, or one per class in the model's order (default: the thresholds recorded in "
@@ -136,7 +137,7 @@ def counting_defaults(ckpt, classes, source="checkpoint"):
 
 def load_model(checkpoint=None, device="cpu"):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
-    BatchNorm folded).
+    BatchNorm folded); or of an export.py export (.onnx, .xml), an export.ExportedSSD300 on the CPU.
 
     It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
     model.label_color_map; its counting thresholds: model.min_score, model.max_overlap (counting_defaults); and
@@ -147,15 +148,22 @@ def load_model(checkpoint=None, device="cpu"):
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
         raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
                         f"(git checkout -- weights) or give --checkpoint")
-    ckpt = load_checkpoint(checkpoint)
-    model = SSD300.from_checkpoint(ckpt, checkpoint)
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if is_export(checkpoint):  # an export of export.py: its network runs in ONNX Runtime or OpenVINO, the rest here
+        if device.type != "cpu":
+            raise UserError(f"{checkpoint}: an export runs on the CPU (ONNX Runtime, OpenVINO): use --device cpu, or "
+                            f"the checkpoint.pt on {device}")
+        model = load_export(checkpoint)
+        ckpt = model.metadata  # what the checkpoint held beside its weights
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        model = SSD300.from_checkpoint(ckpt, checkpoint)
     model.min_score, model.max_overlap = counting_defaults(ckpt, class_names(model.label_map), checkpoint)
     field = ckpt.get("field", BCCD_FIELD)
     if not (isinstance(field, (list, tuple)) and len(field) == 2 and
             all(isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 65535 for v in field)):
         raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels (8 to 65535), not {field!r}")
     model.field = tuple(field)
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
 
@@ -684,7 +692,7 @@ def main(args):
 
 def detect_files(args, locks):
     check_args(args)
-    device = resolve_device(args.device)
+    device = resolve_device("cpu" if args.device == "auto" and is_export(args.checkpoint) else args.device)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device)
     classes = class_names(model.label_map)

@@ -4,6 +4,7 @@
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
     $ python eval.py --checkpoint runs/val/checkpoint.pt --data-folder data/lists-val --count-sweep
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
+    $ python eval.py --checkpoint weights/ssd300_bccd-int8.xml   # an export of export.py, on the CPU
 
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
 and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
+from export import is_export, load_export
 from model import SSD300
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
                    check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
@@ -43,7 +45,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on the TEST split of its lists.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: "
-                   "the shipped model)")
+                   "the shipped model), or its export by export.py (.onnx, .xml)")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -153,7 +155,7 @@ def sweep_counts(counted, true_labels, names=bccd_labels):
 
 
 def main(args):
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed("cpu" if args.device == "auto" and is_export(args.checkpoint) else args.device)
     try:
         run(args, rank, world, device)
     finally:
@@ -172,8 +174,14 @@ def run(args, rank, world, device):
         check_not_an_input(args.output, "--output", args.checkpoint, args.data_folder)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    ckpt = load_checkpoint(args.checkpoint)
-    model = SSD300.from_checkpoint(ckpt, args.checkpoint)
+    if is_export(args.checkpoint):  # an export of export.py, run on the CPU by its runtime
+        if device.type != "cpu":
+            raise UserError(f"{args.checkpoint}: an export runs on the CPU: use --device cpu")
+        model = load_export(args.checkpoint)
+        ckpt = model.metadata  # what the checkpoint held beside its weights
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = SSD300.from_checkpoint(ckpt, args.checkpoint)
     names = class_names(model.label_map)
     count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
     if args.count_min_score is not None:
