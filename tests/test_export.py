@@ -287,7 +287,8 @@ def test_a_tiny_onnx_export_runs_through_detect(tmp_path):
 def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     needs("onnx", "openvino")
     import openvino as ov
-    network = ov.convert_model(str(tiny_onnx(tmp_path / "tiny.onnx", metadata())))
+    network = ov.convert_model(str(tiny_onnx(tmp_path / "tiny.onnx")))
+    network.set_rt_info(metadata(), [export.METADATA_KEY])  # where export.py puts it
     ov.save_model(network, str(tmp_path / "model.xml"))
     assert detect.load_model(str(tmp_path / "model.xml")).runtime.startswith("OpenVINO")
     (tmp_path / "model.bin").rename(tmp_path / "elsewhere.bin")
