@@ -22,14 +22,13 @@ by default beside the checkpoint, named after it (-int8 for --int8). It is check
 one of the inputs, and is written atomically: a failed or interrupted export leaves an earlier one whole.
 """
 import argparse
-import datetime
 import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 import time
+import warnings
 from importlib import metadata as package_metadata
 
 import numpy as np
@@ -98,15 +97,15 @@ def output_paths(output, checkpoint, fmt, int8):
 def check_outputs(paths, checkpoint, data_folder):
     """Before the work: every output file can be written, and none is an input (the checkpoint, the lists)."""
     for path in paths:
-        check_writable(path, "--output")
+        check_writable(path, "--output", create=False)  # its folder is made when the export is written
         check_not_an_input(path, "--output", checkpoint, data_folder)
 
 
-def calibration_list(data_folder, n, label_map):
+def calibration_list(data_folder, n, label_map, checkpoint):
     """n TRAIN images of the lists (never TEST's), evenly spread over them: their paths."""
     from datasets import BCCDDataset
     train = BCCDDataset(data_folder, "train")
-    check_same_classes(label_map, train.label_map, "the checkpoint", data_folder)
+    check_same_classes(label_map, train.label_map, checkpoint, data_folder)
     if not 1 <= n <= len(train.images):
         raise UserError(f"--calibration-images {n}: give 1 to {len(train.images)}, the TRAIN images of {data_folder}")
     return [train.images[i * len(train.images) // n] for i in range(n)]
@@ -134,7 +133,6 @@ def to_onnx(model):
     buffer = io.BytesIO()
     # TorchScript's exporter (dynamo=False): one graph for a plain conv net, with no more packages; still in torch 2.14
     kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice (torch >= 2.9), in favour of the dynamo exporter
         torch.onnx.export(model, (torch.zeros(1, 3, 300, 300),), buffer, input_names=["images"],
@@ -154,6 +152,20 @@ def quantize(network, arrays):
     # NNCF's ONNX backend takes {input name: array}, its OpenVINO one the array
     feed = (lambda x: {"images": x}) if type(network).__module__.startswith("onnx") else None
     return nncf.quantize(network, nncf.Dataset(arrays, feed), subset_size=len(arrays))
+
+
+def write(save, path):
+    """save() of a temporary file beside `path`; a write that fails (a full disk) is a UserError naming `path`."""
+    try:
+        save()
+    except (OSError, RuntimeError) as e:  # OpenVINO's writer raises RuntimeError
+        raise UserError(f"--output {path}: cannot write ({getattr(e, 'strerror', None) or first_line(e)}); nothing "
+                        f"written") from None
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:  # Python's file raises on a short write
+        f.write(data)
 
 
 def sha256(path):
@@ -190,10 +202,9 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
     check_outputs(paths, checkpoint, data_folder if int8 else None)
     model = load_model(checkpoint, "cpu")  # checked as detect.py checks it; BatchNorm folded
     ckpt = load_checkpoint(checkpoint)
-    chosen = calibration_list(data_folder, calibration, model.label_map) if int8 else None
+    chosen = calibration_list(data_folder, calibration, model.label_map, checkpoint) if int8 else None
     need("onnx", "export.py")
-    if fmt == "openvino":
-        need("openvino", "export.py --format openvino")
+    need(*(("openvino", "export.py --format openvino") if fmt == "openvino" else ("onnxruntime", "export.py --format onnx")))
     if int8:
         need("nncf", "export.py --int8")
     start = time.perf_counter()
@@ -209,27 +220,29 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
                              **versions("onnx", "onnxruntime", "openvino", "nncf")}}
     text = json.dumps(metadata)
     proto = to_onnx(model)
-    with tempfile.TemporaryDirectory(prefix="export-", dir=os.path.dirname(os.path.abspath(paths[0]))) as tmp:
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {paths[0]}: cannot make its folder ({e.strerror or e})") from None
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
         if fmt == "onnx":
             if int8:
                 proto = quantize(proto, arrays)
             del proto.metadata_props[:]
             proto.metadata_props.add(key=METADATA_KEY, value=text)
-            data = proto.SerializeToString()
-            with open(os.path.join(tmp, "model.onnx"), "wb") as f:
-                f.write(data)
             written = [os.path.join(tmp, "model.onnx")]
+            write(lambda: write_bytes(written[0], proto.SerializeToString()), paths[0])
         else:
             import openvino as ov
-            with open(os.path.join(tmp, "network.onnx"), "wb") as f:
-                f.write(proto.SerializeToString())
+            write(lambda: write_bytes(os.path.join(tmp, "network.onnx"), proto.SerializeToString()), paths[0])
             network = ov.convert_model(os.path.join(tmp, "network.onnx"))
             os.remove(os.path.join(tmp, "network.onnx"))
             if int8:
                 network = quantize(network, arrays)
             network.set_rt_info(text, [METADATA_KEY])
-            ov.save_model(network, os.path.join(tmp, "model.xml"), compress_to_fp16=False)  # fp32 weights, as eager
             written = [os.path.join(tmp, "model.xml"), os.path.join(tmp, "model.bin")]
+            write(lambda: ov.save_model(network, written[0], compress_to_fp16=False), paths[0])  # fp32 weights, as eager
         try:
             load_export(written[0])  # it runs and its metadata reads back, before it replaces anything
         except UserError as e:

@@ -22,7 +22,7 @@ import detect
 import eval as eval_script
 import export
 from conftest import REPO
-from utils import create_data_lists, normalize, run_cli
+from utils import create_data_lists, run_cli
 
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 SAMPLES = sorted((REPO / "img").glob("*.jpg"))
@@ -70,19 +70,29 @@ def lists_val(real_bccd_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def onnx_export(folder):
-    needs("onnx", "onnxruntime")
-    return export.export_checkpoint(str(SHIPPED), "onnx", output=str(folder / "fp32"), quiet=True)
+def traced():
+    """export.to_onnx of the shipped model, made once for the module's three exports (it is the same network)."""
+    needs("onnx")
+    network = export.to_onnx(detect.load_model(str(SHIPPED)))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(export, "to_onnx", lambda model: type(network).FromString(network.SerializeToString()))
+        yield
 
 
 @pytest.fixture(scope="module")
-def openvino_export(folder):
+def onnx_export(folder, traced):
+    needs("onnx", "onnxruntime")
+    return export.export_checkpoint(str(SHIPPED), "onnx", output=str(folder / "new" / "fp32"), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def openvino_export(folder, traced):
     needs("onnx", "openvino")
     return export.export_checkpoint(str(SHIPPED), "openvino", output=str(folder / "fp32"), quiet=True)
 
 
 @pytest.fixture(scope="module")
-def int8_export(folder, lists_val):
+def int8_export(folder, lists_val, traced):
     needs("onnx", "openvino", "nncf")
     return export.export_checkpoint(str(SHIPPED), "openvino", int8=True, output=str(folder / "int8"),
                                     data_folder=str(lists_val), calibration=CALIBRATION_IMAGES, quiet=True)
