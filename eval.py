@@ -155,7 +155,8 @@ def sweep_counts(counted, true_labels, names=bccd_labels):
 
 
 def main(args):
-    rank, world, device = init_distributed("cpu" if args.device == "auto" and is_export(args.checkpoint) else args.device)
+    device = "cpu" if args.device == "auto" and is_export(args.checkpoint) else args.device  # exports run on the CPU
+    rank, world, device = init_distributed(device)
     try:
         run(args, rank, world, device)
     finally:

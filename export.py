@@ -1,7 +1,7 @@
 """Export a checkpoint for fast inference on a CPU: ONNX (run by ONNX Runtime) or OpenVINO, optionally int8.
 
     $ pip install -r requirements-export.txt                 # ONNX, ONNX Runtime, OpenVINO, NNCF (optional extras)
-    $ python export.py --int8                                # the shipped model -> weights/ssd300_bccd-int8.xml (+ .bin)
+    $ python export.py --int8 --data-folder data/lists-val   # the shipped model -> weights/ssd300_bccd-int8.xml, .bin
     $ python detect.py --checkpoint weights/ssd300_bccd-int8.xml scan-4k.jpg   # as with the .pt, faster
     $ python export.py --checkpoint runs/ssd300/checkpoint.pt --format onnx --output exports/ssd300   # -> .onnx
 
@@ -204,7 +204,7 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
     ckpt = load_checkpoint(checkpoint)
     chosen = calibration_list(data_folder, calibration, model.label_map, checkpoint) if int8 else None
     need("onnx", "export.py")
-    need(*(("openvino", "export.py --format openvino") if fmt == "openvino" else ("onnxruntime", "export.py --format onnx")))
+    need("openvino" if fmt == "openvino" else "onnxruntime", f"export.py --format {fmt}")
     if int8:
         need("nncf", "export.py --int8")
     start = time.perf_counter()
@@ -242,7 +242,8 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
                 network = quantize(network, arrays)
             network.set_rt_info(text, [METADATA_KEY])
             written = [os.path.join(tmp, "model.xml"), os.path.join(tmp, "model.bin")]
-            write(lambda: ov.save_model(network, written[0], compress_to_fp16=False), paths[0])  # fp32 weights, as eager
+            # fp32 weights, as eager (OpenVINO's default compresses them to fp16)
+            write(lambda: ov.save_model(network, written[0], compress_to_fp16=False), paths[0])
         try:
             load_export(written[0])  # it runs and its metadata reads back, before it replaces anything
         except UserError as e:
@@ -286,9 +287,9 @@ class ExportedSSD300(nn.Module):
         # next(model.parameters()).device, here of this empty parameter
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
-    def forward(self, images):  # (N, 3, 300, 300) normalized
+    def forward(self, images):  # (N, 3, 300, 300) normalized -> (N, P, 4), (N, P, C)
         locs, scores = self.run(np.ascontiguousarray(images.detach().float().cpu().numpy()))
-        return torch.from_numpy(locs).to(images.device), torch.from_numpy(scores).to(images.device)  # (N, P, 4), (N, P, C)
+        return torch.from_numpy(locs).to(images.device), torch.from_numpy(scores).to(images.device)
 
     def fuse_batch_norm(self):
         return self  # folded before the export

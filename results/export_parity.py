@@ -95,8 +95,8 @@ def main(args):
         r["within_goal"] = abs(r["mAP"] - base) <= goal
     print(f"\n{'path':<18}{'TEST mAP':>9}{'- .pt':>9}{'goal':>7}")
     for name, r in result["paths"].items():
-        print(f"{name:<18}{r['mAP']:>9.4f}" + (f"{r['difference']:>+9.4f}{r['goal']:>7}{'' if r['within_goal'] else '  MISSED'}"
-                                               if "goal" in r else ""))
+        against = f"{r['difference']:>+9.4f}{r['goal']:>7}{'' if r['within_goal'] else '  MISSED'}" if "goal" in r else ""
+        print(f"{name:<18}{r['mAP']:>9.4f}{against}")
     write_json_atomic({**result, **run_info(torch.device("cpu"))}, args.output, indent=2)
     print(f"written to {args.output}")
 
