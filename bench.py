@@ -457,6 +457,7 @@ def mosaic(sources, width, height, first):
     return image
 
 
+EXPORT_MOSAIC = (3840, 2160)  # the large images of --only export: 4K, 195 windows of BCCD's field each
 EXPORT_PATHS = (("onnxruntime fp32", "onnx", False), ("openvino fp32", "openvino", False),
                 ("openvino int8", "openvino", True))
 
@@ -501,8 +502,8 @@ def bench_export(args, device, out):
         sources = [Image.open(p).convert("RGB") for p in BCCDDataset(args.data_folder, "test").images[:36]]
         folder = os.path.join(tmp, "mosaics")
         os.makedirs(folder)
-        for i in range(3):  # 6 x 5 fields of 640x480 (the last row cut), 12 source images apart
-            mosaic(sources, 3840, 2160, 12 * i).save(os.path.join(folder, f"mosaic{i}.jpg"), quality=95)
+        for i in range(3):  # at 4K 6 x 5 fields of 640x480 (the last row cut), 12 source images apart
+            mosaic(sources, *EXPORT_MOSAIC, 12 * i).save(os.path.join(folder, f"mosaic{i}.jpg"), quality=95)
         for p in paths:  # detect.py as a user runs it, in a fresh process: start-up and model load included
             output = os.path.join(tmp, "out-" + p.replace(" ", "-"))
             cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), folder,
@@ -523,8 +524,8 @@ def bench_export(args, device, out):
             r[f"speedup_batch_{n}"] = ratio(base[f"batch_{n}_ms_per_window"], r[f"batch_{n}_ms_per_window"])
         r["mosaics_over_default"] = round(r["mosaics_seconds"] / default["mosaics_seconds"], 3)
     out["export"] = {"checkpoint": checkpoint, "threads": torch.get_num_threads(), "eager_default_bf16": default_amp,
-                     "mosaics": 3, "mosaic_size": "3840x2160",
-                     "windows_per_mosaic": len(tile_windows(3840, 2160, tiling(BCCD_FIELD))),
+                     "mosaics": 3, "mosaic_size": "x".join(map(str, EXPORT_MOSAIC)),
+                     "windows_per_mosaic": len(tile_windows(*EXPORT_MOSAIC, tiling(BCCD_FIELD))),
                      "export_seconds": made, "calibration_images": args.calibration_images, "paths": result}
 
 
@@ -574,11 +575,13 @@ def print_table(out):
     if "export" in out:
         e = out["export"]
         print(f"\n{'CPU, ' + str(e['threads']) + ' threads':<18}{'ms/window b1':>13}{'b8':>7}{'speedup b1':>11}"
-              f"{'b8':>6}{'3 x 4K, s':>12}{'/ default':>10}  counts on the mosaics")
+              f"{'b8':>6}{'3 mosaics, s':>13}{'/ default':>10}  counts on the {e['mosaics']} {e['mosaic_size']} mosaics")
         for p, r in e["paths"].items():
             print(f"{p:<18}{r['batch_1_ms_per_window']:>13}{r['batch_8_ms_per_window']:>7}{r['speedup_batch_1']:>11}"
-                  f"{r['speedup_batch_8']:>6}{r['mosaics_seconds']:>12}{r['mosaics_over_default']:>10}  "
+                  f"{r['speedup_batch_8']:>6}{r['mosaics_seconds']:>13}{r['mosaics_over_default']:>10}  "
                   + " ".join(f"{k} {v}" for k, v in r["mosaics_counts"].items()))
+        if not e["eager_default_bf16"]:
+            print("eager default: bf16 is not fast on this CPU (utils.bf16_is_fast), so detect.py's default is eager fp32")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
         for size, t in out["tiling_seconds_per_megapixel"].items():

@@ -276,9 +276,9 @@ class ExportedSSD300(nn.Module):
     rev_label_map = SSD300.rev_label_map
     label_color_map = SSD300.label_color_map
 
-    def __init__(self, run, metadata, runtime):
+    def __init__(self, run, metadata, runtime, source):
         super().__init__()
-        self.run, self.metadata, self.runtime = run, metadata, runtime
+        self.run, self.metadata, self.runtime, self.source = run, metadata, runtime, source
         self.label_map = dict(metadata["label_map"])
         self.n_classes = len(self.label_map)
         self.prior_scales = tuple(float(s) for s in metadata["model_args"]["prior_scales"])
@@ -288,7 +288,14 @@ class ExportedSSD300(nn.Module):
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, images):  # (N, 3, 300, 300) normalized -> (N, P, 4), (N, P, C)
-        locs, scores = self.run(np.ascontiguousarray(images.detach().float().cpu().numpy()))
+        try:
+            locs, scores = self.run(np.ascontiguousarray(images.detach().float().cpu().numpy()))
+        except Exception as e:  # a network that declared SSD300's shapes and cannot make them
+            raise UserError(f"{self.source}: {self.runtime} failed to run it ({first_line(e)})") from None
+        expected = ((len(images), len(self.priors_cxcy), 4), (len(images), len(self.priors_cxcy), self.n_classes))
+        if (locs.shape, scores.shape) != expected or locs.dtype != np.float32 or scores.dtype != np.float32:
+            raise UserError(f"{self.source}: the network gave outputs of {locs.shape} and {scores.shape}, not SSD300's "
+                            f"float32 {expected[0]} and {expected[1]}")
         return torch.from_numpy(locs).to(images.device), torch.from_numpy(scores).to(images.device)
 
     def fuse_batch_norm(self):
@@ -303,7 +310,7 @@ def read_metadata(text, source):
     (prior_scales) that fit each other. Further keys (count_thresholds, field) detect.load_model checks."""
     if text is None:
         raise UserError(f"{source}: not an export of this project (no '{METADATA_KEY}' metadata; export.py writes it)")
-    if not isinstance(text, str) or len(text) > MAX_METADATA:
+    if not isinstance(text, str) or len(text) > MAX_METADATA:  # False: not a text
         raise UserError(f"{source}: its '{METADATA_KEY}' metadata is not the JSON text export.py writes")
     try:
         metadata = json.loads(text)
@@ -326,10 +333,11 @@ def read_metadata(text, source):
 
 
 def check_shapes(inputs, outputs, metadata, source):
-    """The network's declared inputs and outputs ({name: [dims]}, None for a free one) are SSD300's of the metadata's
-    classes: images (N, 3, 300, 300) in, locs (N, P, 4) and scores (N, P, C) out."""
+    """The network's declared inputs and outputs ({name: [dims]}, None for a free one, "float32" last) are SSD300's
+    of the metadata's classes: images (N, 3, 300, 300) in, locs (N, P, 4) and scores (N, P, C) out."""
     priors, classes = len(create_prior_boxes(metadata["model_args"]["prior_scales"])), len(metadata["label_map"])
-    expected = ({"images": [None, 3, 300, 300]}, {"locs": [None, priors, 4], "scores": [None, priors, classes]})
+    expected = ({"images": [None, 3, 300, 300, "float32"]},
+                {"locs": [None, priors, 4, "float32"], "scores": [None, priors, classes, "float32"]})
     if (inputs, outputs) != expected:
         raise UserError(f"{source}: a network of inputs {inputs} and outputs {outputs}, not SSD300's of {classes} "
                         f"classes (images [N, 3, 300, 300] -> locs [N, {priors}, 4], scores [N, {priors}, {classes}])")
@@ -358,13 +366,14 @@ def load_export(path):
         except Exception as e:
             raise UserError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
         metadata = read_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
-        shape = lambda s: [d if isinstance(d, int) else None for d in s]
-        check_shapes({i.name: shape(i.shape) for i in session.get_inputs()},
-                     {o.name: shape(o.shape) for o in session.get_outputs()}, metadata, path)
+        shape = lambda p: [d if isinstance(d, int) else None for d in p.shape] + [
+            "float32" if p.type == "tensor(float)" else p.type]
+        check_shapes({i.name: shape(i) for i in session.get_inputs()},
+                     {o.name: shape(o) for o in session.get_outputs()}, metadata, path)
 
         def run(x):
             return session.run(["locs", "scores"], {"images": x})
-        return ExportedSSD300(run, metadata, f"ONNX Runtime {ort.__version__}")
+        return ExportedSSD300(run, metadata, f"ONNX Runtime {ort.__version__}", path)
 
     ov = need("openvino", f"{path}: running an OpenVINO export")
     weights = os.path.splitext(path)[0] + ".bin"
@@ -376,11 +385,16 @@ def load_export(path):
         network = core.read_model(path, weights)
     except Exception as e:
         raise UserError(f"{path}: not a readable OpenVINO model ({first_line(e)})") from None
-    text = network.get_rt_info([METADATA_KEY]).astype(str) if network.has_rt_info([METADATA_KEY]) else None
+    try:
+        text = network.get_rt_info([METADATA_KEY]).astype(str) if network.has_rt_info([METADATA_KEY]) else None
+    except Exception:  # not a text (a map, say)
+        text = False
     metadata = read_metadata(text, path)
     shape = lambda p: ([d.get_length() if d.is_static else None for d in p.get_partial_shape()]
-                       if p.get_partial_shape().rank.is_static else "any")
-    name = lambda p: p.get_any_name() if p.get_names() else "(unnamed)"
+                       if p.get_partial_shape().rank.is_static else ["any rank"]) + [
+        "float32" if p.get_element_type() == ov.Type.f32 else str(p.get_element_type())]
+    name = lambda p: next((n for n in ("images", "locs", "scores") if n in p.get_names()), p.get_any_name()) \
+        if p.get_names() else "(unnamed)"
     check_shapes({name(i): shape(i) for i in network.inputs}, {name(o): shape(o) for o in network.outputs},
                  metadata, path)
     try:  # fp32 as eager even on a CPU with bf16, where OpenVINO would otherwise run in bf16 (outputs off by 0.1)
@@ -394,7 +408,7 @@ def load_export(path):
     def run(x):
         request.infer({"images": x})
         return request.get_tensor(locs).data.copy(), request.get_tensor(scores).data.copy()
-    return ExportedSSD300(run, metadata, f"OpenVINO {ov.__version__}")
+    return ExportedSSD300(run, metadata, f"OpenVINO {ov.__version__}", path)
 
 
 def first_line(error):

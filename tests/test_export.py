@@ -207,8 +207,9 @@ def metadata(**changes):
     return json.dumps(m)
 
 
-def tiny_network(classes=4, priors=8732):
-    """An onnx.ModelProto of SSD300's inputs and outputs that outputs zeros: loads in milliseconds."""
+def tiny_network(classes=4, priors=8732, made=None, input_type="FLOAT"):
+    """An onnx.ModelProto of SSD300's inputs and outputs that outputs zeros: loads in milliseconds. made: the
+    number of priors it really outputs, when it is not the one it declares."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.])
@@ -219,8 +220,9 @@ def tiny_network(classes=4, priors=8732):
              helper.make_node("ConstantOfShape", ["locs_shape"], ["locs"], value=zero),
              helper.make_node("ConstantOfShape", ["scores_shape"], ["scores"], value=zero)]
     constants = [numpy_helper.from_array(np.array(v, dtype=np.int64), name) for name, v in
-                 (("start", [0]), ("end", [1]), ("locs_dims", [priors, 4]), ("scores_dims", [priors, classes]))]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                 (("start", [0]), ("end", [1]), ("locs_dims", [made or priors, 4]),
+                  ("scores_dims", [made or priors, classes]))]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", getattr(TensorProto, input_type),
                                                                           ["N", 3, 300, 300])],
                               [helper.make_tensor_value_info("locs", TensorProto.FLOAT, ["N", priors, 4]),
                                helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", priors, classes])],
@@ -249,6 +251,7 @@ ONNX_FILES = [  # (case, how to make it in tmp_path, the words of the error)
     ("another-model", lambda p: tiny_onnx(p), ["not an export of this project", "no 'ssd300' metadata"]),
     ("another-network", lambda p: tiny_onnx(p, metadata(), classes=7), ["not SSD300's of 4 classes"]),
     ("other-priors", lambda p: tiny_onnx(p, metadata(), priors=8000), ["not SSD300's", "8732"]),
+    ("input-float16", lambda p: tiny_onnx(p, metadata(), input_type="FLOAT16"), ["not SSD300's", "float16"]),
     ("metadata-not-json", lambda p: tiny_onnx(p, "{oops"), ["metadata is not valid JSON"]),
     ("metadata-a-list", lambda p: tiny_onnx(p, "[1, 2]"), ["metadata is not export.py's"]),
     ("metadata-huge", lambda p: tiny_onnx(p, json.dumps({"x": "y" * (2 << 20)})), ["not the JSON text"]),
@@ -292,6 +295,16 @@ def test_a_tiny_onnx_export_runs_through_detect(tmp_path):
     assert model.field == (320, 240) and model.min_score == [0.35, 0.25, 0.3]
     boxes, labels, scores = detect.detect_image(Image.new("RGB", (640, 480)), model)  # tiled: 4 windows
     assert boxes.shape == (0, 4) and len(labels) == len(scores) == 0
+
+
+def test_a_network_that_outputs_other_shapes_than_it_declares_is_one_line(tmp_path, monkeypatch, capsys):
+    needs("onnx", "onnxruntime")
+    path = tiny_onnx(tmp_path / "model.onnx", metadata(), made=8000)
+    model = detect.load_model(str(path))  # its declared shapes are SSD300's
+    with pytest.raises(detect.UserError, match=r"model.onnx: the network gave outputs of \(1, 8000, 4\)"):
+        detect.detect_image(Image.new("RGB", (64, 48)), model)
+    code, _, err = cli(detect, [SAMPLES[0], "--checkpoint", path, "--output-dir", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "the network gave outputs of" in err, err
 
 
 def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
