@@ -24,7 +24,7 @@ must not be compared.
     $ python bench.py --only export --device cpu --data-folder data/lists-val --json results/cpu/bench-export.json
 
 export (CPU only, not run by default; needs requirements-export.txt) exports --checkpoint (default: the shipped
-model) to ONNX, OpenVINO and OpenVINO int8 (calibrated on --calibration-images TRAIN images of --data-folder) and
+model) to ONNX and OpenVINO, fp32 and int8 (calibrated on --calibration-images TRAIN images of --data-folder) and
 times them beside eager PyTorch in fp32 and at detect.py's default precision, in one run, going round the paths in
 turn so that they share the machine's load: per 300x300 window, the network and its decoding at the model's
 counting thresholds at batch 1 and 8; and detect.py's whole command on three 3840x2160 mosaics of TEST images.
@@ -459,7 +459,7 @@ def mosaic(sources, width, height, first):
 
 EXPORT_MOSAIC = (3840, 2160)  # the large images of --only export: 4K, 195 windows of BCCD's field each
 EXPORT_PATHS = (("onnxruntime fp32", "onnx", False), ("openvino fp32", "openvino", False),
-                ("openvino int8", "openvino", True))
+                ("onnxruntime int8", "onnx", True), ("openvino int8", "openvino", True))
 
 
 def bench_export(args, device, out):

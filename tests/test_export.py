@@ -126,7 +126,7 @@ def test_fp32_exports_give_eager_raw_outputs(which, request, eager, samples):
     assert all(torch.allclose(a, b[2:3], atol=1e-5) for a, b in zip(one, got))
 
 
-@pytest.mark.parametrize("which", ["onnx_export", "openvino_export", "int8_export"])
+@pytest.mark.parametrize("which", ["onnx_export", "int8_export"])  # OpenVINO fp32: its raw outputs are eager's
 def test_detect_py_with_an_export_counts_img_within_one_of_the_recorded_counts(which, request, provenance, tmp_path,
                                                                               monkeypatch, capsys):
     path = request.getfixturevalue(which)
@@ -355,7 +355,7 @@ def world(tmp_path_factory):
     model = SSD300(base_weights=None, batch_norm=True)
     ckpt = {"model": model.state_dict(), "model_args": model.model_args, "label_map": model.label_map}
     torch.save(ckpt, root / "checkpoint.pt")
-    torch.save(ckpt, root / "model.bin")
+    os.link(root / "checkpoint.pt", root / "model.bin")
     (root / "file").write_text("a file where a folder should be\n")
     os.mkfifo(root / "pipe.onnx")
     (root / "dir.onnx").mkdir()
