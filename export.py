@@ -23,6 +23,7 @@ one of the inputs, and is written atomically: a failed or interrupted export lea
 """
 import argparse
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -132,7 +133,7 @@ def to_onnx(model):
     model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     buffer = io.BytesIO()
     # TorchScript's exporter (dynamo=False): one graph for a plain conv net, with no more packages; still in torch 2.14
-    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}  # torch < 2.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice (torch >= 2.9), in favour of the dynamo exporter
         torch.onnx.export(model, (torch.zeros(1, 3, 300, 300),), buffer, input_names=["images"],
