@@ -2,11 +2,12 @@
 and hostile files and flags.
 
     python -m pytest tests/test_export.py -q
+    python -m pytest tests/test_export.py -q -m "not slow"   # without int8's val.txt mAP (87 images through eval.py)
 
-The exports of the shipped model are made once for the module (ONNX fp32, OpenVINO fp32, OpenVINO int8 calibrated
-on a few TRAIN images); the tests that need a runtime are skipped, saying which, where it is not installed
-(pip install -r requirements-export.txt). The hostile-file cases use a tiny ONNX graph of SSD300's shapes, which
-loads in milliseconds.
+The shipped model is traced once, and its exports made once for the module (ONNX fp32, OpenVINO fp32, OpenVINO
+int8 calibrated on a few TRAIN images) and loaded once; the tests that need a runtime are skipped, saying which,
+where it is not installed (pip install -r requirements-export.txt). The hostile-file cases use a tiny ONNX graph of
+SSD300's shapes, which loads in milliseconds; the flags' cases conftest's untrained checkpoint and tiny lists.
 """
 import csv
 import json
@@ -19,10 +20,8 @@ import torch
 from PIL import Image
 
 import detect
-import eval as eval_script
 import export
 from conftest import REPO
-from misc import run_cli
 from utils import create_data_lists
 
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
@@ -31,7 +30,8 @@ SAMPLES = sorted((REPO / "img").glob("*.jpg"))
 # measured on img/ with the shipped model (2-core Xeon, AVX-512): ONNX Runtime 6e-6, OpenVINO 1.5e-5
 RAW_TOLERANCE = 1e-3
 INT8_MAP_TOLERANCE = 0.01  # the issue's bound: int8's val.txt mAP against the PyTorch model's
-CALIBRATION_IMAGES = 4  # few, for the tests' time (NNCF: 14 s of CPU with 4, 17 s with 8); export.py's default is 64
+CALIBRATION_IMAGES = 4  # few, for the tests' time (NNCF: 17 s of CPU with 2, 18 s with 4); export.py's default is 64
+SHIPPED_THRESHOLDS = "min_score RBC=0.35,WBC=0.25,Platelets=0.3, max_overlap 0.3"  # as detect.py prints them
 
 
 def needs(*modules):
@@ -39,22 +39,9 @@ def needs(*modules):
         pytest.importorskip(module, reason=f"{module} is not installed: {export.INSTALL}")
 
 
-def cli(module, argv, monkeypatch, capsys):
-    """Run `python <script>.py argv` in this process, on the CPU: (exit status, stdout, stderr)."""
-    name = module.get_args_parser().prog
-    monkeypatch.setattr(sys, "argv", [name, *map(str, argv)] + (["--device", "cpu"] if module is not export else []))
-    try:
-        run_cli(module.main, module.get_args_parser())
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
-def provenance():
-    return torch.load(SHIPPED, map_location="cpu", weights_only=True)["provenance"]
+def shipped():
+    return torch.load(SHIPPED, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,22 +68,26 @@ def traced():
 
 
 @pytest.fixture(scope="module")
-def onnx_export(folder, traced):
+def onnx_model(folder, traced):
+    """The shipped model's ONNX export, loaded by detect.load_model (its file: .source)."""
     needs("onnx", "onnxruntime")
-    return export.export_checkpoint(str(SHIPPED), "onnx", output=str(folder / "new" / "fp32"), quiet=True)
+    return detect.load_model(export.export_checkpoint(str(SHIPPED), "onnx", output=str(folder / "new" / "fp32"),
+                                                      quiet=True))
 
 
 @pytest.fixture(scope="module")
-def openvino_export(folder, traced):
+def openvino_model(folder, traced):
     needs("onnx", "openvino")
-    return export.export_checkpoint(str(SHIPPED), "openvino", output=str(folder / "fp32"), quiet=True)
+    return detect.load_model(export.export_checkpoint(str(SHIPPED), "openvino", output=str(folder / "fp32"),
+                                                      quiet=True))
 
 
 @pytest.fixture(scope="module")
-def int8_export(folder, lists_val, traced):
+def int8_model(folder, lists_val, traced):
     needs("onnx", "openvino", "nncf")
-    return export.export_checkpoint(str(SHIPPED), "openvino", int8=True, output=str(folder / "int8"),
-                                    data_folder=str(lists_val), calibration=CALIBRATION_IMAGES, quiet=True)
+    return detect.load_model(export.export_checkpoint(str(SHIPPED), "openvino", int8=True, output=str(folder / "int8"),
+                                                      data_folder=str(lists_val), calibration=CALIBRATION_IMAGES,
+                                                      quiet=True))
 
 
 @pytest.fixture(scope="module")
@@ -106,86 +97,102 @@ def eager():
 
 @pytest.fixture(scope="module")
 def samples():
-    """img/'s four fields as the model sees them: uint8 (4, 3, 300, 300)."""
-    return torch.stack([detect.preprocess(detect.open_image(p)) for p in SAMPLES])
+    """Two of img/'s fields as the model sees them: uint8 (2, 3, 300, 300)."""
+    return torch.stack([detect.preprocess(detect.open_image(p)) for p in SAMPLES[:2]])
+
+
+@pytest.fixture(scope="module")
+def eager_outputs(eager, samples):
+    return detect.run_model(eager, samples, amp=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # parity with the PyTorch path
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["onnx_export", "openvino_export"])
-def test_fp32_exports_give_eager_raw_outputs(which, request, eager, samples):
-    model = detect.load_model(request.getfixturevalue(which))
+@pytest.mark.parametrize("which", ["onnx_model", "openvino_model"])
+def test_fp32_exports_give_eager_raw_outputs(which, request, samples, eager_outputs):
+    model = request.getfixturevalue(which)
     assert isinstance(model, export.ExportedSSD300) and model.metadata["precision"] == "fp32"
-    expected = detect.run_model(eager, samples, amp=False)
     got = detect.run_model(model, samples, amp=False)
-    for e, g in zip(expected, got):
+    for e, g in zip(eager_outputs, got):
         assert g.shape == e.shape and g.dtype == torch.float32
         assert (g - e).abs().max() < RAW_TOLERANCE
-    one = detect.run_model(model, samples[2:3], amp=False)  # the batch is free: one image as in the batch
-    assert all(torch.allclose(a, b[2:3], atol=1e-5) for a, b in zip(one, got))
+    one = detect.run_model(model, samples[1:2], amp=False)  # the batch is free: one image as in the batch
+    assert all(torch.allclose(a, b[1:2], atol=1e-5) for a, b in zip(one, got))
 
 
-@pytest.mark.parametrize("which", ["onnx_export", "int8_export"])  # OpenVINO fp32: its raw outputs are eager's
-def test_detect_py_with_an_export_counts_img_within_one_of_the_recorded_counts(which, request, provenance, tmp_path,
-                                                                              monkeypatch, capsys):
-    path = request.getfixturevalue(which)
+def test_an_export_runs_test_time_augmentation_as_the_pytorch_model_does(onnx_model, eager, samples, eager_outputs,
+                                                                         monkeypatch):
+    """run_model's flipped views go through the export's network as through SSD300's: the same averaged outputs."""
+    model = detect.load_model(onnx_model.source, tta="h")
+    assert model.tta == "h" and onnx_model.tta == "off"  # the shipped model records none
+    monkeypatch.setattr(eager, "tta", "h")
+    expected = detect.run_model(eager, samples[:1], amp=False)
+    got = detect.run_model(model, samples[:1], amp=False)
+    assert all((g - e).abs().max() < RAW_TOLERANCE for e, g in zip(expected, got))
+    assert (got[0] - eager_outputs[0][:1]).abs().max() > 0.1  # the flipped view's locs were averaged in
+
+
+def test_detect_py_with_the_int8_export_counts_img_within_one_of_the_recorded_counts(int8_model, shipped, tmp_path,
+                                                                                   run_main):
+    """The whole command with an export (no --device: auto is the CPU for an export). The fp32 exports' outputs are
+    eager's (above), so their counts are; int8's are checked here."""
     out = tmp_path / "out"
-    code, stdout, err = cli(detect, [REPO / "img", "--checkpoint", path, "--output-dir", out], monkeypatch, capsys)
-    assert code == 0, err
+    result = run_main("detect.py", REPO / "img", "--checkpoint", int8_model.source, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
     with open(out / "counts.csv", newline="") as f:
         counts = {Path(r.pop("image")).name: {k: int(v) for k, v in r.items()} for r in csv.DictReader(f)}
-    recorded = provenance["sample_counts"]  # eager fp32's, at the shipped thresholds
+    recorded = shipped["provenance"]["sample_counts"]  # eager fp32's, at the shipped thresholds
     assert counts.keys() == recorded.keys()
     for name, per_class in recorded.items():
         for cls, n in per_class.items():
             assert abs(counts[name][cls] - n) <= 1, (name, cls, counts[name][cls], n)
     records = json.loads((out / "detections.json").read_text())
     assert len(records) == 4 and all(r["width"] == 640 for r in records)
-    assert "min_score RBC 0.35 WBC 0.25 Platelets 0.3, max_overlap 0.3" in stdout  # the shipped thresholds
+    assert SHIPPED_THRESHOLDS in result.stdout  # the thresholds the export carries
 
 
-def test_int8_export_scores_within_0_01_of_the_pytorch_models_val_map(int8_export, lists_val, provenance, tmp_path,
-                                                                     monkeypatch, capsys):
+@pytest.mark.slow
+def test_int8_export_scores_within_0_01_of_the_pytorch_models_val_map(int8_model, lists_val, shipped, tmp_path,
+                                                                     run_main):
     out = tmp_path / "eval.json"
-    code, _, err = cli(eval_script, ["--checkpoint", int8_export, "--data-folder", lists_val, "--workers", "0",
-                                     "--output", out], monkeypatch, capsys)
-    assert code == 0, err
-    result = json.loads(out.read_text())
-    recorded = provenance["val"]  # eager fp32 on val.txt, by results/ship_model.py
-    assert result["images"] == recorded["images"] == 87
-    assert abs(result["mAP"] - recorded["mAP"]) <= INT8_MAP_TOLERANCE, (result["mAP"], recorded["mAP"])
-    assert result["device"] == "cpu"
+    result = run_main("eval.py", "--checkpoint", int8_model.source, "--data-folder", lists_val, "--workers", 0,
+                      "--output", out)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(out.read_text())
+    recorded = shipped["provenance"]["val"]  # eager fp32 on val.txt, by results/ship_model.py
+    assert got["images"] == recorded["images"] == 87
+    assert abs(got["mAP"] - recorded["mAP"]) <= INT8_MAP_TOLERANCE, (got["mAP"], recorded["mAP"])
+    assert got["device"] == "cpu" and got["tta"] == "off" and got["checkpoint"] == int8_model.source
 
 
-def test_an_export_tiles_a_large_image_as_the_pytorch_model_does(onnx_export, eager):
+def test_an_export_tiles_a_large_image_as_the_pytorch_model_does(onnx_model, eager):
     sources = [Image.open(p).convert("RGB") for p in SAMPLES[:2]]
     image = Image.new("RGB", (1000, 480))  # two windows of BCCD's field
     image.paste(sources[0], (0, 0))
     image.paste(sources[1], (600, 0))
-    model = detect.load_model(onnx_export)
     expected = detect.detect_image(image, eager, amp=False)
-    got = detect.detect_image(image, model)
+    got = detect.detect_image(image, onnx_model)
     assert torch.equal(got[1], expected[1]) and len(got[1]) > 10
     assert (got[0] - expected[0]).abs().max() < 0.5 and (got[2] - expected[2]).abs().max() < 1e-3
 
 
-def test_the_export_carries_the_checkpoints_plain_data(onnx_export, eager):
-    model = detect.load_model(onnx_export)
-    ckpt = torch.load(SHIPPED, map_location="cpu", weights_only=True)
-    m = model.metadata
-    assert m["label_map"] == ckpt["label_map"] and m["model_args"] == ckpt["model_args"]
-    assert m["count_thresholds"] == ckpt["count_thresholds"] and m["provenance"] == ckpt["provenance"]
-    assert m["checkpoint"]["path"] == str(SHIPPED) and len(m["checkpoint"]["sha256"]) == 64
+def test_the_export_carries_the_checkpoints_plain_data(onnx_model, eager, shipped):
+    m = onnx_model.metadata
+    assert m["label_map"] == shipped["label_map"] and m["model_args"] == shipped["model_args"]
+    assert m["count_thresholds"] == shipped["count_thresholds"] and m["provenance"] == shipped["provenance"]
+    assert m["checkpoint"]["path"] == "weights/ssd300_bccd.pt" and len(m["checkpoint"]["sha256"]) == 64  # repo-relative
     assert m["calibration"] is None and m["exported"]["format"] == "onnx" and m["exported"]["onnxruntime"]
-    assert (model.min_score, model.max_overlap, model.field) == (eager.min_score, eager.max_overlap, eager.field)
-    assert model.rev_label_map == eager.rev_label_map and model.label_color_map == eager.label_color_map
-    assert torch.equal(model.priors_cxcy, eager.priors_cxcy)
+    assert "tta" not in m  # the shipped model records none (see the tiny export below for one that does)
+    assert (onnx_model.min_score, onnx_model.max_overlap, onnx_model.field) == (eager.min_score, eager.max_overlap,
+                                                                               eager.field)
+    assert onnx_model.rev_label_map == eager.rev_label_map and onnx_model.label_color_map == eager.label_color_map
+    assert torch.equal(onnx_model.priors_cxcy, eager.priors_cxcy)
 
 
-def test_int8_is_calibrated_on_train_images_only(int8_export, lists_val):
-    m = detect.load_model(int8_export).metadata
+def test_int8_is_calibrated_on_train_images_only(int8_model, lists_val):
+    m = int8_model.metadata
     assert m["precision"] == "int8" and m["calibration"]["images"] == CALIBRATION_IMAGES
     assert m["calibration"]["list"] == str(lists_val / "TRAIN_images.json")
     train = json.loads((lists_val / "TRAIN_images.json").read_text())
@@ -268,11 +275,12 @@ ONNX_FILES = [  # (case, how to make it in tmp_path, the words of the error)
     ("count-thresholds-2", lambda p: tiny_onnx(p, metadata(count_thresholds={"min_score": {"RBC": 2}})),
      ["unusable count_thresholds"]),
     ("field-huge", lambda p: tiny_onnx(p, metadata(field=[640, 10**9])), ["'field' must be [width, height]"]),
+    ("tta-unknown", lambda p: tiny_onnx(p, metadata(tta="d8")), ["test-time augmentation is one of", "'d8'"]),
 ]
 
 
 @pytest.mark.parametrize("case, make, says", ONNX_FILES, ids=[c[0] for c in ONNX_FILES])
-def test_a_hostile_onnx_file_is_one_line_naming_it(case, make, says, tmp_path, monkeypatch, capsys):
+def test_a_hostile_onnx_file_is_one_line_naming_it(case, make, says, tmp_path, run_main):
     needs("onnx", "onnxruntime")
     path = tmp_path / "model.onnx"
     make(path)
@@ -281,31 +289,46 @@ def test_a_hostile_onnx_file_is_one_line_naming_it(case, make, says, tmp_path, m
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
     assert all(w in str(e.value) for w in says), str(e.value)
     if case == "another-model":  # the command lines say it in one line, and write nothing
-        for module, argv in ((detect, [REPO / "img", "--output-dir", tmp_path / "out"]),
-                             (eval_script, ["--data-folder", tmp_path / "lists"])):
-            code, _, err = cli(module, argv + ["--checkpoint", path], monkeypatch, capsys)
-            assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        for script, argv in (("detect.py", [REPO / "img", "--output-dir", tmp_path / "out"]),
+                             ("eval.py", ["--data-folder", tmp_path / "lists"])):
+            result = run_main(script, *argv, "--checkpoint", path)
+            err = result.stderr
+            assert result.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
             assert all(w in err for w in says)
         assert not (tmp_path / "out").exists()
 
 
 def test_a_tiny_onnx_export_runs_through_detect(tmp_path):
-    """The hostile cases' network, valid: it loads and detects (zeros: uniform scores, nothing above 0.35)."""
+    """The hostile cases' network, valid: it loads and detects (zeros: uniform scores, nothing above 0.35), with the
+    test-time augmentation its metadata records."""
     needs("onnx", "onnxruntime")
-    model = detect.load_model(str(tiny_onnx(tmp_path / "model.onnx", metadata(field=[320, 240]))))
-    assert model.field == (320, 240) and model.min_score == [0.35, 0.25, 0.3]
-    boxes, labels, scores = detect.detect_image(Image.new("RGB", (640, 480)), model)  # tiled: 4 windows
+    model = detect.load_model(str(tiny_onnx(tmp_path / "model.onnx", metadata(field=[320, 240], tta="hv"))))
+    assert model.field == (320, 240) and model.min_score == [0.35, 0.25, 0.3] and model.tta == "hv"
+    boxes, labels, scores = detect.detect_image(Image.new("RGB", (640, 480)), model)  # tiled: 4 windows, 4 views
     assert boxes.shape == (0, 4) and len(labels) == len(scores) == 0
 
 
-def test_a_network_that_outputs_other_shapes_than_it_declares_is_one_line(tmp_path, monkeypatch, capsys):
+def test_an_export_runs_on_the_cpu_only_and_has_no_weight_average(tmp_path, run_main):
+    needs("onnx", "onnxruntime")
+    path = str(tiny_onnx(tmp_path / "model.onnx", metadata()))
+    assert export.device_flag("auto", path) == "cpu" and export.device_flag("auto", "checkpoint.pt") == "auto"
+    assert export.device_flag("cuda", path) == "cuda"  # asked for: refused by load_model
+    with pytest.raises(detect.UserError, match=r"model.onnx: an export runs on the CPU .*use --device cpu"):
+        detect.load_model(path, torch.device("cuda"))
+    result = run_main("eval.py", "--checkpoint", path, "--ema", "--data-folder", tmp_path / "lists")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"eval.py: error: --ema: {path} is an export, of the one set of weights export.py was given"]
+
+
+def test_a_network_that_outputs_other_shapes_than_it_declares_is_one_line(tmp_path, run_main):
     needs("onnx", "onnxruntime")
     path = tiny_onnx(tmp_path / "model.onnx", metadata(), made=8000)
     model = detect.load_model(str(path))  # its declared shapes are SSD300's
     with pytest.raises(detect.UserError, match=r"model.onnx: the network gave outputs of \(1, 8000, 4\)"):
         detect.detect_image(Image.new("RGB", (64, 48)), model)
-    code, _, err = cli(detect, [SAMPLES[0], "--checkpoint", path, "--output-dir", tmp_path / "out"], monkeypatch, capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1 and "the network gave outputs of" in err, err
+    result = run_main("detect.py", SAMPLES[0], "--checkpoint", path, "--output-dir", tmp_path / "out")
+    err = result.stderr
+    assert result.returncode == 1 and len(err.strip().splitlines()) == 1 and "the network gave outputs of" in err, err
 
 
 def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
@@ -329,13 +352,12 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("module, ext", [("onnxruntime", ".onnx"), ("openvino", ".xml")])
-def test_a_missing_runtime_is_one_line_naming_the_pip_command(module, ext, tmp_path, monkeypatch, capsys):
+def test_a_missing_runtime_is_one_line_naming_the_pip_command(module, ext, tmp_path, monkeypatch, run_main):
     path = tmp_path / f"model{ext}"
     path.write_text("x")
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
-    code, _, err = cli(detect, [REPO / "img", "--checkpoint", path, "--output-dir", tmp_path / "out"], monkeypatch,
-                       capsys)
-    assert code == 1 and err.strip().splitlines() == [
+    result = run_main("detect.py", REPO / "img", "--checkpoint", path, "--output-dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"detect.py: error: {path}: running an {'ONNX' if ext == '.onnx' else 'OpenVINO'} export needs the package "
         f"{module}, which is not installed: pip install -r requirements-export.txt"]
 
@@ -344,18 +366,16 @@ def test_a_missing_runtime_is_one_line_naming_the_pip_command(module, ext, tmp_p
 # export.py's flags and output place
 # ---------------------------------------------------------------------------------------------
 
+COUNT_THRESHOLDS = {"min_score": {"RBC": 0.4, "WBC": 0.5, "Platelets": 0.6}, "max_overlap": 0.35}
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A random checkpoint (also as model.bin), tiny lists (3 TRAIN images), a file, a pipe and a folder named
-    like exports, and an earlier export."""
-    from conftest import make_voc
-    from model import SSD300
+def world(tmp_path_factory, untrained_checkpoint):
+    """conftest's untrained checkpoint with test-time augmentation and counting thresholds recorded (also as
+    model.bin), a file, a pipe and a folder named like exports, and an earlier export."""
     root = tmp_path_factory.mktemp("export-world")
-    create_data_lists(make_voc(root / "voc", n_trainval=3, n_test=1), root / "lists", verbose=False)
-    torch.manual_seed(0)
-    model = SSD300(base_weights=None, batch_norm=True)
-    ckpt = {"model": model.state_dict(), "model_args": model.model_args, "label_map": model.label_map}
-    torch.save(ckpt, root / "checkpoint.pt")
+    ckpt = torch.load(untrained_checkpoint, map_location="cpu", weights_only=True)
+    torch.save({**ckpt, "tta": "h", "count_thresholds": COUNT_THRESHOLDS}, root / "checkpoint.pt")
     os.link(root / "checkpoint.pt", root / "model.bin")
     (root / "file").write_text("a file where a folder should be\n")
     os.mkfifo(root / "pipe.onnx")
@@ -377,29 +397,29 @@ EXPORT = [  # (case, command line, the error's words)
     ("checkpoint-text", ["--checkpoint", "{root}/file"], ["not a checkpoint file"]),
     ("calibration-0", ["--int8", "--calibration-images", "0"], ["--calibration-images must be 1 or more"]),
     ("calibration-huge", ["--int8", "--calibration-images", "99999999999999999999"], ["--calibration-images"]),
-    ("calibration-more-than-train", ["--int8", "--calibration-images", "4"], ["give 1 to 3, the TRAIN images"]),
+    ("calibration-more-than-train", ["--int8", "--calibration-images", "5"], ["give 1 to 4, the TRAIN images"]),
     ("calibration-lists-missing", ["--int8", "--data-folder", "{root}/none"], ["not found"]),
 ]
 
 
 @pytest.mark.parametrize("case, argv, says", EXPORT, ids=[c[0] for c in EXPORT])
-def test_export_refuses(case, argv, says, world, monkeypatch, capsys):
+def test_export_refuses(case, argv, says, world, tiny_lists, run_main):
     if case == "calibration-more-than-train":
         needs("onnx", "openvino", "nncf")
     before = sorted(os.listdir(world))
-    argv = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", "{root}/lists", "--output", "{root}/out"] + argv
-    code, _, err = cli(export, [str(a).format(root=world) for a in argv], monkeypatch, capsys)
+    argv = ["--checkpoint", "{root}/checkpoint.pt", "--data-folder", tiny_lists, "--output", "{root}/out"] + argv
+    result = run_main("export.py", *(str(a).format(root=world) for a in argv))
+    err = result.stderr
     lines = err.strip().splitlines()
-    assert code == 1 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("export.py: error: "), err
+    assert result.returncode == 1 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("export.py: error: "), err
     assert all(w.format(root=world) in err for w in says), err
     assert sorted(os.listdir(world)) == before and (world / "earlier.onnx").read_bytes() == b"an earlier export"
 
 
-def test_a_missing_export_package_is_one_line_naming_the_pip_command(world, monkeypatch, capsys):
+def test_a_missing_export_package_is_one_line_naming_the_pip_command(world, monkeypatch, run_main):
     monkeypatch.setitem(sys.modules, "onnx", None)
-    code, _, err = cli(export, ["--checkpoint", world / "checkpoint.pt", "--output", world / "out"], monkeypatch,
-                       capsys)
-    assert code == 1 and err.strip() == ("export.py: error: export.py needs the package onnx, which is not installed: "
+    result = run_main("export.py", "--checkpoint", world / "checkpoint.pt", "--output", world / "out")
+    assert result.returncode == 1 and result.stderr.strip() == ("export.py: error: export.py needs the package onnx, which is not installed: "
                                          "pip install -r requirements-export.txt")
 
 
@@ -410,7 +430,10 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_one_whole(world, tmp_
     target = tmp_path / "new" / "model.onnx"  # a missing folder is made
     path = export.export_checkpoint(str(world / "checkpoint.pt"), "onnx", output=str(target), quiet=True)
     assert path == str(target)
-    assert detect.load_model(path).metadata["checkpoint"]["path"] == str(world / "checkpoint.pt")
+    model = detect.load_model(path)  # what the checkpoint records comes with it
+    assert model.metadata["checkpoint"]["path"] == str(world / "checkpoint.pt")
+    assert model.metadata["tta"] == model.tta == "h" and model.metadata["count_thresholds"] == COUNT_THRESHOLDS
+    assert (model.min_score, model.max_overlap) == ([0.4, 0.5, 0.6], 0.35)
     earlier = target.read_bytes()
     monkeypatch.setattr(export, "to_onnx", lambda model: tiny_network(classes=5))  # does not fit its metadata
     with pytest.raises(detect.UserError, match="the export made does not load .*not SSD300's.*; nothing written"):
