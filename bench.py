@@ -45,9 +45,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
+from detect import BCCD_FIELD, DEFAULT_CHECKPOINT, detect_image, load_model, predict, tile_windows, tiling
 from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
-                  load_checkpoint, resolve_device, run_cli, run_info, write_json_atomic)
+                  load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
 from utils import calculate_mAP, image_extensions, label_map, normalize
 
@@ -469,8 +469,7 @@ def bench_export(args, device, out):
     window at batch 1 and 8 (network + detect_objects at the model's counting thresholds), and seconds of detect.py's
     whole command on three 3840x2160 mosaics of TEST images. Each measurement goes round the paths in turn, so that
     they share the machine's load."""
-    import export
-    from detect import DEFAULT_CHECKPOINT
+    import export  # its runtimes, only here
     if device.type != "cpu":
         raise UserError("--only export times inference on the CPU, where the exports run: use --device cpu")
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
@@ -525,7 +524,7 @@ def bench_export(args, device, out):
         for n in (1, 8):
             r[f"speedup_batch_{n}"] = ratio(base[f"batch_{n}_ms_per_window"], r[f"batch_{n}_ms_per_window"])
         r["mosaics_over_default"] = round(r["mosaics_seconds"] / default["mosaics_seconds"], 3)
-    out["export"] = {"checkpoint": checkpoint, "threads": torch.get_num_threads(), "eager_default_bf16": default_amp,
+    out["export"] = {"checkpoint": repo_relative(checkpoint), "threads": torch.get_num_threads(), "eager_default_bf16": default_amp,
                      "mosaics": 3, "mosaic_size": "x".join(map(str, EXPORT_MOSAIC)),
                      "windows_per_mosaic": len(tile_windows(*EXPORT_MOSAIC, tiling(BCCD_FIELD))),
                      "export_seconds": made, "calibration_images": args.calibration_images, "paths": result}
