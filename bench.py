@@ -21,8 +21,16 @@ its speed levers. Weights are random unless --checkpoint is given; timings of di
 must not be compared.
 
     $ python bench.py --only tiling --device cpu --checkpoint runs/ssd300/checkpoint.pt   # tiled vs whole, s/MP
+    $ python bench.py --only export --device cpu --data-folder data/lists-val --json results/cpu/bench-export.json
+
+export (CPU only, not run by default; needs requirements-export.txt) exports --checkpoint (default: the shipped
+model) to ONNX and OpenVINO, fp32 and int8 (calibrated on --calibration-images TRAIN images of --data-folder) and
+times them beside eager PyTorch in fp32 and at detect.py's default precision, in one run, going round the paths in
+turn so that they share the machine's load: per 300x300 window, the network and its decoding at the model's
+counting thresholds at batch 1 and 8; and detect.py's whole command on three 3840x2160 mosaics of TEST images.
 """
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -37,9 +45,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from detect import BCCD_FIELD, detect_image, load_model, predict, tile_windows, tiling
+from detect import BCCD_FIELD, DEFAULT_CHECKPOINT, detect_image, load_model, predict, tile_windows, tiling
 from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
-                  load_checkpoint, resolve_device, run_cli, run_info, write_json_atomic)
+                  load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
 from utils import calculate_mAP, image_extensions, label_map, normalize
 
@@ -48,7 +56,7 @@ import torchvision  # after misc, which says in one line when it does not fit to
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
 PIPELINE_EPOCHS = 4  # train.py's epochs in the pipeline measurement: the first starts the workers, the others are timed
-PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling")
+PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling", "export")
 
 
 def get_args_parser():
@@ -57,7 +65,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these measurements "
-                   "(default: all but folder, which needs --checkpoint, and tiling)")
+                   "(default: all but folder, which needs --checkpoint, tiling and export)")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
     p.add_argument("--checkpoint", default=None, help="use these weights for ours (folder, and an extra inference row)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 32 on CUDA, 8 on CPU)")
@@ -69,6 +77,7 @@ def get_args_parser():
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
+    p.add_argument("--calibration-images", type=int, default=64, help="export: TRAIN images that calibrate int8")
     p.add_argument("--tiling-sizes", nargs="+", default=["640x480", "1280x960", "1920x1080", "3840x2160"],
                    metavar="WxH", help="image sizes for the tiling measurement (mosaics of TEST images)")
     return p
@@ -429,11 +438,7 @@ def bench_tiling(args, device, amp, out):
     sources = [Image.open(p).convert("RGB") for p in BCCDDataset(args.data_folder, "test").images[:16]]
     result = {}
     for size, (width, height) in zip(args.tiling_sizes, tiling_sizes(args.tiling_sizes)):
-        image, k = Image.new("RGB", (width, height)), 0
-        for y in range(0, height, sources[0].height):  # TEST images side by side, as many as fill it
-            for x in range(0, width, sources[0].width):
-                image.paste(sources[k % len(sources)], (x, y))
-                k += 1
+        image = mosaic(sources, width, height, 0)  # TEST images side by side, as many as fill it
         windows = tile_windows(width, height, tiling(getattr(model, "field", BCCD_FIELD)))
         t_tiled, t_whole = (timeit(lambda tile=tile: detect_image(image, model, tile=tile, amp=amp), device, args.iters,
                                    warmup=1) for tile in ("auto", "off"))
@@ -442,6 +447,87 @@ def bench_tiling(args, device, amp, out):
                         "tiled_s_per_mp": round(t_tiled / mp, 3), "whole_s_per_mp": round(t_whole / mp, 3),
                         "tiled_over_whole": round(t_tiled / t_whole, 2)}
     out["tiling_seconds_per_megapixel"] = result
+
+
+def mosaic(sources, width, height, first):
+    """A width x height image of the source images side by side, from the first-th on (cells at BCCD's size)."""
+    image, k = Image.new("RGB", (width, height)), first
+    for y in range(0, height, sources[0].height):
+        for x in range(0, width, sources[0].width):
+            image.paste(sources[k % len(sources)], (x, y))
+            k += 1
+    return image
+
+
+EXPORT_MOSAIC = (3840, 2160)  # the large images of --only export: 4K, 195 windows of BCCD's field each
+EXPORT_PATHS = (("onnxruntime fp32", "onnx", False), ("openvino fp32", "openvino", False),
+                ("onnxruntime int8", "onnx", True), ("openvino int8", "openvino", True))
+
+
+def bench_export(args, device, out):
+    """Eager PyTorch (fp32, and detect.py's default precision) beside the exports of export.py, on the CPU: ms per
+    window at batch 1 and 8 (network + detect_objects at the model's counting thresholds), and seconds of detect.py's
+    whole command on three 3840x2160 mosaics of TEST images. Each measurement goes round the paths in turn, so that
+    they share the machine's load."""
+    import export  # its runtimes, only here
+    if device.type != "cpu":
+        raise UserError("--only export times inference on the CPU, where the exports run: use --device cpu")
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    default_amp = bf16_is_fast(device)
+    tmp = tempfile.mkdtemp(prefix="bench-export-")
+    try:
+        made, files = {}, {"eager fp32": checkpoint, "eager default": checkpoint}
+        for name, fmt, int8 in EXPORT_PATHS:
+            start = time.perf_counter()
+            files[name] = export.export_checkpoint(checkpoint, fmt, int8, os.path.join(tmp, name.replace(" ", "-")),
+                                                   args.data_folder, args.calibration_images, quiet=True)
+            made[name] = round(time.perf_counter() - start, 1)
+        paths = [p for p in files if p != "eager default" or default_amp]  # without fast bf16 it is eager fp32
+        amp = {p: p == "eager default" and default_amp for p in paths}
+        models = {p: load_model(files[p], device) for p in paths}
+        result = {p: {} for p in paths}
+        for n in (1, 8):
+            images, _, _ = fixed_batch(args.data_folder, n)
+            times = {p: [] for p in paths}
+            for i in range(1 + args.iters):  # a warm-up round, then round the paths args.iters times
+                for p in paths:
+                    m = models[p]
+                    start = time.perf_counter()
+                    predict(m, images, m.min_score, m.max_overlap, 200, amp[p])
+                    if i:
+                        times[p].append(time.perf_counter() - start)
+            for p in paths:
+                result[p][f"batch_{n}_ms_per_window"] = round(1000 * statistics.median(times[p]) / n, 1)
+        del models
+
+        sources = [Image.open(p).convert("RGB") for p in BCCDDataset(args.data_folder, "test").images[:36]]
+        folder = os.path.join(tmp, "mosaics")
+        os.makedirs(folder)
+        for i in range(3):  # at 4K 6 x 5 fields of 640x480 (the last row cut), 12 source images apart
+            mosaic(sources, *EXPORT_MOSAIC, 12 * i).save(os.path.join(folder, f"mosaic{i}.jpg"), quality=95)
+        for p in paths:  # detect.py as a user runs it, in a fresh process: start-up and model load included
+            output = os.path.join(tmp, "out-" + p.replace(" ", "-"))
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), folder,
+                   "--checkpoint", files[p], "--output-dir", output, "--device", "cpu",
+                   "--amp" if amp[p] else "--no-amp"]
+            start = time.perf_counter()
+            printed = run_or_say(cmd, f"detect.py with {p}")
+            result[p]["mosaics_seconds"] = round(time.perf_counter() - start, 2)
+            result[p]["mosaics_loop_seconds"] = float(printed.rsplit(" image(s) in ", 1)[1].split(" s")[0])
+            with open(os.path.join(output, "counts.csv"), newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            result[p]["mosaics_counts"] = {k: sum(int(r[k]) for r in rows) for k in rows[0] if k != "image"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base, default = result["eager fp32"], result["eager default" if default_amp else "eager fp32"]
+    for r in result.values():
+        for n in (1, 8):
+            r[f"speedup_batch_{n}"] = ratio(base[f"batch_{n}_ms_per_window"], r[f"batch_{n}_ms_per_window"])
+        r["mosaics_over_default"] = round(r["mosaics_seconds"] / default["mosaics_seconds"], 3)
+    out["export"] = {"checkpoint": repo_relative(checkpoint), "threads": torch.get_num_threads(), "eager_default_bf16": default_amp,
+                     "mosaics": 3, "mosaic_size": "x".join(map(str, EXPORT_MOSAIC)),
+                     "windows_per_mosaic": len(tile_windows(*EXPORT_MOSAIC, tiling(BCCD_FIELD))),
+                     "export_seconds": made, "calibration_images": args.calibration_images, "paths": result}
 
 
 def print_table(out):
@@ -487,6 +573,16 @@ def print_table(out):
     if rows:
         print("ratios: ours / torchvision for images/s; torchvision / ours for ms; ours / torchvision for folder "
               "seconds; train.py / fixed batch for train.py images/s")
+    if "export" in out:
+        e = out["export"]
+        print(f"\n{'CPU, ' + str(e['threads']) + ' threads':<18}{'ms/window b1':>13}{'b8':>7}{'speedup b1':>11}"
+              f"{'b8':>6}{'3 mosaics, s':>13}{'/ default':>10}  counts on the {e['mosaics']} {e['mosaic_size']} mosaics")
+        for p, r in e["paths"].items():
+            print(f"{p:<18}{r['batch_1_ms_per_window']:>13}{r['batch_8_ms_per_window']:>7}{r['speedup_batch_1']:>11}"
+                  f"{r['speedup_batch_8']:>6}{r['mosaics_seconds']:>13}{r['mosaics_over_default']:>10}  "
+                  + " ".join(f"{k} {v}" for k, v in r["mosaics_counts"].items()))
+        if not e["eager_default_bf16"]:
+            print("eager default: bf16 is not fast on this CPU (utils.bf16_is_fast), so detect.py's default is eager fp32")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
         for size, t in out["tiling_seconds_per_megapixel"].items():
@@ -509,7 +605,7 @@ def tiling_sizes(sizes):
 
 def check_args(args):
     """Flags, the output place and the checkpoint, checked before minutes of measuring."""
-    for name in ("train_batch", "iters"):
+    for name in ("train_batch", "iters", "calibration_images"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
@@ -540,7 +636,7 @@ def main(args):
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 2)
-    only = args.only or [p for p in PARTS if p not in ("folder", "tiling") and (cuda or p != "pipeline")]
+    only = args.only or [p for p in PARTS if p not in ("folder", "tiling", "export") and (cuda or p != "pipeline")]
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -551,7 +647,8 @@ def main(args):
              "data": lambda: bench_data(args, device, out),
              "parts": lambda: bench_parts(args, device, amp, out),
              "folder": lambda: bench_folder(args, device, out),
-             "tiling": lambda: bench_tiling(args, device, amp, out)}
+             "tiling": lambda: bench_tiling(args, device, amp, out),
+             "export": lambda: bench_export(args, device, out)}
     for name in PARTS:
         if name in only:
             print(f"measuring {name} ...", flush=True)

@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from export import device_flag, is_export, load_export
 from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device,
                   run_cli, save_image_atomic)
@@ -61,22 +62,38 @@ TUTORIAL_MIN_SCORE, TUTORIAL_MAX_OVERLAP = 0.2, 0.5
 # The tutorial's path, top to bottom: load_model -> preprocess -> predict -> annotate -> detect_image -> detect
 # ---------------------------------------------------------------------------------------------
 
-def load_model(checkpoint=None, device="cpu", tta=None):
+def load_model(checkpoint=None, device="cpu", tta=None, ema=False):
     """The model of a train.py checkpoint (default: the shipped model), on `device`, ready for inference (eval mode,
-    BatchNorm folded).
+    BatchNorm folded); or of an export.py export (.onnx, .xml), an export.ExportedSSD300 on the CPU.
 
     It knows its classes: model.label_map (name -> label), model.rev_label_map (label -> name),
     model.label_color_map; its counting thresholds: model.min_score, model.max_overlap (counting_defaults); and
     model.field, the (width, height) of the images it was trained on (the checkpoint's record; BCCD_FIELD for
     checkpoints older than the record): detect_image tiles larger images with windows of that size. model.tta: the
-    test-time augmentation run_model applies (TTA_VIEWS; default: the checkpoint's record, else "off").
+    test-time augmentation run_model applies (TTA_VIEWS; default: the checkpoint's record, else "off");
+    model.train_args: the train.py arguments the checkpoint records (None when it records none). ema: the
+    checkpoint's moving average of the weights (train.py --ema-decay) instead of its weights.
     """
     checkpoint = DEFAULT_CHECKPOINT if checkpoint is None else checkpoint
     if checkpoint == DEFAULT_CHECKPOINT and not os.path.isfile(checkpoint):
         raise UserError(f"{checkpoint}: the shipped model is missing from this copy of the project; restore it "
                         f"(git checkout -- weights) or give --checkpoint")
-    ckpt = load_checkpoint(checkpoint)
-    model = SSD300.from_checkpoint(ckpt, checkpoint)
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if is_export(checkpoint):  # an export of export.py: its network runs in ONNX Runtime or OpenVINO, the rest here
+        if device.type != "cpu":
+            raise UserError(f"{checkpoint}: an export runs on the CPU (ONNX Runtime, OpenVINO): use --device cpu, or "
+                            f"the checkpoint.pt on {device}")
+        if ema:
+            raise UserError(f"--ema: {checkpoint} is an export, of the one set of weights export.py was given")
+        model = load_export(checkpoint)
+        ckpt = model.metadata  # what the checkpoint held beside its weights
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        if ema:
+            if "ema" not in ckpt:
+                raise UserError(f"--ema: {checkpoint} holds no moving average of its weights (train.py --ema-decay)")
+            ckpt = {**ckpt, "model": ckpt["ema"]}
+        model = SSD300.from_checkpoint(ckpt, checkpoint)
     model.min_score, model.max_overlap = counting_defaults(ckpt, class_names(model.label_map), checkpoint)
     field = ckpt.get("field", BCCD_FIELD)
     if not (isinstance(field, (list, tuple)) and len(field) == 2 and
@@ -84,7 +101,7 @@ def load_model(checkpoint=None, device="cpu", tta=None):
         raise UserError(f"{checkpoint}: its 'field' must be [width, height] in pixels (8 to 65535), not {field!r}")
     model.field = tuple(field)
     model.tta = check_tta(ckpt.get("tta", "off") if tta is None else tta, checkpoint if tta is None else "tta")
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    model.train_args = ckpt.get("args")
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
 
@@ -548,7 +565,7 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
-                   "shipped model, trained on BCCD)")
+                   "shipped model, trained on BCCD), or its export by export.py (.onnx, .xml: faster on a CPU)")
     p.add_argument("--output-dir", default="detections", help="annotated images, counts.csv and detections.json go here")
     p.add_argument("--min-score", default=None, metavar="S", help="keep detections scoring above this: 0.5 for every "
                    "class, RBC=0.35,WBC=0.25 for the classes named (the others keep their default), or 0.35,0.25,0.3 "
@@ -801,7 +818,7 @@ class Results:
 
 def detect_files(args):
     check_args(args)
-    device = resolve_device(args.device)
+    device = resolve_device(device_flag(args.device, args.checkpoint))
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device, tta=args.tta)
     classes = class_names(model.label_map)

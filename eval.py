@@ -4,6 +4,7 @@
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
     $ python eval.py --checkpoint runs/val/checkpoint.pt --data-folder data/lists-val --count-sweep
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
+    $ python eval.py --checkpoint weights/ssd300_bccd-int8.xml   # an export of export.py, on the CPU
 
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
 and the tutorial, so results compare. Reported: VOC2007 11-point AP at IoU > 0.5 per class and
@@ -30,11 +31,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, TTA_VIEWS, check_tta, counting_defaults, run_model
+from detect import DEFAULT_CHECKPOINT, TTA_VIEWS, load_model, run_model
+from export import device_flag
 from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, format_min_score,
-                  ignore_stop_signals, init_distributed, load_checkpoint, parse_max_overlap, parse_min_score,
-                  repo_relative, run_cli, run_info, write_json_atomic)
-from model import SSD300
+                  ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score, repo_relative, run_cli,
+                  run_info, write_json_atomic)
 from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
@@ -46,7 +47,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("eval.py", description="Evaluate SSD300 on the TEST split of its lists.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: "
-                   "the shipped model)")
+                   "the shipped model), or its export by export.py (.onnx, .xml)")
     p.add_argument("--data-folder", default="data/lists", help="JSON lists from create_data_lists.py")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -179,7 +180,7 @@ def sweep_counts(counted, true_labels, names=bccd_labels):
 
 
 def main(args):
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(device_flag(args.device, args.checkpoint))
     try:
         run(args, rank, world, device)
     finally:
@@ -200,15 +201,9 @@ def run(args, rank, world, device):
         check_not_an_input(args.output, "--output", args.checkpoint, args.data_folder)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    ckpt = load_checkpoint(args.checkpoint)
-    if args.ema:
-        if "ema" not in ckpt:
-            raise UserError(f"--ema: {args.checkpoint} holds no moving average of its weights (train.py --ema-decay)")
-        ckpt = {**ckpt, "model": ckpt["ema"]}
-    model = SSD300.from_checkpoint(ckpt, args.checkpoint)
-    model.tta = check_tta(ckpt.get("tta", "off") if args.tta is None else args.tta, args.checkpoint)
+    model = load_model(args.checkpoint, device, tta=args.tta, ema=args.ema)  # detect.py's: BatchNorm folded
     names = class_names(model.label_map)
-    count_min_score, count_max_overlap = counting_defaults(ckpt, names, args.checkpoint)
+    count_min_score, count_max_overlap = model.min_score, model.max_overlap  # detect.py's counting defaults
     if args.count_min_score is not None:
         count_min_score = parse_min_score(args.count_min_score, names, "--count-min-score", default=count_min_score)
     if args.count_max_overlap is not None:
@@ -275,7 +270,7 @@ def run(args, rank, world, device):
                            "device": str(device),
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
                            "train_args": {k: repo_relative(v) if isinstance(v, str) and os.path.isabs(v) else v
-                                          for k, v in (ckpt.get("args") or {}).items()} or None,
+                                          for k, v in (model.train_args or {}).items()} or None,
                            **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")
 

@@ -269,6 +269,8 @@ BENCH = [
     ("train-batch-1-batch-norm", ["--train-batch", "1"], ["BatchNorm"]),
     ("infer-batches-0", ["--infer-batches", "1", "0"], ["--infer-batches"]),
     ("iters-0", ["--iters", "0"], ["--iters"]),
+    ("calibration-images-0", ["--only", "export", "--calibration-images", "0"],
+     ["--calibration-images must be positive"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
     ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
