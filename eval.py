@@ -3,6 +3,7 @@
     $ python eval.py                                   # the shipped model (weights/ssd300_bccd.pt) on data/lists
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
     $ python eval.py --checkpoint runs/val/checkpoint.pt --data-folder data/lists-val --count-sweep
+    $ python eval.py --plots runs/ssd300/plots         # PR curves, counts, confusion matrix, scores (matplotlib)
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
 
 Detections are made at min_score 0.01, max_overlap 0.45 and top_k 200, the setting of the paper
@@ -17,6 +18,7 @@ Counting, what detect.py is for, is scored too: the cells it counts per image at
 --count-min-score, --count-max-overlap) against the annotated ones. --count-sweep tries a grid of
 thresholds and prints, per class, the min_score that counts best: run it on a validation split
 (lists made with --train-split train --test-split val), never on TEST, to choose detect.py's.
+--plots DIR draws both as PNGs (plots.eval_plots; needs matplotlib: pip install -r requirements-plots.txt).
 """
 import argparse
 import os
@@ -30,6 +32,7 @@ from tqdm import tqdm
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, counting_defaults, format_min_score, parse_max_overlap, parse_min_score, run_model
 from model import SSD300
+from plots import EVAL_PNGS, eval_plots, require_matplotlib
 from utils import (UserError, bccd_labels, bf16_is_fast, calculate_mAP, check_not_an_input, check_same_classes,
                    check_workers, check_writable, class_names, ignore_stop_signals, init_distributed, load_checkpoint,
                    run_cli, run_info, write_json_atomic)
@@ -60,27 +63,29 @@ def get_args_parser():
     p.add_argument("--count-sweep", action="store_true", help="also count at every min_score of "
                    f"{SWEEP_MIN_SCORES[0]}-{SWEEP_MIN_SCORES[-1]} and max_overlap of {SWEEP_MAX_OVERLAPS} and report the "
                    "best per class: to choose detect.py's thresholds on a validation split, never on TEST")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here: precision-recall curves, "
+                   "counted vs annotated per image, a confusion matrix and score histograms (needs matplotlib)")
     return p
 
 
 @torch.no_grad()
 def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
-                   progress=False, count_at=()):
+                   progress=False, count_at=(), count_boxes=False):
     """Run the model over a loader of BCCDDataset('test') items.
 
     Returns (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties), lists
     over images of CPU tensors, boxes fractional. count_at: settings (min_score, max_overlap) at
     which the same network outputs are also decoded; one more list per setting holds those
-    detections' labels.
+    detections' labels. count_boxes: a last list holds the boxes of the first setting's (for --plots).
     """
     model.eval()
-    results = tuple([] for _ in range(6 + len(count_at)))
+    results = tuple([] for _ in range(6 + len(count_at) + count_boxes))
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
         locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
         dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
         columns = (*dets, boxes, labels, difficulties)
-        for setting in count_at:
-            columns += (model.detect_objects(locs, scores, *setting, top_k=top_k)[1],)
+        counted = [model.detect_objects(locs, scores, *setting, top_k=top_k) for setting in count_at]
+        columns += tuple(c[1] for c in counted) + ((counted[0][0],) if count_boxes else ())
         for store, items in zip(results, columns):
             store.extend(t.cpu() for t in items)
     return results
@@ -170,6 +175,11 @@ def run(args, rank, world, device):
     if args.output is not None and rank == 0:
         check_writable(args.output, "--output")
         check_not_an_input(args.output, "--output", args.checkpoint, args.data_folder)
+    if args.plots is not None and rank == 0:  # before the long pass: matplotlib and the folder are there
+        require_matplotlib()
+        check_writable(args.plots, "--plots", folder=True, create=False)
+        for name in EVAL_PNGS:
+            check_writable(os.path.join(args.plots, name), "--plots", create=False)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     ckpt = load_checkpoint(args.checkpoint)
@@ -193,7 +203,7 @@ def run(args, rank, world, device):
     start = time.perf_counter()
     # one pass: the evaluation's detections, and the labels detect.py would count (same network outputs)
     results = detect_dataset(model, loader, amp=amp, channels_last=channels_last, progress=rank == 0,
-                             count_at=count_at)
+                             count_at=count_at, count_boxes=args.plots is not None)
     if world > 1:  # gather every process's detections on rank 0, back in dataset order
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((shard, results), gathered, dst=0)
@@ -204,9 +214,12 @@ def run(args, rank, world, device):
         position = sorted(range(len(order)), key=order.__getitem__)
         results = [[column[p] for p in position] for column in merged]
     seconds = time.perf_counter() - start
+    if args.plots is not None:
+        *results, count_boxes = results
 
     counts = count_errors(results[6], results[4], names)
     counted = dict(zip(count_at[1:], results[7:]))  # the sweep's settings
+    count_labels = results[6]
     results = results[:6]
     metrics = compute_metrics(*results, label_names=label_names(model))
     w = max(12, *(len(name) + 2 for name in names))  # the class column
@@ -244,6 +257,10 @@ def run(args, rank, world, device):
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
                            "train_args": ckpt.get("args"), **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")
+    if args.plots is not None:
+        written = eval_plots(args.plots, names, results, count_boxes, count_labels, count_min_score, count_max_overlap,
+                             metrics, model.label_color_map)
+        print(f"plots written to {args.plots}: {', '.join(os.path.basename(p) for p in written)}")
 
 
 if __name__ == "__main__":
