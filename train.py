@@ -11,8 +11,9 @@ On several GPUs (--batch-size is per process):
     $ torchrun --nproc_per_node=4 train.py --out-dir runs/ssd300-4gpu
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
-written to a temporary file and then moved into place) and <out-dir>/log.jsonl (one JSON line
-per epoch). The lists in --data-folder are made with create_data_lists when missing. The model
+written to a temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line
+per epoch) and <out-dir>/training.png (loss, lr and validation mAP against epoch, redrawn after each
+--val-every validation and at the end; needs matplotlib, else a note: pip install -r requirements-plots.txt). The lists in --data-folder are made with create_data_lists when missing. The model
 has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
@@ -35,6 +36,7 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from eval import evaluate
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
+from plots import TRAINING_PNG, TrainingCurve
 from utils import (FLIPS, UserError, available_cpus, bf16_is_fast, check_same_classes, check_workers, check_writable,
                    create_data_lists, ignore_stop_signals, init_distributed, load_checkpoint, lock_folder,
                    median_image_size, normalize, remove_stale_temporaries, run_cli, run_info, save_atomic,
@@ -321,10 +323,10 @@ def prepare_out_dir(args):
     run left: its temporary files, and the log lines of epochs after the checkpoint it is resumed from."""
     out = args.out_dir
     check_writable(out, "--out-dir", folder=True)
-    for name in ("checkpoint.pt", "log.jsonl"):  # no folder, device or pipe where they go
+    for name in ("checkpoint.pt", "log.jsonl", TRAINING_PNG):  # no folder, device or pipe where they go
         check_writable(os.path.join(out, name), "--out-dir")
     fd = lock_folder(out, f"--out-dir {out}: another train.py is writing there")
-    remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl"))
+    remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl", TRAINING_PNG))
     return fd
 
 
@@ -549,6 +551,8 @@ def train(args, rank, world, device, cleanup):
     batches = iter(loader)  # all epochs in one stream: the workers never wait for the next epoch
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
     running = RunningLoss(device)
+    curve = TrainingCurve(log_path, os.path.join(args.out_dir, TRAINING_PNG), f"train.py --out-dir {args.out_dir}",
+                          say=bar.write)
 
     def save(epoch, partial_epoch=None):
         state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
@@ -633,6 +637,8 @@ def train(args, rank, world, device, cleanup):
                     f.write(json.dumps(record) + "\n")
                 if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
                     save(epoch)
+                if "mAP" in record or last or stopping:  # between epochs, from log.jsonl
+                    curve.update()
             if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
                 dist.barrier()
             if stopping and not last:
