@@ -3,6 +3,7 @@
     $ pip install -r requirements-plots.txt                 # matplotlib; nothing else needs it
     $ python eval.py --plots runs/ssd300/plots               # eval.py's four figures (see eval_plots)
     $ python train.py --val-every 10                         # keeps <out-dir>/training.png up to date
+    $ python plots.py --output training.png run=runs/ssd300/log.jsonl                         # any run's log
     $ python plots.py --output training.png seed0=runs/s0/log.jsonl seed1=runs/s1/log.jsonl   # runs side by side
 
 matplotlib is imported only when a figure is drawn, and without pyplot (Figure and its Agg canvas):
@@ -66,6 +67,19 @@ def read_log(path):
     return [records[e] for e in sorted(records)]
 
 
+def run_records(log_path, earlier_log=None, until=0):
+    """A run's records (read_log), after those of epochs 1..until in earlier_log when given and readable: the
+    log of the run it was resumed from, in another --out-dir (resumed in its own, the log holds them already)."""
+    before = []
+    if earlier_log and os.path.isfile(earlier_log) and not os.path.samefile(earlier_log, log_path):
+        try:
+            before = [r for r in read_log(earlier_log) if r["epoch"] <= until]
+        except OSError:
+            pass
+    records = {r["epoch"]: r for r in before + read_log(log_path)}
+    return [records[e] for e in sorted(records)]
+
+
 def plot_training(runs, path, title=None):
     """Draw runs ({name: records of read_log}; a name None is a run of its own, without a legend entry) as three
     panels against epoch: the training loss (log scale), the learning rate at the end of each epoch, and the
@@ -105,18 +119,20 @@ def plot_training(runs, path, title=None):
 
 class TrainingCurve:
     """train.py's <out-dir>/training.png, redrawn from log.jsonl when update() is called (after an epoch's record
-    is logged: never inside a training step). The log holds each epoch once, a resumed run's too (train.trim_log),
-    so a resumed run draws one continuous curve. The curve is a convenience: without matplotlib, or when the PNG
-    cannot be written, training goes on and `say` is called once with a note."""
+    is logged: never inside a training step). The log holds each epoch once, a resumed run's too (train.trim_log);
+    a run resumed into another --out-dir draws the epochs of the run it came from first (run_records): either way
+    one continuous curve. The curve is a convenience: without matplotlib, or when the PNG cannot be written,
+    training goes on and `say` is called once with a note."""
 
-    def __init__(self, log_path, path, title=None, say=print):
+    def __init__(self, log_path, path, title=None, say=print, earlier_log=None, until=0):
         self.log_path, self.path, self.title, self.say, self.off = log_path, path, title, say, False
+        self.earlier_log, self.until = earlier_log, until
 
     def update(self):
         if self.off:
             return
         try:
-            plot_training({None: read_log(self.log_path)}, self.path, self.title)
+            plot_training({None: run_records(self.log_path, self.earlier_log, self.until)}, self.path, self.title)
         except (UserError, OSError) as e:
             self.off = True
             self.say(f"note: no training curve {self.path} ({e}); training goes on")
@@ -200,7 +216,7 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
         cum_tp = tp.cumsum(0).double()
         precision = (cum_tp / torch.arange(1, len(tp) + 1)).tolist()
         recall = (cum_tp / n_objects).tolist()
-        line, = ax.plot([0] + recall, precision[:1] + precision, drawstyle="steps-post", color=colors.get(name),
+        line, = ax.plot([0] + recall, (precision[:1] or [0]) + precision, drawstyle="steps-post", color=colors.get(name),
                         label=f"{name}: AP {metrics['AP'][name]:.3f}")
         at = int((scores >= thresholds[k]).sum()) - 1  # the last detection kept at the counting threshold
         if at >= 0:
@@ -255,8 +271,12 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
     for k, (ax, name) in enumerate(zip(fig.subplots(1, len(names), squeeze=False)[0], names)):
         if name in matches:
             scores, tp, _ = matches[name]
-            ax.hist([scores[tp].tolist(), scores[~tp].tolist()], bins=bins, histtype="step", linewidth=1.5,
-                    color=["tab:green", "tab:red"], label=["true positives", "false positives"])
+        else:  # no (non-difficult) object of the class: every detection of it is false
+            scores = torch.cat([s[l == k + 1] for s, l in zip(detections[2], detections[1])] + [torch.zeros(0)])
+            tp = torch.zeros(len(scores), dtype=torch.bool)
+        ax.hist([scores[tp].tolist(), scores[~tp].tolist()], bins=bins, histtype="step", linewidth=1.5,
+                color=["tab:green", "tab:red"], label=["true positives", "false positives"])
+        if len(scores):
             ax.set_yscale("log")
         ax.axvline(thresholds[k], color="0.2", linestyle="--", label=f"counting threshold {thresholds[k]:g}")
         ax.set(xlabel="score", ylabel="detections", xlim=(0, 1), title=name)

@@ -12,8 +12,8 @@ On several GPUs (--batch-size is per process):
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
 written to a temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line
-per epoch) and <out-dir>/training.png (loss, lr and validation mAP against epoch, redrawn after each
---val-every validation and at the end; needs matplotlib, else a note: pip install -r requirements-plots.txt). The lists in --data-folder are made with create_data_lists when missing. The model
+per epoch); with --val-every, <out-dir>/training.png too (loss, lr and validation mAP against epoch, redrawn
+after each validation; needs matplotlib, else a note: pip install -r requirements-plots.txt). The lists in --data-folder are made with create_data_lists when missing. The model
 has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
@@ -128,8 +128,8 @@ def get_args_parser():
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode TRAIN once and keep it in memory (BCCD: 270 MB) (default: on)")
-    p.add_argument("--val-every", type=int, help="evaluate TEST every N epochs and log its mAP, for monitoring only "
-                   "(0 = never, the default); report results from the final checkpoint")
+    p.add_argument("--val-every", type=int, help="evaluate TEST every N epochs, log its mAP and redraw training.png, for "
+                   "monitoring only (0 = never, the default); report results from the final checkpoint")
     p.add_argument("--checkpoint-every", type=int, help="save the checkpoint every N epochs and at the end (default: 1)")
     return p
 
@@ -552,7 +552,9 @@ def train(args, rank, world, device, cleanup):
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
     running = RunningLoss(device)
     curve = TrainingCurve(log_path, os.path.join(args.out_dir, TRAINING_PNG), f"train.py --out-dir {args.out_dir}",
-                          say=bar.write)
+                          say=bar.write, until=start_epoch,  # resumed elsewhere: the first run's epochs first
+                          earlier_log=os.path.join(os.path.dirname(os.path.abspath(args.resume)), "log.jsonl")
+                          if ckpt is not None and not continuing else None)
 
     def save(epoch, partial_epoch=None):
         state = {"model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
@@ -637,7 +639,7 @@ def train(args, rank, world, device, cleanup):
                     f.write(json.dumps(record) + "\n")
                 if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
                     save(epoch)
-                if "mAP" in record or last or stopping:  # between epochs, from log.jsonl
+                if "mAP" in record:  # after a validation, between epochs: redrawn from log.jsonl
                     curve.update()
             if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
                 dist.barrier()
