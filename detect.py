@@ -16,7 +16,9 @@ larger or smaller than in BCCD), which go through the model in batches, and thei
 merged into one set for the image (tile_windows, merge_windows); --tile off resizes every image whole.
 
 counts.csv and detections.json are written as the images are done: a run that is interrupted (Ctrl-C,
-SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run.
+SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run. So is
+report.html, a page to review the run in a browser (report.py): totals, every image with its counts and
+thumbnail (in thumbnails/), and the detections close to the threshold.
 
 From Python, as in the tutorial:
     from PIL import Image
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms, box_area
 
 from model import SSD300
+from report import REPORT, THUMBNAILS, Report, thumbnail_name
 from utils import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, class_names, find_intersection,
                    ignore_stop_signals, image_extensions, load_checkpoint, lock_folder, normalize, pil_to_tensor,
                    resize, resize_placement, resolve_device, run_cli, save_image_atomic, window_boxes_to_image)
@@ -628,8 +631,9 @@ class Results:
     other images beside these; detections.json is closed (a valid JSON list) however the run ends, but a kill
     (SIGKILL) leaves it without its closing bracket, while counts.csv stays whole up to its last row."""
 
-    def __init__(self, folder, classes, rev_label_map):
+    def __init__(self, folder, classes, rev_label_map, report=None):
         self.classes, self.rev_label_map, self.n, self.folder = classes, rev_label_map, 0, folder
+        self.report = report  # report.html (a report.Report), kept beside them
         for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
             if os.path.islink(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
@@ -656,7 +660,14 @@ class Results:
             raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
                             f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
         self.n += 1
+        if self.report is not None:
+            self.report.add(record["image"], output, n, record["labels"], scores.tolist())
         return n
+
+    def thumbnail(self, output, image):
+        """The annotated image `output` was saved: report.html's thumbnail of it (a PIL image)."""
+        if self.report is not None:
+            self.report.thumbnail(output, image)
 
     def close(self, quiet=False):
         """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet (when
@@ -671,6 +682,22 @@ class Results:
         if failed and not quiet:
             raise UserError(f"--output-dir {self.folder}: cannot finish detections.json ({failed.strerror or failed}); "
                             f"counts.csv holds the {self.n} image(s)")
+        if self.report is not None:  # quiet: the run ends early, with an error
+            self.report.close(ended_early=quiet, quiet=quiet)
+
+
+def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
+    """What report.html says of a run: {label: text}."""
+    classes = class_names(model.label_map)
+    return {"model": f"{printable(os.path.abspath(args.checkpoint))} (classes {', '.join(classes)}; trained on "
+                     f"{model.field[0]}x{model.field[1]} px fields)",
+            "min_score": format_min_score(min_score, classes), "max_overlap": f"{max_overlap:g}", "top_k": args.top_k,
+            "tiling": "off: every image resized whole" if tiles is None else
+                      f"windows of {tiles.window[0]}x{tiles.window[1]} px overlapping by {tiles.overlap} px, for "
+                      f"images more than {TILE_ABOVE:g} times as wide or tall",
+            "device": f"{device}, bf16 autocast {'on' if amp else 'off'}",
+            "command": " ".join(printable(a) for a in sys.argv),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def main(args):
@@ -702,14 +729,18 @@ def detect_files(args, locks):
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
     ours = earlier_outputs(args.output_dir)
-    foreign = next((n for n in names if os.path.lexists(os.path.join(args.output_dir, n)) and printable(n) not in ours),
-                   None)
+    foreign = next((p for n in names if printable(n) not in ours for p in (n, os.path.join(THUMBNAILS, thumbnail_name(n)))
+                    if os.path.lexists(os.path.join(args.output_dir, p))), None)  # an annotated image or its thumbnail
     if foreign:
         raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
                         f"it; the annotated image would replace it: choose another folder")
     check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
-    for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
+    for name in ("counts.csv", "detections.json", REPORT):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
+    thumbnails = os.path.join(args.output_dir, THUMBNAILS)
+    if os.path.lexists(thumbnails) and (os.path.islink(thumbnails) or not os.path.isdir(thumbnails)):
+        raise UserError(f"--output-dir {args.output_dir}: {THUMBNAILS} there is not a folder (report.html's "
+                        f"thumbnails go in it); remove it or choose another folder")
 
     def lock():  # a second detect.py writing there would mix its rows and images with this run's
         locks.append(lock_folder(args.output_dir, f"--output-dir {args.output_dir}: another detect.py is writing "
@@ -740,7 +771,9 @@ def detect_files(args, locks):
             os.makedirs(args.output_dir, exist_ok=True)
             if not locks:
                 lock()
-            return Results(args.output_dir, classes, model.rev_label_map)
+            return Results(args.output_dir, classes, model.rev_label_map, Report(
+                args.output_dir, classes, min_score, report_settings(args, model, min_score, max_overlap, tiles, device,
+                                                                     amp), len(paths)))
         except OSError as e:
             raise UserError(f"--output-dir {args.output_dir}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
 
@@ -753,9 +786,10 @@ def detect_files(args, locks):
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
             results = results or open_results()
             output = os.path.join(args.output_dir, names[i])
+            annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
             try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
-                save_image_atomic(annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map),
-                                  output, quality=90)
+                save_image_atomic(annotated, output, quality=90)
+                results.thumbnail(names[i], annotated)
             except UserError as e:  # counted all the same, and said at the end
                 errors.append(f"the annotated image {printable(str(e))}")
             n = results.add(paths[i], names[i], w, h, 1 if windows is None else len(windows), boxes, labels, scores)
