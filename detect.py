@@ -689,6 +689,7 @@ class Results:
 def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
     """What report.html says of a run: {label: text}."""
     classes = class_names(model.label_map)
+    command = " ".join(printable(a) for a in sys.argv)  # a long list of files: its start
     return {"model": f"{printable(os.path.abspath(args.checkpoint))} (classes {', '.join(classes)}; trained on "
                      f"{model.field[0]}x{model.field[1]} px fields)",
             "min_score": format_min_score(min_score, classes), "max_overlap": f"{max_overlap:g}", "top_k": args.top_k,
@@ -696,7 +697,7 @@ def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
                       f"windows of {tiles.window[0]}x{tiles.window[1]} px overlapping by {tiles.overlap} px, for "
                       f"images more than {TILE_ABOVE:g} times as wide or tall",
             "device": f"{device}, bf16 autocast {'on' if amp else 'off'}",
-            "command": " ".join(printable(a) for a in sys.argv),
+            "command": command if len(command) <= 200 else f"{command[:200]} ... ({len(sys.argv) - 1} arguments)",
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -729,8 +730,9 @@ def detect_files(args, locks):
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
     ours = earlier_outputs(args.output_dir)
-    foreign = next((p for n in names if printable(n) not in ours for p in (n, os.path.join(THUMBNAILS, thumbnail_name(n)))
-                    if os.path.lexists(os.path.join(args.output_dir, p))), None)  # an annotated image or its thumbnail
+    foreign = next((p for n in names if printable(n) not in ours  # an annotated image, or its thumbnail
+                    for p in (n, os.path.join(THUMBNAILS, thumbnail_name(n)))
+                    if os.path.lexists(os.path.join(args.output_dir, p))), None)
     if foreign:
         raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
                         f"it; the annotated image would replace it: choose another folder")

@@ -216,8 +216,8 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
         cum_tp = tp.cumsum(0).double()
         precision = (cum_tp / torch.arange(1, len(tp) + 1)).tolist()
         recall = (cum_tp / n_objects).tolist()
-        line, = ax.plot([0] + recall, (precision[:1] or [0]) + precision, drawstyle="steps-post", color=colors.get(name),
-                        label=f"{name}: AP {metrics['AP'][name]:.3f}")
+        line, = ax.plot([0] + recall, (precision[:1] or [0]) + precision, drawstyle="steps-post",
+                        color=colors.get(name), label=f"{name}: AP {metrics['AP'][name]:.3f}")
         at = int((scores >= thresholds[k]).sum()) - 1  # the last detection kept at the counting threshold
         if at >= 0:
             ax.plot(recall[at], precision[at], "o", color=line.get_color(), markersize=6)
@@ -234,11 +234,13 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
     for k, (ax, name) in enumerate(zip(fig.subplots(1, len(names), squeeze=False)[0], names)):
         x, y = true[:, k].tolist(), counted[:, k].tolist()
         top = max(x + y + [1]) * 1.05
-        ax.plot([0, top], [0, top], "--", color="0.5", linewidth=1, label="y = x")
-        ax.scatter(x, y, s=18, alpha=0.5, color=colors.get(name), edgecolors="none")
+        ax.plot([-0.5, top], [-0.5, top], "--", color="0.5", linewidth=1, label="y = x")
+        points, n = torch.unique(torch.stack([true[:, k], counted[:, k]], 1), dim=0, return_counts=True)
+        ax.scatter(points[:, 0].tolist(), points[:, 1].tolist(), s=(12 * n).tolist(), alpha=0.6,
+                   color=colors.get(name), edgecolors="none")
         error = (counted[:, k] - true[:, k]).abs().sum().item()
         relative = f" ({error / sum(x):.1%})" if sum(x) else ""
-        ax.set(xlabel="annotated per image", ylabel="counted per image", xlim=(0, top), ylim=(0, top),
+        ax.set(xlabel="annotated per image", ylabel="counted per image", xlim=(-0.5, top), ylim=(-0.5, top),
                title=f"{name}: mean abs. error {error / max(len(x), 1):.2f}{relative}")
         ax.set_aspect("equal")
         for axis in (ax.xaxis, ax.yaxis):
@@ -246,7 +248,7 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"counting at min_score {_format(thresholds, names)}, max_overlap {max_overlap:g} ({len(true)} "
-                 f"images; error: the sum of absolute errors / annotated)")
+                 f"images; a dot's area: how many; error: the sum of absolute errors / annotated)")
     save(fig, paths[1])
 
     matrix = confusion_matrix(counted_boxes, counted_labels, detections[3], detections[4], len(names))
@@ -262,7 +264,7 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="annotated (true)", ylabel="counted (predicted)",
-           title=f"at the counting thresholds, IoU 0.5\n(colour: share of each true class)")
+           title="at the counting thresholds, IoU 0.5\n(colour: share of each true class)")
     fig.colorbar(image, ax=ax, shrink=0.8)
     save(fig, paths[2])
 

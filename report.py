@@ -136,10 +136,12 @@ h1 {{ font-size: 1.4em; margin: 0 0 .2em; }} h2 {{ font-size: 1.1em; margin: 1.4
 table {{ border-collapse: collapse; }} th, td {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
 th {{ background: #f4f4f4; }} .settings th, .settings td, td.name, td.doubt, th.text {{ text-align: left; }}
 .top {{ display: flex; flex-wrap: wrap; gap: 0 3em; align-items: flex-start; }} .top h2 {{ margin-top: .6em; }}
-td.name {{ max-width: 28em; overflow-wrap: anywhere; }} td.thumb {{ padding: 1px 4px; }} td.thumb img {{ display: block; }}
+td.name {{ max-width: 28em; overflow-wrap: anywhere; }} .settings td {{ max-width: 34em; overflow-wrap: anywhere; }}
+td.thumb {{ padding: 1px 4px; }} td.thumb img {{ display: block; }}
 tr.flag td.review {{ color: #b35c00; font-weight: bold; }}
 #images thead th {{ position: sticky; top: 0; cursor: pointer; user-select: none; }}
-#images th[aria-sort="ascending"]::after {{ content: " \\25B2"; }} #images th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
+#images th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
+#images th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
 .status {{ color: #555; }} .note {{ color: #555; max-width: 42em; }}
 </style></head><body>
 <h1>Cell counts: {n} images</h1>
@@ -159,7 +161,8 @@ image shows every score). Detections below min_score are not counted and not sho
 <table class="settings">{settings}</table>
 </div></div>
 <h2>Images</h2>
-<p class="note">Click a column's heading to sort by it (again: the other way); a thumbnail opens the annotated image.</p>
+<p class="note">Click a column's heading to sort by it (again: the other way); a thumbnail opens the annotated
+image.</p>
 <table id="images"><thead><tr><th class="num">#</th><th class="text">annotated</th><th class="text">image</th>{heads}
 <th class="num">all</th><th class="num">review</th><th class="text">doubtful (class, score)</th></tr></thead>
 <tbody>

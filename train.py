@@ -12,9 +12,10 @@ On several GPUs (--batch-size is per process):
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
 written to a temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line
-per epoch); with --val-every, <out-dir>/training.png too (loss, lr and validation mAP against epoch, redrawn
-after each validation; needs matplotlib, else a note: pip install -r requirements-plots.txt). The lists in --data-folder are made with create_data_lists when missing. The model
-has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
+per epoch) and, with --val-every, <out-dir>/training.png (loss, lr and validation mAP against epoch,
+redrawn after each validation; needs matplotlib, else a note: pip install -r requirements-plots.txt).
+The lists in --data-folder are made with create_data_lists when missing. The model has the classes of
+the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
 import contextlib

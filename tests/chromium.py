@@ -139,5 +139,6 @@ if __name__ == "__main__":
         sys.exit(__doc__.split("\n\n")[1].strip())
     with Chromium() as browser:
         browser.open(sys.argv[1])
-        browser.evaluate("Promise.all(Array.from(document.images, i => i.decode().catch(() => null)))")
+        browser.evaluate("Promise.all(Array.from(document.images, i => { i.loading = 'eager'; "  # lazy ones too
+                         "return i.decode().catch(() => null); }))")
         print(browser.screenshot(sys.argv[2]))

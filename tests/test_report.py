@@ -126,7 +126,8 @@ def test_report_escapes_quotes_flags_and_writes_each_thumbnail_once(tiny, tmp_pa
     each thumbnail is written once however often the page is rewritten, a detection is flagged for review
     exactly when it scores below its class's min_score + REVIEW_MARGIN; an early end says so on the page."""
     saved, real_save = [], report.save_image_atomic
-    monkeypatch.setattr(report, "save_image_atomic", lambda im, path, **kw: (saved.append(path), real_save(im, path, **kw)))
+    monkeypatch.setattr(report, "save_image_atomic",
+                        lambda im, path, **kw: (saved.append(path), real_save(im, path, **kw)))
     monkeypatch.setattr(report, "REWRITE_SECONDS", 0.)  # rewritten after every image
     out = tmp_path / "out"
     run_detect(tiny, out)
@@ -227,4 +228,5 @@ def test_plots_py_draws_runs_side_by_side(tmp_path, capsys):
         ["--output", str(tmp_path / "both.png"), f"s0={tmp_path / 'log0.jsonl'}", f"s1={tmp_path / 'log1.jsonl'}"]))
     assert (tmp_path / "both.png").read_bytes().startswith(PNG)
     with pytest.raises(UserError, match="give NAME=LOG"):
-        plots.main(plots.get_args_parser().parse_args(["--output", str(tmp_path / "x.png"), str(tmp_path / "log0.jsonl")]))
+        plots.main(plots.get_args_parser().parse_args(["--output", str(tmp_path / "x.png"),
+                                                       str(tmp_path / "log0.jsonl")]))
