@@ -230,7 +230,7 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
 
     true = per_image_counts(detections[4], len(names))
     counted = per_image_counts(counted_labels, len(names))
-    fig = figure(figsize=(width, 4.2), layout="constrained")
+    fig = figure(figsize=(width, 4.5), layout="constrained")
     for k, (ax, name) in enumerate(zip(fig.subplots(1, len(names), squeeze=False)[0], names)):
         x, y = true[:, k].tolist(), counted[:, k].tolist()
         top = max(x + y + [1]) * 1.05
@@ -248,7 +248,7 @@ def eval_plots(folder, names, detections, counted_boxes, counted_labels, min_sco
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"counting at min_score {_format(thresholds, names)}, max_overlap {max_overlap:g} ({len(true)} "
-                 f"images; a dot's area: how many; error: the sum of absolute errors / annotated)")
+                 f"images)\na dot's area: how many images; in brackets: the sum of absolute errors / annotated")
     save(fig, paths[1])
 
     matrix = confusion_matrix(counted_boxes, counted_labels, detections[3], detections[4], len(names))
