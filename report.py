@@ -23,7 +23,7 @@ import os
 import time
 from urllib.parse import quote
 
-from utils import remove_stale_temporaries, save_image_atomic, write_text_atomic
+from utils import UserError, remove_stale_temporaries, save_image_atomic, write_text_atomic
 
 REPORT = "report.html"
 THUMBNAILS = "thumbnails"  # folder of the output folder
@@ -98,7 +98,7 @@ class Report:
         written is let be (the run is already ending with an error)."""
         try:
             self.write("ended early" if ended_early else "done")
-        except Exception:
+        except UserError:  # a write the file system refused
             if not quiet:
                 raise
 
