@@ -185,7 +185,7 @@ def random_checkpoint(untrained_checkpoint):
 def test_checkpoint_after_every_epoch_and_a_log_line_each(straight_run):
     ckpt = straight_run.checkpoint
     assert straight_run.saves == [(0, 2, ckpt), (1, 3, ckpt)]  # (epoch, iteration, path) of each save
-    assert sorted(os.listdir(straight_run.out)) == ["checkpoint.pt", "log.jsonl"]  # no temporary file left
+    assert sorted(os.listdir(straight_run.out)) == ["checkpoint.pt", "log.jsonl", *CURVE]  # no temporary file left
     log = straight_run.log
     assert [(r["epoch"], r["iteration"]) for r in log] == [(1, 2), (2, 3)]
     # lr of each epoch's last step: iteration 1 (half-way through the warm-up), iteration 2 (warm-up done)
@@ -277,7 +277,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert re.search(r"loss is -?(nan|inf)", line), line
     assert sha256(out / "checkpoint.pt") == checkpoint_before
     assert (out / "log.jsonl").read_text() == log_before  # no line for the failed epoch
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", *CURVE]
 
 
 @pytest.mark.slow
