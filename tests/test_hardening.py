@@ -318,8 +318,10 @@ DAMAGED_RUNS = {
     "no-lr-mult": lambda c: c["optimizer"]["param_groups"][0].pop("lr_mult"),
     "momentum-buffer-shape": lambda c: c["optimizer"]["state"].update(
         {0: {"momentum_buffer": torch.zeros(3)}}),
-    "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1),
-    "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1"),
+    # a run with --ema-decay (a run without one never loads an average, and would resume with nothing to do)
+    "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1,
+                                    args={**c["args"], "ema_decay": 0.999}),
+    "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1", args={**c["args"], "ema_decay": 0.999}),
 }
 
 
