@@ -16,7 +16,9 @@ larger or smaller than in BCCD), which go through the model in batches, and thei
 merged into one set for the image (tile_windows, merge_windows); --tile off resizes every image whole.
 
 counts.csv and detections.json are written as the images are done: a run that is interrupted (Ctrl-C,
-SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run.
+SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run. So is
+report.html, a page to review the run in a browser (report.py): totals, every image with its counts and
+thumbnail (in thumbnails/), and the detections close to the threshold.
 
 From Python, as in the tutorial:
     from PIL import Image
@@ -45,9 +47,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from export import device_flag, is_export, load_export
 from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
-                  format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score, resolve_device,
-                  run_cli, save_image_atomic)
+                  format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score,
+                  remove_stale_temporaries, resolve_device, run_cli, save_image_atomic)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
+from report import REPORT, THUMBNAILS, Report, thumbnail_name
 from utils import class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement
 
 from torchvision.ops import batched_nms, box_area  # after misc, which says in one line when it does not fit torch
@@ -727,18 +730,21 @@ def earlier_outputs(folder):
 
 class Results:
     """The output folder of a run: the annotated images, counts.csv and detections.json, written as the images are
-    done (each row flushed), so that an interrupted or failing run keeps what it finished. A context manager:
+    done (each row flushed), so that an interrupted or failing run keeps what it finished, and report.html (a
+    report.Report, with its thumbnails) refreshed as they are. A context manager:
 
-        with Results(folder, classes, rev_label_map) as results:   # locks the folder, if it is there
-            results.add(...)   # the first image creates the folder (locked), replacing an earlier run's two files
+        with Results(folder, classes, rev_label_map, report) as results:   # locks the folder, if it is there
+            results.add(...)   # the first image creates the folder (locked), replacing an earlier run's files
 
     A run that detects nothing leaves earlier results alone; one that does replaces them, as they would describe
-    other images beside these. Leaving the block closes detections.json as a JSON list however the run ends (a
-    kill, SIGKILL, leaves it without its closing bracket; counts.csv stays whole up to its last row) and releases
-    the lock: a second detect.py writing into the folder at the same time is refused."""
+    other images beside these. Leaving the block closes detections.json as a JSON list and writes report.html's
+    last page ("ended early" after an error or an interruption) however the run ends (a kill, SIGKILL, leaves
+    detections.json without its closing bracket and the page as last written; counts.csv stays whole up to its
+    last row) and releases the lock: a second detect.py writing into the folder at the same time is refused."""
 
-    def __init__(self, folder, classes, rev_label_map):
+    def __init__(self, folder, classes, rev_label_map, report=None):
         self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
+        self.report = report  # report.html (a report.Report), kept up to date beside the two files; None: none
         self.lock = self.counts = self.detections = None
 
     def __enter__(self):
@@ -768,6 +774,7 @@ class Results:
                     os.remove(os.path.join(self.folder, name))
             self.counts = open(os.path.join(self.folder, "counts.csv"), "w", encoding="utf-8", newline="")
             self.detections = open(os.path.join(self.folder, "detections.json"), "w", encoding="utf-8")
+            remove_stale_temporaries(self.folder, (REPORT,))  # a killed run's half page (the lock is held)
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
@@ -783,6 +790,8 @@ class Results:
             self._open()
         try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
             save_image_atomic(annotated, os.path.join(self.folder, name), quality=90)
+            if self.report is not None:
+                self.report.thumbnail(name, annotated)
             failed = None
         except UserError as e:
             failed = e
@@ -800,10 +809,13 @@ class Results:
             raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
                             f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
         self.n += 1
+        if self.report is not None:
+            self.report.add(record["image"], name, n, record["labels"], scores.tolist())
         return n, failed
 
     def close(self, quiet=False):
-        """Ends detections.json as a JSON list; a write that fails (a full disk) is a UserError unless quiet."""
+        """Ends detections.json as a JSON list and writes report.html's last page (quiet: the run ends early, with an
+        error, and the page says so); a write that fails (a full disk) is a UserError unless quiet."""
         failed = None
         for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
             try:
@@ -811,9 +823,26 @@ class Results:
                 f.close()
             except OSError as e:
                 failed = failed or e
+        if self.report is not None:
+            self.report.close(ended_early=quiet, quiet=quiet or failed is not None)  # failed: that error is said
         if failed and not quiet:
             raise UserError(f"--output-dir {self.folder}: cannot finish detections.json ({failed.strerror or failed}); "
                             f"counts.csv holds the {self.n} image(s)")
+
+
+def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
+    """What report.html says of a run: {label: text}."""
+    classes = class_names(model.label_map)
+    command = " ".join(printable(a) for a in sys.argv)  # a long list of files: its start
+    return {"model": f"{printable(os.path.abspath(args.checkpoint))} (classes {', '.join(classes)}; trained on "
+                     f"{model.field[0]}x{model.field[1]} px fields)",
+            "min_score": format_min_score(min_score, classes), "max_overlap": f"{max_overlap:g}", "top_k": args.top_k,
+            "tiling": "off: every image resized whole" if tiles is None else
+                      f"windows of {tiles.window[0]}x{tiles.window[1]} px overlapping by {tiles.overlap} px, for "
+                      f"images more than {TILE_ABOVE:g} times as wide or tall",
+            "device": f"{device}, bf16 autocast {'on' if amp else 'off'}",
+            "command": command if len(command) <= 200 else f"{command[:200]} ... ({len(sys.argv) - 1} arguments)",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def detect_files(args):
@@ -837,14 +866,19 @@ def detect_files(args):
         raise UserError(f"--output-dir {args.output_dir}: writing {printable(clash)} there would overwrite an input "
                         f"image; choose another folder")
     ours = earlier_outputs(args.output_dir)
-    foreign = next((n for n in names if os.path.lexists(os.path.join(args.output_dir, n)) and printable(n) not in ours),
-                   None)
+    foreign = next((p for n in names if printable(n) not in ours  # an annotated image, or its thumbnail
+                    for p in (n, os.path.join(THUMBNAILS, thumbnail_name(n)))
+                    if os.path.lexists(os.path.join(args.output_dir, p))), None)
     if foreign:
         raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
                         f"it; the annotated image would replace it: choose another folder")
     check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
-    for name in ("counts.csv", "detections.json"):  # no folder, device or pipe where they go
+    for name in ("counts.csv", "detections.json", REPORT):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
+    thumbnails = os.path.join(args.output_dir, THUMBNAILS)
+    if os.path.lexists(thumbnails) and (os.path.islink(thumbnails) or not os.path.isdir(thumbnails)):
+        raise UserError(f"--output-dir {args.output_dir}: {THUMBNAILS} there is not a folder (report.html's "
+                        f"thumbnails go in it); remove it or choose another folder")
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
@@ -870,7 +904,9 @@ def detect_files(args):
     width = max([len("image")] + [len(printable(p)) for p in paths])
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
     start = time.perf_counter()
-    with Results(args.output_dir, classes, model.rev_label_map) as results:
+    report = Report(args.output_dir, classes, min_score,
+                    report_settings(args, model, min_score, max_overlap, tiles, device, amp), len(paths))
+    with Results(args.output_dir, classes, model.rev_label_map, report) as results:
         try:
             for (i, image, windows), boxes, labels, scores in detect_windows(
                     model, readable(), tiles, args.batch_size or default_batch_size(device), min_score, max_overlap,

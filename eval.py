@@ -3,6 +3,7 @@
     $ python eval.py                                   # the shipped model (weights/ssd300_bccd.pt) on data/lists
     $ python eval.py --checkpoint runs/ssd300/checkpoint.pt --output runs/ssd300/eval.json
     $ python eval.py --checkpoint runs/val/checkpoint.pt --data-folder data/lists-val --count-sweep
+    $ python eval.py --plots runs/ssd300/plots         # PR curves, counts, confusion matrix, scores (matplotlib)
     $ torchrun --nproc_per_node=2 eval.py --checkpoint runs/ssd300/checkpoint.pt   # split across processes
     $ python eval.py --checkpoint weights/ssd300_bccd-int8.xml   # an export of export.py, on the CPU
 
@@ -18,6 +19,7 @@ Counting, what detect.py is for, is scored too: the cells it counts per image at
 --count-min-score, --count-max-overlap) against the annotated ones. --count-sweep tries a grid of
 thresholds and prints, per class, the min_score that counts best: run it on a validation split
 (lists made with --train-split train --test-split val), never on TEST, to choose detect.py's.
+--plots DIR draws both as PNGs (plots.eval_plots; needs matplotlib: pip install -r requirements-plots.txt).
 """
 import argparse
 import os
@@ -36,6 +38,7 @@ from export import device_flag
 from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, format_min_score,
                   ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score, repo_relative, run_cli,
                   run_info, write_json_atomic)
+from plots import EVAL_PNGS, eval_plots, require_matplotlib
 from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
@@ -69,6 +72,8 @@ def get_args_parser():
     p.add_argument("--count-sweep", action="store_true", help="also count at every min_score of "
                    f"{SWEEP_MIN_SCORES[0]}-{SWEEP_MIN_SCORES[-1]} and max_overlap of {SWEEP_MAX_OVERLAPS} and report the "
                    "best per class: to choose detect.py's thresholds on a validation split, never on TEST")
+    p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots here: precision-recall curves, "
+                   "counted vs annotated per image, a confusion matrix and score histograms (needs matplotlib)")
     return p
 
 
@@ -82,6 +87,7 @@ class Detections(NamedTuple):
     true_labels: list  # (n_t,)
     true_difficulties: list  # (n_t,)
     counted: list  # per image, the labels detected at each of detect_dataset's count_at settings, in their order
+    counted_boxes: list  # per image, the boxes detected at the first count_at setting (None without one)
 
     @property
     def for_map(self):
@@ -99,17 +105,18 @@ def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01
     """Run the model over a loader of BCCDDataset('test') items: its Detections.
 
     count_at: settings (min_score, max_overlap) at which the same network outputs are also decoded, for counting
-    (Detections.counted).
+    (Detections.counted; the first setting's boxes too, Detections.counted_boxes).
     """
     model.eval()
-    results = Detections([], [], [], [], [], [], [])
+    results = Detections([], [], [], [], [], [], [], [])
     for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
         locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
         dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
         for store, items in zip(results, (*dets, boxes, labels, difficulties)):
             store.extend(t.cpu() for t in items)
-        counted = [model.detect_objects(locs, scores, *setting, top_k=top_k)[1] for setting in count_at]  # per setting
-        results.counted.extend(tuple(c[i].cpu() for c in counted) for i in range(len(boxes)))
+        counted = [model.detect_objects(locs, scores, *setting, top_k=top_k) for setting in count_at]  # per setting
+        results.counted.extend(tuple(c[1][i].cpu() for c in counted) for i in range(len(boxes)))
+        results.counted_boxes.extend(counted[0][0][i].cpu() if counted else None for i in range(len(boxes)))
     return results
 
 
@@ -199,6 +206,11 @@ def run(args, rank, world, device):
     if args.output is not None and rank == 0:
         check_writable(args.output, "--output")
         check_not_an_input(args.output, "--output", args.checkpoint, args.data_folder)
+    if args.plots is not None and rank == 0:  # before the long pass: matplotlib and the folder are there
+        require_matplotlib()
+        check_writable(args.plots, "--plots", folder=True, create=False)
+        for name in EVAL_PNGS:
+            check_writable(os.path.join(args.plots, name), "--plots", create=False)
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     model = load_model(args.checkpoint, device, tta=args.tta, ema=args.ema)  # detect.py's: BatchNorm folded
@@ -273,6 +285,10 @@ def run(args, rank, world, device):
                                           for k, v in (model.train_args or {}).items()} or None,
                            **run_info(device)}, args.output, indent=2)
         print(f"results written to {args.output}")
+    if args.plots is not None:
+        written = eval_plots(args.plots, names, results, count_min_score, count_max_overlap, metrics,
+                             model.label_color_map)
+        print(f"plots written to {args.plots}: {', '.join(os.path.basename(p) for p in written)}")
 
 
 if __name__ == "__main__":

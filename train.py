@@ -11,9 +11,11 @@ On several GPUs (--batch-size is per process):
     $ torchrun --nproc_per_node=4 train.py --out-dir runs/ssd300-4gpu
 
 Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
-written to a temporary file and then moved into place) and <out-dir>/log.jsonl (one JSON line
-per epoch). The lists in --data-folder are made with create_data_lists when missing. The model
-has the classes of the lists (their label_map.json), and the checkpoint carries that label map.
+written to a temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line
+per epoch) and, with --val-every, <out-dir>/training.png (loss, lr and validation mAP against epoch,
+redrawn after each validation; needs matplotlib, else a note: pip install -r requirements-plots.txt).
+The lists in --data-folder are made with create_data_lists when missing. The model has the classes of
+the lists (their label_map.json), and the checkpoint carries that label map.
 """
 import argparse
 import contextlib
@@ -39,6 +41,7 @@ from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_
                   init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
                   save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
+from plots import TRAINING_PNG, TrainingCurve
 from utils import FLIPS, check_same_classes, create_data_lists, normalize
 
 
@@ -127,8 +130,8 @@ def get_args_parser():
                    help="channels-last memory format (default: on with CUDA)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode TRAIN once and keep it in memory (BCCD: 270 MB) (default: on)")
-    p.add_argument("--val-every", type=int, help="evaluate TEST every N epochs and log its mAP, for monitoring only "
-                   "(0 = never, the default); report results from the final checkpoint")
+    p.add_argument("--val-every", type=int, help="evaluate TEST every N epochs, log its mAP and redraw training.png, for "
+                   "monitoring only (0 = never, the default); report results from the final checkpoint")
     p.add_argument("--checkpoint-every", type=int, help="save the checkpoint every N epochs and at the end (default: 1)")
     return p
 
@@ -320,10 +323,10 @@ def prepare_out_dir(args):
     run left: its temporary files, and the log lines of epochs after the checkpoint it is resumed from."""
     out = args.out_dir
     check_writable(out, "--out-dir", folder=True)
-    for name in ("checkpoint.pt", "log.jsonl"):  # no folder, device or pipe where they go
+    for name in ("checkpoint.pt", "log.jsonl", TRAINING_PNG):  # no folder, device or pipe where they go
         check_writable(os.path.join(out, name), "--out-dir")
     fd = lock_folder(out, f"--out-dir {out}: another train.py is writing there")
-    remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl"))
+    remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl", TRAINING_PNG))
     return fd
 
 
@@ -531,6 +534,11 @@ def set_up(args, rank, world, device, cleanup):
                           skip=partial.get("steps", 0))
     loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, num_workers=args.workers,
                         pin_memory=cuda, worker_init_fn=ignore_stop_signals)
+    bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
+    curve = TrainingCurve(log_path, os.path.join(args.out_dir, TRAINING_PNG), f"train.py --out-dir {args.out_dir}",
+                          say=bar.write, until=start_epoch,  # resumed elsewhere: the first run's epochs first
+                          earlier_log=os.path.join(os.path.dirname(os.path.abspath(args.resume)), "log.jsonl")
+                          if ckpt is not None and not continuing else None)
     return SimpleNamespace(
         args=args, device=device, world=world, is_main=is_main, model=model, raw_model=raw_model,  # raw: not DDP's
         criterion=MultiBoxLoss(raw_model.priors_cxcy).to(device), optimizer=optimizer, ema=ema,
@@ -539,8 +547,7 @@ def set_up(args, rank, world, device, cleanup):
         iteration=iteration, lr=None, partial=partial, val_loader=val_loader, log_path=log_path, out_ckpt=out_ckpt,
         label_map=train_set.label_map, field=field,
         provenance=(ckpt or {}).get("run_info") or run_info(device),  # where and when the run started (commit, hardware)
-        bar=tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True),
-        running=RunningLoss(device))
+        bar=bar, running=RunningLoss(device), curve=curve)
 
 
 def train_one_epoch(run, epoch, stop):
@@ -609,8 +616,8 @@ def validate(run, record):
 
 def train(args, rank, world, device, cleanup):
     """The tutorial's training loop: set up the run (set_up), then for each epoch train_one_epoch, the epoch's loss
-    (stop if it is not finite), --val-every's validation, a line of log.jsonl and the checkpoint. Ctrl-C or SIGTERM
-    saves where the run stopped and exits with the command that resumes it."""
+    (stop if it is not finite), --val-every's validation, a line of log.jsonl, the checkpoint and training.png.
+    Ctrl-C or SIGTERM saves where the run stopped and exits with the command that resumes it."""
     run = set_up(args, rank, world, device, cleanup)
     if run is None:
         return
@@ -650,6 +657,8 @@ def train(args, rank, world, device, cleanup):
                     f.write(json.dumps(record) + "\n")
                 if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
                     save_checkpoint(run, epoch)
+                if "mAP" in record:  # after a validation, between epochs: redrawn from log.jsonl
+                    run.curve.update()
             if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
                 dist.barrier()
             if stopping and not last:

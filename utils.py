@@ -9,7 +9,7 @@ Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
                         (resize_placement: where resize puts a window)
-  * Evaluation       -> calculate_mAP
+  * Evaluation       -> calculate_mAP (match_detections: its VOC matching, also for eval.py --plots)
 
 The scripts' plumbing (errors and the command line, devices, atomic writes, checkpoint loading) is in misc.py.
 
@@ -731,21 +731,35 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, tr
 
     Each argument is a list over images of tensors: det_boxes (n_d, 4) xy, det_labels (n_d,),
     det_scores (n_d,), true_boxes (n_t, 4) xy (same scale as the detections), true_labels (n_t,),
-    true_difficulties (n_t,). For each class, detections are taken in order of decreasing score;
-    a detection is a true positive if its best-overlapping object of that class in the same image
-    has IoU > iou_threshold, is not difficult and was not detected before; matched to a difficult
-    object it is neither true nor false positive; otherwise it is a false positive.
+    true_difficulties (n_t,). Detections are matched to objects as match_detections says.
     interpolation: '11point' (VOC2007, the tutorial's), 'all' (VOC2010+) or '101point' (COCO).
     Returns (dict class name -> AP as float, mAP as float). A class without (non-difficult) objects is left out.
+    """
+    average_precisions = {}
+    for name, (_, tp, n_easy) in match_detections(det_boxes, det_labels, det_scores, true_boxes, true_labels,
+                                                  true_difficulties, iou_threshold, label_names).items():
+        cum_tp = tp.cumsum(0).float()
+        precision = cum_tp / torch.arange(1, len(tp) + 1, device=tp.device)  # TP / (TP + FP) at each detection
+        average_precisions[name] = float(_average_precision(precision, cum_tp / n_easy, interpolation))
+    return average_precisions, sum(average_precisions.values()) / max(len(average_precisions), 1)  # and the mAP
 
-    Vectorized: all images of a class are processed together, in one IoU matrix masked to pairs
-    from the same image; "was not detected before" is "is the highest-scoring detection matched
-    to that object".
+
+def match_detections(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties,
+                     iou_threshold=0.5, label_names=None):
+    """VOC2007 matching of detections to objects, per class (calculate_mAP's arguments): {class name: (scores
+    (n,), true_positive (n,) bool, number of non-difficult objects)}, the detections in order of decreasing score.
+
+    For each class, detections are taken in order of decreasing score; a detection is a true positive if its
+    best-overlapping object of that class in the same image has IoU > iou_threshold, is not difficult and was not
+    detected before; matched to a difficult object it is neither true nor false positive, and left out;
+    otherwise it is a false positive. A class without (non-difficult) objects is left out.
+
+    Vectorized: all images of a class are processed together, in one IoU matrix masked to pairs from the same
+    image; "was not detected before" is "is the highest-scoring detection matched to that object".
     """
     label_names = label_names or {v: k for k, v in label_map.items() if v != 0}
-    n_images = len(true_boxes)
-    assert len(det_boxes) == len(det_labels) == len(det_scores) == len(true_labels) == len(true_difficulties) == n_images
-    device = true_boxes[0].device if n_images else torch.device("cpu")
+    assert len({len(x) for x in (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties)}) == 1
+    device = true_boxes[0].device if true_boxes else torch.device("cpu")
 
     def flat(tensors, dtype, four=False):
         shape = (-1, 4) if four else (-1,)
@@ -761,7 +775,7 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, tr
     d_img, d_boxes = image_ids(det_labels), flat(det_boxes, torch.float, four=True)
     d_labels, d_scores = flat(det_labels, torch.long), flat(det_scores, torch.float)
 
-    average_precisions = {}
+    matches = {}
     for c, name in sorted(label_names.items()):
         t_mask = t_labels == c
         n_easy = int((t_mask & ~t_diff).sum())
@@ -770,11 +784,8 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, tr
         gt, gt_diff, gt_img = t_boxes[t_mask], t_diff[t_mask], t_img[t_mask]
         d_mask = d_labels == c
         boxes, scores, img = d_boxes[d_mask], d_scores[d_mask], d_img[d_mask]
-        if boxes.size(0) == 0:
-            average_precisions[name] = 0.0
-            continue
         order = scores.argsort(descending=True, stable=True)
-        boxes, img = boxes[order], img[order]
+        boxes, scores, img = boxes[order], scores[order], img[order]
         overlap = find_jaccard_overlap(boxes, gt)  # (n_d, n_gt), all images at once
         overlap.masked_fill_(img[:, None] != gt_img[None, :], -1.)  # objects of other images never match
         best_iou, best_gt = overlap.max(1)  # (n_d,)
@@ -785,12 +796,5 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels, tr
         first = torch.full((gt.size(0),), boxes.size(0), dtype=torch.long, device=device)
         first.scatter_reduce_(0, best_gt[matched], rank[matched], reduce="amin")
         tp = matched & ~difficult & (first[best_gt] == rank)
-        fp = ~matched | (matched & ~difficult & ~tp)
-        keep = ~difficult
-        cum_tp = tp[keep].cumsum(0).float()
-        cum_fp = fp[keep].cumsum(0).float()
-        precision = cum_tp / (cum_tp + cum_fp).clamp(min=1e-10)
-        recall = cum_tp / n_easy
-        average_precisions[name] = float(_average_precision(precision, recall, interpolation))
-    mean_ap = sum(average_precisions.values()) / max(len(average_precisions), 1)
-    return average_precisions, mean_ap
+        matches[name] = (scores[~difficult], tp[~difficult], n_easy)
+    return matches

@@ -21,6 +21,7 @@ Fixtures:
   * run_script (function): the same in a fresh Python, as a user would (a subprocess.CompletedProcess): for what
     only a separate process shows (a traceback at import, signals to a process group, torchrun).
 """
+import importlib.util
 import os
 import signal
 import subprocess
@@ -41,6 +42,8 @@ CLASSES = ("RBC", "WBC", "Platelets")
 # Objects are drawn as filled rectangles in their class colour, so a model can learn them.
 CLASS_COLORS = {"RBC": (200, 40, 40), "WBC": (60, 40, 200), "Platelets": (40, 170, 60)}
 OTHER_COLORS = ((230, 140, 20), (20, 20, 20), (20, 150, 150), (150, 20, 150), (120, 90, 30))  # other classes, in order
+# what train.py --val-every leaves beside checkpoint.pt and log.jsonl: its curve, where matplotlib is installed
+CURVE = ["training.png"] if importlib.util.find_spec("matplotlib") else []
 
 
 def pytest_configure(config):

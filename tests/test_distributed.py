@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import train
-from conftest import REPO, image_id
+from conftest import CURVE, REPO, image_id
 from datasets import AugmentationSampler, BCCDDataset
 from model import SSD300, MultiBoxLoss
 from utils import create_data_lists
@@ -177,7 +177,7 @@ def test_torchrun_training_logs_once_resumes_and_stops_together(tiny_voc, tmp_pa
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 1)
     assert SSD300.from_checkpoint(ckpt).batch_norm  # the state_dict of the model, not of the DDP wrapper
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", *CURVE]  # no temporary files left
 
     # resume on every rank; epoch 2 trains at an absurd lr, so epoch 3's loss is not finite:
     # every rank sees the same all-reduced epoch loss and stops, none waits for the others

@@ -79,6 +79,12 @@ def world(tmp_path_factory, untrained_checkpoint):
         (root / name).write_text('{"earlier": true}\n')
     (root / "out").mkdir()
     (root / "out" / "counts.csv").write_text("image,RBC,WBC,Platelets\nearlier.jpg,1,2,3\n")
+    (root / "thumbs-out").mkdir()  # report.html's thumbnails folder: a file, or holding a file of someone else's
+    (root / "thumbs-out" / "thumbnails").write_text("a file where a folder should be\n")
+    (root / "foreign-thumbs" / "thumbnails").mkdir(parents=True)
+    (root / "foreign-thumbs" / "thumbnails" / "BloodImage_00002.jpg.jpg").write_text("a user's file\n")
+    (root / "report-out" / "report.html").mkdir(parents=True)
+    (root / "plots-blocked" / "pr_curves.png").mkdir(parents=True)
     return root
 
 
@@ -229,6 +235,9 @@ EVAL = [
     ("output-is-the-checkpoint", ["--output", "{root}/checkpoint.pt"], ["--output", "which this run reads"]),
     ("output-is-a-list", ["--output", "{root}/lists/TEST_objects.json"], ["--output", "which this run reads"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),
+    ("plots-under-a-file", ["--plots", "{root}/file/plots"], ["--plots", "cannot write there"]),
+    ("plots-is-a-pipe", ["--plots", "{root}/fifo"], ["--plots", "not a regular file"]),
+    ("plots-png-is-a-folder", ["--plots", "{root}/plots-blocked"], ["--plots", "a folder is in the way"]),
 ]
 
 DETECT_BASE = ["{root}/voc/JPEGImages", "--checkpoint", "{root}/checkpoint.pt", "--output-dir", "{root}/out",
@@ -261,6 +270,10 @@ DETECT = [
     ("device-nonsense", ["--device", "nonsense"], ["nonsense"]),
     ("output-empty", ["--output-dir", ""], ["--output-dir is empty"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),  # not the shipped model
+    ("thumbnails-is-a-file", ["--output-dir", "{root}/thumbs-out"], ["thumbnails there is not a folder"]),
+    ("thumbnail-not-ours", ["--output-dir", "{root}/foreign-thumbs"],
+     ["thumbnails/BloodImage_00002.jpg.jpg is there and no earlier detect.py wrote it"]),
+    ("report-html-is-a-folder", ["--output-dir", "{root}/report-out"], ["report.html", "a folder is in the way"]),
 ]
 
 BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
@@ -307,8 +320,10 @@ DAMAGED_RUNS = {
     "no-lr-mult": lambda c: c["optimizer"]["param_groups"][0].pop("lr_mult"),
     "momentum-buffer-shape": lambda c: c["optimizer"]["state"].update(
         {0: {"momentum_buffer": torch.zeros(3)}}),
-    "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1),
-    "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1"),
+    # a run with --ema-decay (a run without one never loads an average, and would resume with nothing to do)
+    "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1,
+                                    args={**c["args"], "ema_decay": 0.999}),
+    "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1", args={**c["args"], "ema_decay": 0.999}),
 }
 
 

@@ -39,7 +39,9 @@ from PIL import Image, ImageOps
 import detect
 import eval as eval_script
 import misc
+import plots
 import train
+from conftest import CURVE
 from misc import UserError, bf16_is_fast
 from model import SSD300, create_prior_boxes
 from utils import IMAGENET_MEAN, IMAGENET_STD, bccd_labels, calculate_mAP, label_color_map, label_map
@@ -183,7 +185,7 @@ def random_checkpoint(untrained_checkpoint):
 def test_checkpoint_after_every_epoch_and_a_log_line_each(straight_run):
     ckpt = straight_run.checkpoint
     assert straight_run.saves == [(0, 2, ckpt), (1, 3, ckpt)]  # (epoch, iteration, path) of each save
-    assert sorted(os.listdir(straight_run.out)) == ["checkpoint.pt", "log.jsonl"]  # no temporary file left
+    assert sorted(os.listdir(straight_run.out)) == ["checkpoint.pt", "log.jsonl", *CURVE]  # no temporary file left
     log = straight_run.log
     assert [(r["epoch"], r["iteration"]) for r in log] == [(1, 2), (2, 3)]
     # lr of each epoch's last step: iteration 1 (half-way through the warm-up), iteration 2 (warm-up done)
@@ -275,7 +277,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert re.search(r"loss is -?(nan|inf)", line), line
     assert sha256(out / "checkpoint.pt") == checkpoint_before
     assert (out / "log.jsonl").read_text() == log_before  # no line for the failed epoch
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", *CURVE]
 
 
 @pytest.mark.slow
@@ -350,7 +352,7 @@ def test_interrupted_run_saves_says_how_to_resume_and_resumes_exactly(straight_r
     ckpt = load(out / "checkpoint.pt")
     assert ckpt["iteration"] == step
     assert (ckpt["epoch"], "partial_epoch" in ckpt) == ((-1, True) if step == 1 else (0, False))
-    assert sorted(os.listdir(out)) == (["checkpoint.pt"] if step == 1 else ["checkpoint.pt", "log.jsonl"])
+    assert sorted(os.listdir(out)) == (["checkpoint.pt"] if step == 1 else ["checkpoint.pt", "log.jsonl", *CURVE])
     monkeypatch.undo()
     # resumed with the command it printed: every other flag comes from the checkpoint
     train.main(train.get_args_parser().parse_args(["--resume", str(out / "checkpoint.pt"), "--workers", "0"]))
@@ -363,6 +365,20 @@ def test_interrupted_run_saves_says_how_to_resume_and_resumes_exactly(straight_r
     assert "partial_epoch" not in resumed
 
 
+def test_validation_redraws_the_training_curve_a_resumed_run_one_curve(resumed_run, tmp_path):
+    """--val-every 1: training.png after each validated epoch, drawn from the whole log (plots.read_log), which
+    holds the epochs before the resume too, each once."""
+    if not CURVE:
+        pytest.skip("matplotlib is not installed: no training.png (pip install matplotlib)")
+    first, second = resumed_run.first, resumed_run.second  # second: resumed from first's checkpoint after epoch 1
+    assert [r["epoch"] for r in plots.read_log(second / "log.jsonl")] == [2]
+    records = plots.run_records(second / "log.jsonl", first / "log.jsonl", 1)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for out, drawn in ((first, plots.read_log(first / "log.jsonl")), (second, records)):
+        again = plots.plot_training({None: drawn}, tmp_path / f"{out.name}.png", f"train.py --out-dir {out}")
+        assert (out / "training.png").read_bytes() == Path(again).read_bytes()  # what train.py drew: all epochs
+
+
 @pytest.mark.slow
 def test_resume_removes_what_a_killed_run_left(resumed_run, lists4, tmp_path):
     """A run killed (SIGKILL) after logging epoch 2 but before saving it, and in the middle of a save: on resume
@@ -373,7 +389,7 @@ def test_resume_removes_what_a_killed_run_left(resumed_run, lists4, tmp_path):
         f.write(json.dumps({"epoch": 2, "iteration": 3, "loss": 1.0}) + "\n" + '{"epoch": 3, "itera')
     (out / "checkpoint.pt.12345.tmp").write_bytes(b"half a checkpoint")
     train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1, "--resume", out / "checkpoint.pt"))
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", *CURVE]
     assert [r["epoch"] for r in read_log(out)] == [1, 2] and read_log(out)[1]["loss"] != 1.0
 
 
