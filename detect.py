@@ -45,10 +45,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from export import device_flag, is_export, load_export
 from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score,
                   remove_stale_temporaries, resolve_device, run_cli, save_image_atomic)
+from export import device_flag, is_export, load_export  # after misc, which checks torch and torchvision first
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from report import REPORT, THUMBNAILS, Report, thumbnail_name
 from utils import class_names, find_intersection, image_extensions, normalize, pil_to_tensor, resize, resize_placement

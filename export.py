@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model import SSD300, create_prior_boxes, valid_prior_scales
 from misc import UserError, check_not_an_input, check_writable, load_checkpoint, repo_relative, run_cli, run_info
+from model import SSD300, create_prior_boxes, valid_prior_scales  # after misc, which says in one line when
+# torchvision does not fit torch
 from utils import check_label_map, check_same_classes, normalize
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}  # an OpenVINO model is its .xml (the graph) and .bin (the weights)
