@@ -23,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 from misc import UserError, check_writable, run_cli, write_text_atomic
 from utils import create_data_lists
@@ -84,6 +85,8 @@ def download_bccd(folder, url=BCCD_ARCHIVE_URL, timeout=60):
                 z.extractall(os.path.join(tmp, "unpacked"))
         except zipfile.BadZipFile:
             raise UserError(f"{url}: the download is not a zip archive") from None
+        except (zlib.error, EOFError, OSError) as e:  # a damaged archive, or a disk that cannot hold it
+            raise UserError(f"{url}: cannot unpack the download ({type(e).__name__}: {str(e)[:120]})") from None
         found = [root for root, dirs, _ in os.walk(os.path.join(tmp, "unpacked"))
                  if {"Annotations", "JPEGImages", "ImageSets"} <= set(dirs)]
         if not found:

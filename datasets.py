@@ -90,7 +90,8 @@ class BCCDDataset(Dataset):
         try:
             boxes, labels, difficulties = objects["boxes"], objects["labels"], objects["difficulties"]
             ok = (len(boxes) == len(labels) == len(difficulties)
-                  and all(isinstance(l, int) and not isinstance(l, bool) for l in labels + difficulties))
+                  and all(isinstance(l, int) and not isinstance(l, bool) for l in labels + difficulties)
+                  and not any(isinstance(v, bool) for box in boxes for v in box))  # true is not a coordinate
             boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4) if ok else None
             ok = ok and len(objects["boxes"]) == len(boxes)  # each box four numbers
         except (KeyError, TypeError, ValueError, RuntimeError):
@@ -126,6 +127,10 @@ class BCCDDataset(Dataset):
         image = self._cache[i] if self._cache is not None else load_image(self.images[i])  # uint8 (3, H, W)
         objects = self.objects[i]
         boxes = torch.tensor(objects["boxes"], dtype=torch.float).reshape(-1, 4)  # (n, 4) pixels
+        if ((boxes[:, 2] > image.shape[2]) | (boxes[:, 3] > image.shape[1])).any():  # a hand-edited list
+            raise UserError(f"{os.path.join(self.data_folder, self.split + '_objects.json')}: entry {i} "
+                            f"({os.path.basename(self.images[i])}): a box reaches beyond its {image.shape[2]}x"
+                            f"{image.shape[1]} image; run create_data_lists.py again")
         labels = torch.tensor(objects["labels"], dtype=torch.long)  # (n,)
         difficulties = torch.tensor(objects["difficulties"], dtype=torch.uint8)  # (n,)
         if not self.keep_difficult:

@@ -16,9 +16,10 @@ larger or smaller than in BCCD), which go through the model in batches, and thei
 merged into one set for the image (tile_windows, merge_windows); --tile off resizes every image whole.
 
 counts.csv and detections.json are written as the images are done: a run that is interrupted (Ctrl-C,
-SIGTERM) or fails keeps what it finished, and they never describe images of an earlier run. So is
-report.html, a page to review the run in a browser (report.py): totals, every image with its counts and
-thumbnail (in thumbnails/), and the detections close to the threshold.
+SIGTERM) or fails keeps what it finished. So is report.html, a page to review the run in a browser
+(report.py): totals, every image with its counts and thumbnail (in thumbnails/), and the detections close to
+the threshold. Where an earlier run's files are, the three are written as counts.partial.csv,
+detections.partial.json and report.partial.html, and replace the earlier ones only when the run ends whole.
 
 From Python, as in the tutorial:
     from PIL import Image
@@ -105,11 +106,14 @@ def load_model(checkpoint=None, device="cpu", tta=None, ema=False):
     model.field = tuple(field)
     model.tta = check_tta(ckpt.get("tta", "off") if tta is None else tta, checkpoint if tta is None else "tta")
     model.train_args = ckpt.get("args")
+    if not isinstance(model.train_args, (dict, type(None))):
+        raise UserError(f"{checkpoint}: its 'args' (the train.py arguments) must be a dict, not "
+                        f"{type(model.train_args).__name__}")
     return model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
 
 
 def check_tta(tta, source="--tta"):
-    if tta not in TTA_VIEWS:
+    if not isinstance(tta, str) or tta not in TTA_VIEWS:
         raise UserError(f"{source}: test-time augmentation is one of {', '.join(TTA_VIEWS)}, not {tta!r}")
     return tta
 
@@ -341,6 +345,7 @@ EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted 
 # overlap of neighbouring windows: a cell up to LARGEST_CELL wide lies, in some window, EDGE_MARGIN away from its edges
 OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
 TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
+MAX_WINDOWS = 4096  # the windows of an image are held at once (300x300x3 bytes each: 1.1 GB at this many)
 COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
 
@@ -421,14 +426,18 @@ def tile_windows(width, height, tiles):
     cells by at most a fifth); so is one that fits neither way round (a field turned on its side, 480x640 for
     BCCD's 640x480, is resized whole too). Along each side, window_starts. On a side shorter than a window (a long,
     narrow image) the window reaches past the image, and resize() fills the outside with the ImageNet mean,
-    like training's zoom-out: cells keep their size.
+    like training's zoom-out: cells keep their size. More than MAX_WINDOWS windows is a UserError.
     """
     if tiles is None:
         return None
     (w, h), overlap = tiles.window, tiles.overlap
     if max(width, height) <= TILE_ABOVE * max(w, h) and min(width, height) <= TILE_ABOVE * min(w, h):
         return None
-    return [(x, y, x + w, y + h) for y in window_starts(height, h, overlap) for x in window_starts(width, w, overlap)]
+    xs, ys = window_starts(width, w, overlap), window_starts(height, h, overlap)
+    if len(xs) * len(ys) > MAX_WINDOWS:
+        raise UserError(f"{width}x{height} px would be cut into {len(xs) * len(ys):,} windows of {w}x{h} px, more than "
+                        f"{MAX_WINDOWS:,}: give a larger --scale or --rbc-width, a larger --tile, or --tile off")
+    return [(x, y, x + w, y + h) for y in ys for x in xs]
 
 
 def prepare(image, tiles):
@@ -675,7 +684,10 @@ class ImageFiles(Dataset):
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds: report and go on
             return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-        return i, image, prepare(image, self.tiles)
+        try:
+            return i, image, prepare(image, self.tiles)
+        except UserError as e:  # too many windows
+            return i, None, f"{path}: {e}"
 
     @staticmethod
     def collate_fn(batch):
@@ -710,22 +722,29 @@ def printable(path):
     return os.fsencode(path).decode("utf-8", "backslashreplace").translate(CONTROL_CHARACTERS)
 
 
+# What a run writes beside the annotated images, and where it writes them while the folder holds an earlier run's
+PARTIAL = {"counts.csv": "counts.partial.csv", "detections.json": "detections.partial.json", REPORT: "report.partial.html"}
+
+
 def earlier_outputs(folder):
-    """The names of the annotated images that an earlier detect.py wrote in `folder`, as its detections.json
-    records them (also when that run was killed before closing the list); an empty set if there is none."""
-    try:
-        with open(os.path.join(folder, "detections.json"), encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return set()
-    for candidate in (text, text.rstrip().rstrip(",") + "\n]"):
+    """The names of the annotated images that earlier detect.py runs wrote in `folder`, as their detections.json
+    (and detections.partial.json) record them, also when a run was killed before closing the list."""
+    outputs = set()
+    for name in ("detections.json", PARTIAL["detections.json"]):
         try:
-            records = json.loads(candidate)
-        except ValueError:
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
             continue
-        if isinstance(records, list):
-            return {r.get("output") for r in records if isinstance(r, dict)}
-    return set()
+        for candidate in (text, text.rstrip().rstrip(",") + "\n]"):
+            try:
+                records = json.loads(candidate)
+            except ValueError:
+                continue
+            if isinstance(records, list):
+                outputs |= {r["output"] for r in records if isinstance(r, dict) and isinstance(r.get("output"), str)}
+            break
+    return outputs
 
 
 class Results:
@@ -734,18 +753,35 @@ class Results:
     report.Report, with its thumbnails) refreshed as they are. A context manager:
 
         with Results(folder, classes, rev_label_map, report) as results:   # locks the folder, if it is there
-            results.add(...)   # the first image creates the folder (locked), replacing an earlier run's files
+            results.add(...)   # the first image creates the folder (locked)
 
-    A run that detects nothing leaves earlier results alone; one that does replaces them, as they would describe
-    other images beside these. Leaving the block closes detections.json as a JSON list and writes report.html's
-    last page ("ended early" after an error or an interruption) however the run ends (a kill, SIGKILL, leaves
-    detections.json without its closing bracket and the page as last written; counts.csv stays whole up to its
-    last row) and releases the lock: a second detect.py writing into the folder at the same time is refused."""
+    An earlier run's counts.csv, detections.json and report.html are never replaced by a partial one: where they
+    are, the run writes counts.partial.csv, detections.partial.json and report.partial.html (PARTIAL), moved onto
+    them only when it ends whole; a run that stops (an error, Ctrl-C, SIGTERM) leaves them beside the earlier
+    ones. Annotated images are replaced as they are done. Leaving the block closes detections.json as a JSON list
+    and writes report.html's last page ("ended early" after an error or an interruption) however the run ends (a
+    kill, SIGKILL, leaves detections.json without its closing bracket and the page as last written; counts.csv
+    stays whole up to its last row) and releases the lock: a second detect.py writing into the folder at the same
+    time is refused."""
 
     def __init__(self, folder, classes, rev_label_map, report=None):
         self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
         self.report = report  # report.html (a report.Report), kept up to date beside the two files; None: none
         self.lock = self.counts = self.detections = None
+        self.names = {name: name for name in PARTIAL}  # where each file goes during the run (PARTIAL when staged)
+
+    @property
+    def staged(self):
+        return self.names == PARTIAL
+
+    def held(self):
+        """Where the images finished so far are recorded, for a run that stops."""
+        if not self.n:
+            return ""
+        if self.staged:
+            return (f"; {PARTIAL['counts.csv']} and {PARTIAL['detections.json']} in {self.folder} hold those (the "
+                    f"earlier run's counts.csv, detections.json and report.html are kept)")
+        return f"; counts.csv and detections.json in {self.folder} hold those"
 
     def __enter__(self):
         if os.path.isdir(self.folder):
@@ -769,12 +805,16 @@ class Results:
             os.makedirs(self.folder, exist_ok=True)
             if self.lock is None:
                 self._lock()
-            for name in ("counts.csv", "detections.json"):  # a link there is replaced, not written through
+            if any(os.path.lexists(os.path.join(self.folder, name)) for name in PARTIAL):  # an earlier run's
+                self.names = PARTIAL
+                if self.report is not None:
+                    self.report.name = PARTIAL[REPORT]
+            for name in (self.names["counts.csv"], self.names["detections.json"]):  # a link is replaced, not written through
                 if os.path.islink(os.path.join(self.folder, name)):
                     os.remove(os.path.join(self.folder, name))
-            self.counts = open(os.path.join(self.folder, "counts.csv"), "w", encoding="utf-8", newline="")
-            self.detections = open(os.path.join(self.folder, "detections.json"), "w", encoding="utf-8")
-            remove_stale_temporaries(self.folder, (REPORT,))  # a killed run's half page (the lock is held)
+            self.counts = open(os.path.join(self.folder, self.names["counts.csv"]), "w", encoding="utf-8", newline="")
+            self.detections = open(os.path.join(self.folder, self.names["detections.json"]), "w", encoding="utf-8")
+            remove_stale_temporaries(self.folder, (REPORT, PARTIAL[REPORT]))  # a killed run's half page (locked)
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
@@ -806,8 +846,9 @@ class Results:
             self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
             self.detections.flush()
         except OSError as e:  # a full disk: what was written before stays readable
-            raise UserError(f"--output-dir {self.folder}: cannot write counts.csv and detections.json "
-                            f"({e.strerror or e}); they hold the first {self.n} image(s)") from None
+            raise UserError(f"--output-dir {self.folder}: cannot write {self.names['counts.csv']} and "
+                            f"{self.names['detections.json']} ({e.strerror or e}); they hold the first {self.n} "
+                            f"image(s)") from None
         self.n += 1
         if self.report is not None:
             self.report.add(record["image"], name, n, record["labels"], scores.tolist())
@@ -815,7 +856,8 @@ class Results:
 
     def close(self, quiet=False):
         """Ends detections.json as a JSON list and writes report.html's last page (quiet: the run ends early, with an
-        error, and the page says so); a write that fails (a full disk) is a UserError unless quiet."""
+        error, and the page says so); a write that fails (a full disk) is a UserError unless quiet. A run that
+        ends whole replaces the earlier run's three files with its own (and removes a stopped run's)."""
         failed = None
         for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
             try:
@@ -826,8 +868,17 @@ class Results:
         if self.report is not None:
             self.report.close(ended_early=quiet, quiet=quiet or failed is not None)  # failed: that error is said
         if failed and not quiet:
-            raise UserError(f"--output-dir {self.folder}: cannot finish detections.json ({failed.strerror or failed}); "
-                            f"counts.csv holds the {self.n} image(s)")
+            raise UserError(f"--output-dir {self.folder}: cannot finish {self.names['detections.json']} "
+                            f"({failed.strerror or failed}); {self.names['counts.csv']} holds the {self.n} image(s)")
+        if quiet or failed:
+            return
+        try:
+            for name in ("detections.json", "counts.csv", REPORT):  # the page last: it shows the other two
+                path, partial = os.path.join(self.folder, name), os.path.join(self.folder, PARTIAL[name])
+                if os.path.lexists(partial):
+                    os.replace(partial, path) if self.staged else os.remove(partial)  # else a stopped run's, older
+        except OSError as e:
+            raise UserError(f"--output-dir {self.folder}: cannot move {e.filename} into place ({e.strerror or e})") from None
 
 
 def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
@@ -873,7 +924,7 @@ def detect_files(args):
         raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
                         f"it; the annotated image would replace it: choose another folder")
     check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
-    for name in ("counts.csv", "detections.json", REPORT):  # no folder, device or pipe where they go
+    for name in (*PARTIAL, *PARTIAL.values()):  # no folder, device or pipe where they go
         check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
     thumbnails = os.path.join(args.output_dir, THUMBNAILS)
     if os.path.lexists(thumbnails) and (os.path.islink(thumbnails) or not os.path.isdir(thumbnails)):
@@ -921,9 +972,8 @@ def detect_files(args):
                       + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)), flush=True)
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_cli says this in one line, after the errors
             say_errors(errors)
-            held = f"; counts.csv and detections.json in {args.output_dir} hold those" if results.n else ""
             raise type(stop)(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after {results.n} of "
-                             f"{len(paths)} image(s){held}") from None
+                             f"{len(paths)} image(s){results.held()}") from None
     if results.n == 0:  # every file was unreadable
         say_errors(errors[:-1])
         raise UserError(f"{errors[-1]}; no image could be read, nothing written")

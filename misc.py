@@ -343,7 +343,10 @@ def write_json_atomic(obj, path, indent=None):
 def save_image_atomic(image, path, **params):
     """PIL image.save(path, **params) to a temporary file, then os.replace onto `path` (format from its extension)."""
     buffer = io.BytesIO()  # PIL's encoders ignore a short write (a full disk): Python's file raises
-    image.save(buffer, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()), **params)
+    try:
+        image.save(buffer, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()), **params)
+    except (OSError, ValueError) as e:  # an image the format cannot hold (a JPEG is at most 65,535 px a side)
+        raise UserError(f"{path}: cannot encode the image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     write_bytes_atomic(buffer.getbuffer(), path)
 
 

@@ -61,6 +61,7 @@ class Report:
         self.rows, self.totals, self.reviews, self.images_to_review = [], [0] * len(classes), 0, 0
         self.thumbnails = {}  # output name -> thumbnail size, or None where it could not be written
         self.written_at, self.write_seconds = -float("inf"), 0.
+        self.name = REPORT  # the page's file name in `folder` (detect.Results: report.partial.html while staged)
 
     def thumbnail(self, output, image):
         """The annotated image `output` (a PIL image) was saved: write its thumbnail, once."""
@@ -104,7 +105,7 @@ class Report:
 
     def write(self, state="in progress"):
         start = time.perf_counter()
-        write_text_atomic(self.page(state), os.path.join(self.folder, REPORT))
+        write_text_atomic(self.page(state), os.path.join(self.folder, self.name))
         self.written_at = time.perf_counter()
         self.write_seconds = self.written_at - start
 

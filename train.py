@@ -193,6 +193,8 @@ def check_args(args):
         raise UserError(f"--momentum must be below 1, not {args.momentum}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema-decay must be 0 (no average) or in (0, 1), not {args.ema_decay}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be 0 to 2**63 - 1, not {args.seed}")
 
 
 

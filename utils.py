@@ -362,8 +362,9 @@ def load_image(path):
 def pil_to_tensor(image):
     """PIL image of any mode -> uint8 RGB tensor (3, H, W)."""
     if image.mode != "RGB":
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-            arr = np.asarray(image, dtype=np.float32)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey, integer or float: scale to 8 bits,
+            # not clip (float in [0, 1] as 0-255); not-a-number and infinite values are black
+            arr = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0., posinf=0., neginf=0.)
             image = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).clip(0, 255).astype(np.uint8))
         image = image.convert("RGB")
     return FT.pil_to_tensor(image)

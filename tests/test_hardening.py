@@ -90,7 +90,8 @@ def world(tmp_path_factory, untrained_checkpoint):
 
 def damaged_lists(root):
     """Copies of {root}/lists with one thing wrong in TEST: bad-difficult, bad-box, bad-image (a truncated JPEG,
-    found only when a DataLoader worker reads it), missing-image, empty, box-of-8 (a box of eight numbers)."""
+    found only when a DataLoader worker reads it), missing-image, empty, box-of-8 (a box of eight numbers),
+    box-beyond-image (found when the image is read), box-of-booleans."""
     def copy(name, edit):
         folder = root / name
         folder.mkdir()
@@ -112,6 +113,8 @@ def damaged_lists(root):
     copy("missing-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(root / "moved.jpg")))
     copy("empty", lambda lists: lists.update({"TEST_images.json": [], "TEST_objects.json": []}))
     copy("box-of-8", lambda lists: lists["TEST_objects.json"][0]["boxes"].__setitem__(0, [1, 1, 9, 9] * 2))
+    copy("box-beyond-image", first_object("boxes", [10, 10, 5000, 20]))
+    copy("box-of-booleans", first_object("boxes", [True, True, 5, 5]))
 
 
 def fill(argv, root):
@@ -232,6 +235,9 @@ EVAL = [
     ("image-missing", ["--data-folder", "{root}/missing-image"], ["moved.jpg", "not found"]),
     ("test-list-empty", ["--data-folder", "{root}/empty"], ["TEST_images.json: no images"]),
     ("box-of-8-numbers", ["--data-folder", "{root}/box-of-8"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
+    ("box-beyond-image", ["--data-folder", "{root}/box-beyond-image", "--workers", "1"],
+     ["TEST_objects.json: entry 0", "a box reaches beyond its"]),
+    ("box-of-booleans", ["--data-folder", "{root}/box-of-booleans"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
     ("output-is-the-checkpoint", ["--output", "{root}/checkpoint.pt"], ["--output", "which this run reads"]),
     ("output-is-a-list", ["--output", "{root}/lists/TEST_objects.json"], ["--output", "which this run reads"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),
@@ -446,8 +452,6 @@ def read_results(out):
 def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, world, images, tmp_path, monkeypatch,
                                                          capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "counts.csv").write_text("image,RBC,WBC,Platelets\nan-earlier-run.jpg,1,1,1\n")  # not these images
     calls, annotate = [], detect.annotate
 
     def annotate_then_stop(*args):
@@ -464,8 +468,43 @@ def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, 
                                         f"{out} hold those"]
     rows, records = read_results(out)
     assert rows[0] == "image,RBC,WBC,Platelets" and [r.split(",")[0] for r in rows[1:]] == \
-        [str(images / "smear0.jpg"), str(images / "smear1.jpg")]  # the earlier run's row is gone
+        [str(images / "smear0.jpg"), str(images / "smear1.jpg")]
     assert [r["image"] for r in records] == [str(images / "smear0.jpg"), str(images / "smear1.jpg")]
+    assert "ended early, after 2 of 4 images" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_stopped_detect_never_replaces_an_earlier_whole_run(world, images, tmp_path, monkeypatch, capsys):
+    """A whole run, then one stopped after two images: the first run's counts.csv, detections.json and report.html
+    are kept, and the stopped run's are beside them (.partial); the next whole run replaces both."""
+    out, first = tmp_path / "out", [images / "smear0.jpg", images / "smear1.jpg", images / "smear2.jpg"]
+    command = ["--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device", "cpu"]
+    status, _, err = cli("detect", [*first, *command], monkeypatch, capsys)
+    assert status == 0, err
+    whole = snapshot([out / "counts.csv", out / "detections.json", out / "report.html"])
+    calls, annotate = [], detect.annotate
+
+    def annotate_then_stop(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Terminated
+        return annotate(*args)
+
+    monkeypatch.setattr(detect, "annotate", annotate_then_stop)
+    status, _, err = cli("detect", [images, *command, "--min-score", "0.5"], monkeypatch, capsys)
+    assert status == 143 and err.strip().splitlines() == [
+        f"detect.py: terminated after 2 of 4 image(s); counts.partial.csv and detections.partial.json in {out} hold "
+        f"those (the earlier run's counts.csv, detections.json and report.html are kept)"]
+    assert snapshot([out / "counts.csv", out / "detections.json", out / "report.html"]) == whole
+    assert len((out / "counts.partial.csv").read_text().splitlines()) == 1 + 2
+    assert len(json.loads((out / "detections.partial.json").read_text())) == 2
+    assert "ended early, after 2 of 4 images" in (out / "report.partial.html").read_text(encoding="utf-8")
+    monkeypatch.undo()
+
+    status, _, err = cli("detect", [images, *command], monkeypatch, capsys)  # whole: it replaces the earlier run's
+    assert status == 0, err
+    rows, records = read_results(out)
+    assert len(rows) == 1 + 4 and len(records) == 4
+    assert not [n for n in os.listdir(out) if ".partial." in n or n.endswith(".tmp")]
 
 
 def test_output_names_are_distinct_whatever_the_inputs():
@@ -726,3 +765,74 @@ def test_python_api(case, call, error, says, world):
     with pytest.raises(error) as e:
         call(model, Image.new("RGB", (64, 48)))
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, says", [("tta", ["h"], "test-time augmentation is one of"),
+                                              ("tta", {"h": 1}, "test-time augmentation is one of"),
+                                              ("args", [1, 2], "its 'args' (the train.py arguments) must be a dict")],
+                         ids=["tta-list", "tta-dict", "args-list"])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_one_line(key, value, says, world, images, tmp_path,
+                                                                  monkeypatch, capsys):
+    ckpt = torch.load(world / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, key: value}, tmp_path / "odd.pt")
+    code, _, err = cli("detect", [images, "--checkpoint", tmp_path / "odd.pt", "--output-dir", tmp_path / "out",
+                                  "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", ["odd.pt", says])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1"])
+def test_train_seed_out_of_range_is_one_line(seed, world, monkeypatch, capsys):
+    code, _, err = cli("train", fill(TRAIN_BASE, world) + ["--seed", seed], monkeypatch, capsys)
+    assert_one_line_error(code, err, "train", [f"--seed must be 0 to 2**63 - 1, not {seed}"])
+    assert not (world / "run").exists()
+
+
+def test_a_damaged_detections_json_in_the_output_folder_is_no_traceback(world, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").write_text('[{"output": ["a.jpg"]}, {"output": 5}, "x", {"output": "smear9.jpg"}]')
+    assert detect.earlier_outputs(out) == {"smear9.jpg"}
+    code, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
+                                  "cpu"], monkeypatch, capsys)
+    assert code == 0, err
+    assert len(read_results(out)[1]) == 4
+
+
+def test_an_image_too_large_to_save_as_jpeg_is_counted_and_said(world, tmp_path, monkeypatch, capsys):
+    """A PNG named .jpg, wider than JPEG's 65,535 px: its annotated copy cannot be a JPEG; its counts are kept."""
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (70000, 8)).save(tmp_path / "in" / "wide.jpg", format="PNG")
+    out = tmp_path / "out"
+    code, _, err = cli("detect", [tmp_path / "in", "--checkpoint", world / "checkpoint.pt", "--output-dir", out,
+                                  "--device", "cpu", "--tile", "off"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", ["wide.jpg: cannot encode the image"])
+    assert len(read_results(out)[1]) == 1 and not (out / "wide.jpg").exists()
+
+
+def test_an_image_that_needs_too_many_windows_is_refused_not_run_out_of_memory(world, tmp_path, monkeypatch, capsys):
+    tiles = detect.tiling(detect.BCCD_FIELD, "auto", 0.1)
+    with pytest.raises(detect.UserError, match=r"4000x3000 px would be cut into [\d,]+ windows of 64x48 px, more than"):
+        detect.tile_windows(4000, 3000, tiles)
+    assert len(detect.tile_windows(1000, 800, tiles)) <= detect.MAX_WINDOWS
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (4000, 3000)).save(tmp_path / "in" / "scan.png")
+    code, _, err = cli("detect", [tmp_path / "in", "--checkpoint", world / "checkpoint.pt", "--output-dir",
+                                  tmp_path / "out", "--device", "cpu", "--scale", "0.1"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", ["scan.png: 4000x3000 px would be cut into", "--tile off"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_download_is_one_line(world, tmp_path, monkeypatch, capsys):
+    import zipfile
+    archive = tmp_path / "bccd.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("BCCD/Annotations/a.xml", os.urandom(20000).hex())
+    data = bytearray(archive.read_bytes())
+    data[100:400] = bytes(b ^ 0xFF for b in data[100:400])  # the compressed stream, not the directory at the end
+    archive.write_bytes(bytes(data))
+    code, _, err = cli("create_data_lists", ["--download", "--url", archive.as_uri(), "--data-folder",
+                                             tmp_path / "BCCD", "--output-folder", tmp_path / "lists"],
+                       monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", ["bccd.zip: cannot unpack the download"])
+    assert not (tmp_path / "BCCD").exists() and not (tmp_path / "lists").exists()

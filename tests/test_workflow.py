@@ -631,6 +631,12 @@ def smear_images(tmp_path_factory):
     # 16 bits: 10000 and 60000 of 65535; clipping to 8 bits would make the whole image bright
     add("grey16.png", Image.fromarray(np.where(bright_rectangle(size, rect) == BRIGHT, 60000, 10000).astype(np.uint16)),
         size, rect)
+    # 32-bit float grey (TIFF mode F): in [0, 1], and in 16-bit units with a pixel that is not a number
+    bright = bright_rectangle(size, rect) == BRIGHT
+    add("float01.tif", Image.fromarray(np.where(bright, 0.95, 0.15).astype(np.float32)), size, rect)
+    float16 = np.where(bright, 60000, 10000).astype(np.float32)
+    float16[0, 0] = np.nan
+    add("float16.tif", Image.fromarray(float16), size, rect)
     add("tiny.png", rgb_with_rectangle((17, 9), (4, 2, 12, 7)), (17, 9), (4, 2, 12, 7))
     add("big.jpg", rgb_with_rectangle((3000, 2000), (900, 600, 2100, 1500)), (3000, 2000), (900, 600, 2100, 1500))
     # EXIF orientation 6: the stored pixels are the upright image turned 90 degrees; viewers turn it back
@@ -644,6 +650,7 @@ def smear_images(tmp_path_factory):
 
     modes = {Path(p).name: Image.open(p).mode for p in expected}
     assert modes["grey16.png"] == "I;16" and modes["cmyk.jpg"] == "CMYK" and modes["palette.png"] == "P"
+    assert modes["float01.tif"] == modes["float16.tif"] == "F"
     assert modes["grey_alpha.png"] == "LA" and modes["rgba.png"] == "RGBA" and modes["grey.jpg"] == "L"
     with Image.open(folder / "rotated.jpg") as im:
         assert im.size == (80, 40) and ImageOps.exif_transpose(im).size == upright_size
