@@ -447,11 +447,8 @@ def read_results(out):
     return rows, json.loads((out / "detections.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("exception, code, says", [(KeyboardInterrupt, 130, "interrupted"),
-                                                   (Terminated, 143, "terminated")], ids=["ctrl-c", "sigterm"])
-def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, world, images, tmp_path, monkeypatch,
-                                                         capsys):
-    out = tmp_path / "out"
+def stop_at_the_third_image(exception, monkeypatch):
+    """detect.py raises `exception` (Ctrl-C, SIGTERM) as it is about to annotate its third image."""
     calls, annotate = [], detect.annotate
 
     def annotate_then_stop(*args):
@@ -461,6 +458,14 @@ def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, 
         return annotate(*args)
 
     monkeypatch.setattr(detect, "annotate", annotate_then_stop)
+
+
+@pytest.mark.parametrize("exception, code, says", [(KeyboardInterrupt, 130, "interrupted"),
+                                                   (Terminated, 143, "terminated")], ids=["ctrl-c", "sigterm"])
+def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, world, images, tmp_path, monkeypatch,
+                                                         capsys):
+    out = tmp_path / "out"
+    stop_at_the_third_image(exception, monkeypatch)
     status, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
                                     "cpu"], monkeypatch, capsys)
     assert status == code and "Traceback" not in err
@@ -481,15 +486,7 @@ def test_a_stopped_detect_never_replaces_an_earlier_whole_run(world, images, tmp
     status, _, err = cli("detect", [*first, *command], monkeypatch, capsys)
     assert status == 0, err
     whole = snapshot([out / "counts.csv", out / "detections.json", out / "report.html"])
-    calls, annotate = [], detect.annotate
-
-    def annotate_then_stop(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Terminated
-        return annotate(*args)
-
-    monkeypatch.setattr(detect, "annotate", annotate_then_stop)
+    stop_at_the_third_image(Terminated, monkeypatch)
     status, _, err = cli("detect", [images, *command, "--min-score", "0.5"], monkeypatch, capsys)
     assert status == 143 and err.strip().splitlines() == [
         f"detect.py: terminated after 2 of 4 image(s); counts.partial.csv and detections.partial.json in {out} hold "
