@@ -114,7 +114,7 @@ class BCCDDataset(Dataset):
                 return json.load(f)
         except FileNotFoundError:
             raise UserError(f"{path}: not found; make the lists with create_data_lists.py") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
             raise UserError(f"{path}: unreadable ({e})") from None
 
     def __len__(self):

@@ -739,7 +739,7 @@ def earlier_outputs(folder):
         for candidate in (text, text.rstrip().rstrip(",") + "\n]"):
             try:
                 records = json.loads(candidate)
-            except ValueError:
+            except (ValueError, RecursionError):  # damaged, or nested deeper than Python's stack
                 continue
             if isinstance(records, list):
                 outputs |= {r["output"] for r in records if isinstance(r, dict) and isinstance(r.get("output"), str)}

@@ -131,6 +131,13 @@ def evaluate(model, loader, amp=False, channels_last=False):
                          label_names=label_names(model))
 
 
+def check_scorable(test_set):
+    """A TEST whose mAP means something: at least one object not marked difficult (calculate_mAP scores no other)."""
+    if not any(d == 0 for objects in test_set.objects for d in objects["difficulties"]):
+        raise UserError(f"{os.path.join(test_set.data_folder, 'TEST_objects.json')}: no object to score (none, or only "
+                        f"difficult ones): an mAP would mean nothing")
+
+
 def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties, label_names):
     """The three figures eval.py reports, as a JSON-ready dict. label_names: {label: class name}, background left
     out. A class without (non-difficult) objects has no AP (calculate_mAP leaves it out): "not_in_test" lists them."""
@@ -227,6 +234,7 @@ def run(args, rank, world, device):
 
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)  # difficult objects are needed to score
     check_same_classes(model.label_map, test_set.label_map, args.checkpoint, args.data_folder)
+    check_scorable(test_set)
     shard = list(range(rank, len(test_set), world))  # each process a disjoint share, nothing padded
     loader = DataLoader(Subset(test_set, shard), batch_size=args.batch_size, collate_fn=BCCDDataset.collate_fn,
                         num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)

@@ -88,6 +88,8 @@ def output_paths(output, checkpoint, fmt, int8):
         output = os.path.splitext(checkpoint)[0] + ("-int8" if int8 else "")
     if not str(output).strip():
         raise UserError("--output is empty: name a file")
+    if os.path.basename(output) in ("", ".", ".."):  # "exports/": it would write exports/.onnx
+        raise UserError(f"--output {output}: a folder; name a file in it, e.g. {os.path.join(output, 'ssd300' + ext)}")
     base, given = os.path.splitext(output)
     if given.lower() in (".onnx", ".xml", ".bin"):
         if given.lower() != ext:

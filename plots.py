@@ -62,7 +62,7 @@ def read_log(path):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("epoch"), int):
                 records[record["epoch"]] = record

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
-from eval import evaluate
+from eval import check_scorable, evaluate
 from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
                   save_atomic, write_text_atomic)
@@ -241,11 +241,18 @@ def make_optimizer(model, args):
     return torch.optim.SGD([g for g in groups if g["params"]], lr=args.lr, momentum=args.momentum)
 
 
-def ensure_lists(args, rank):
+def ensure_lists(args, rank, resuming=False):
+    """A new run makes missing lists from --bccd-folder (TRAIN = trainval, TEST = test); a resumed run does not,
+    since lists made again with other splits would change its data without a word."""
     if not os.path.isfile(os.path.join(args.data_folder, "TRAIN_images.json")) and rank == 0:
+        if resuming:
+            raise UserError(f"--resume {args.resume}: no lists in {args.data_folder}; a resumed run does not make "
+                            f"them (other splits would change its data): make them again as they were "
+                            f"(create_data_lists.py --output-folder {args.data_folder} with the run's splits), or "
+                            f"give --data-folder")
         if not os.path.isdir(args.bccd_folder):
             raise UserError(f"{args.data_folder}: no lists; and " + missing_data_message(args.bccd_folder))
-        print(f"making the lists in {args.data_folder} from {args.bccd_folder}")
+        print(f"making the lists in {args.data_folder} from {args.bccd_folder} (TRAIN = trainval, TEST = test)")
         create_data_lists(args.bccd_folder, args.data_folder)
 
 
@@ -341,7 +348,7 @@ def trim_log(log_path, last_epoch):
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:  # a line cut by a kill
+            except (ValueError, RecursionError):  # a line cut by a kill, or nested deeper than the stack
                 continue
             if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= last_epoch:
                 kept[record["epoch"]] = line if line.endswith("\n") else line + "\n"
@@ -372,7 +379,8 @@ def check_resumable(ckpt, path):
                "its partial_epoch is damaged" if partial and not (
                    isinstance(partial, dict) and integer(partial.get("steps"), 1)
                    and isinstance(partial.get("loss_sum"), torch.Tensor) and partial["loss_sum"].numel() == 1
-                   and isinstance(partial.get("seconds"), (int, float)) and partial["seconds"] >= 0) else None)
+                   and bool(torch.isfinite(partial["loss_sum"]).all()) and isinstance(partial.get("seconds"), (int, float))
+                   and 0 <= partial["seconds"] < math.inf) else None)
     if not problem:
         actions = {a.dest: a for a in get_args_parser()._actions}
         wrong = [f"--{name.replace('_', '-')} {value!r}" for name, value in ckpt["args"].items()
@@ -389,9 +397,10 @@ def load_optimizer_state(optimizer, ckpt, path):
         optimizer.load_state_dict(ckpt["optimizer"])
         if not all(isinstance(g.get("lr_mult"), (int, float)) for g in optimizer.param_groups) or any(
                 not isinstance(s.get("momentum_buffer"), (torch.Tensor, type(None)))
-                or (s.get("momentum_buffer") is not None and s["momentum_buffer"].shape != p.shape)
+                or (s.get("momentum_buffer") is not None and (s["momentum_buffer"].shape != p.shape
+                                                             or not torch.isfinite(s["momentum_buffer"]).all()))
                 for p, s in optimizer.state.items()):
-            raise ValueError("a learning rate multiplier or a momentum buffer does not fit the model")
+            raise ValueError("a learning rate multiplier or a momentum buffer does not fit the model, or is not finite")
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"--resume {path}: cannot resume from this checkpoint: its optimizer state is damaged "
                         f"({type(e).__name__}: {e})") from None
@@ -406,6 +415,8 @@ def load_ema_state(ema, ckpt, path):
         if not (isinstance(ckpt.get("ema_updates"), int) and ckpt["ema_updates"] >= 0):
             raise ValueError("ema_updates is not a count")
         ema.module.load_state_dict(ckpt["ema"])
+        if not all(torch.isfinite(v).all() for v in ema.module.state_dict().values() if v.is_floating_point()):
+            raise ValueError("a weight is not finite (nan or inf)")
         ema.updates = ckpt["ema_updates"]
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         detail = " ".join(str(e).split())[:160]
@@ -469,10 +480,13 @@ def set_up(args, rank, world, device, cleanup):
         hint = f"continue it with --resume {out_ckpt}" if "checkpoint.pt" in earlier else "delete it"
         raise UserError(f"{args.out_dir} already holds a training run ({' and '.join(earlier)}); {hint}, or choose "
                         f"another --out-dir")
-    ensure_lists(args, rank)
+    ensure_lists(args, rank, resuming=ckpt is not None)
     if world > 1:
         dist.barrier()
     train_set = BCCDDataset(args.data_folder, "train", max_zoom=args.max_zoom, flips=args.flips)
+    val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True) if args.val_every and is_main else None
+    if val_set is not None:
+        check_scorable(val_set)
     field = median_image_size(train_set.images)  # (width, height) of the training images: detect.py tiles larger ones
     sampler = AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
     if ckpt is not None or init is not None:
@@ -506,6 +520,10 @@ def set_up(args, rank, world, device, cleanup):
             load_ema_state(ema, ckpt, args.resume)
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         partial = ckpt.get("partial_epoch") or {}  # an interrupted epoch: its steps done, loss sum, seconds
+        if partial.get("steps", 0) >= steps_per_epoch:  # another --batch-size or data since it stopped mid-epoch
+            raise UserError(f"--resume {args.resume}: it stopped after step {partial['steps']} of an epoch, and an "
+                            f"epoch now has {steps_per_epoch} steps; resume with the run's --batch-size and "
+                            f"--data-folder to finish that epoch, or start a new run")
     if is_main:  # the checks above passed: the run may write
         cleanup.callback(os.close, prepare_out_dir(args))  # the lock on --out-dir, held until the run ends
     if epochs is None:  # enough epochs for the iterations left (a run may stop in the middle of an epoch)
@@ -519,8 +537,7 @@ def set_up(args, rank, world, device, cleanup):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
 
     val_loader = None
-    if args.val_every and is_main:
-        val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
+    if val_set is not None:
         val_loader = DataLoader(val_set, batch_size=32, collate_fn=BCCDDataset.collate_fn,
                                 num_workers=min(args.workers, 4), pin_memory=cuda, worker_init_fn=ignore_stop_signals)
     if args.cache_images:
@@ -651,16 +668,25 @@ def train(args, rank, world, device, cleanup):
             run.bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}")
             last = epoch + 1 == run.epochs or run.iteration >= run.total_iterations
             stopping = stop_requested(stop, world, device)
+            failed = None  # a TEST image that cannot be read: the epoch's training is saved before the error
             if run.val_loader is not None and ((epoch + 1) % args.val_every == 0 or last):
-                mean_ap = validate(run, record)
-                run.bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
+                try:
+                    mean_ap = validate(run, record)
+                    run.bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", mAP=f"{mean_ap:.3f}")
+                except UserError as e:
+                    failed = e
             if run.is_main:
                 with open(run.log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if (epoch + 1) % args.checkpoint_every == 0 or last or stopping:
+                if (epoch + 1) % args.checkpoint_every == 0 or last or stopping or failed:
                     save_checkpoint(run, epoch)
                 if "mAP" in record:  # after a validation, between epochs: redrawn from log.jsonl
                     run.curve.update()
+            if failed:
+                run.bar.close()
+                then = "" if last else f"; fix it, then resume with --resume {run.out_ckpt}"
+                raise UserError(f"validating epoch {epoch + 1}: {failed} (the epoch's training is saved in "
+                                f"{run.out_ckpt}{then})")
             if world > 1:  # the other ranks wait here, not inside the next step, while rank 0 validates and saves
                 dist.barrier()
             if stopping and not last:

@@ -219,7 +219,7 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
     classes: the class names in label order (label 1, 2, ...): an object of another class is an error.
     None: the classes of the annotations of both splits; in BCCD's order when they are all BCCD's (the
     label map is then BCCD's, so that BCCD lists and checkpoints stay valid), else sorted by name,
-    ignoring case (str.casefold, then the name itself).
+    ignoring case (str.casefold); names that differ only in case ("RBC", "rbc") are refused.
 
     TRAIN comes from ImageSets/Main/<train_split>.txt (BCCD's trainval: 292 images), TEST from
     <test_split>.txt (test: 72). Every problem found is collected; if there is any, a UserError
@@ -266,8 +266,15 @@ def create_data_lists(voc_path, output_folder, train_split="trainval", test_spli
     label_map = given
     if label_map is None:  # the annotations' classes; their labels are still names
         found = {name for _, objects in lists.values() for o in objects for name in o["labels"]}
+        folded = {}
+        for name in sorted(found):
+            folded.setdefault(name.casefold(), []).append(name)
+        twins = [", ".join(map(repr, names)) for names in folded.values() if len(names) > 1]
+        if twins:  # "RBC" and "rbc": one class written two ways, most likely, that would become two
+            raise UserError(f"{voc_path}: class names that differ only in case: {'; '.join(twins)}; correct the "
+                            f"annotations, or give --classes (an object of another name is then named with its file)")
         label_map = make_label_map(bccd_labels if found <= set(bccd_labels) else
-                                   sorted(found, key=lambda name: (name.casefold(), name)))
+                                   sorted(found, key=str.casefold))
         for _, objects in lists.values():
             for o in objects:
                 o["labels"] = [label_map[name] for name in o["labels"]]

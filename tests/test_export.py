@@ -393,6 +393,8 @@ EXPORT = [  # (case, command line, the error's words)
     ("output-is-a-folder", ["--format", "onnx", "--output", "{root}/dir.onnx"], ["a folder is in the way"]),
     ("output-is-a-pipe", ["--format", "onnx", "--output", "{root}/pipe.onnx"], ["not a regular file"]),
     ("output-empty", ["--output", ""], ["--output is empty"]),
+    ("output-ends-in-a-slash", ["--format", "onnx", "--output", "{root}/exports/"], ["a folder; name a file in it",
+                                                                               "{root}/exports/ssd300.onnx"]),
     ("output-other-format", ["--format", "openvino", "--output", "{root}/x.onnx"], ["is .xml, not .onnx"]),
     ("output-bin-is-the-checkpoint", ["--checkpoint", "{root}/model.bin", "--output", "{root}/model"],
      ["--output {root}/model.bin", "which this run reads"]),

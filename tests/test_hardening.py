@@ -64,6 +64,8 @@ def world(tmp_path_factory, untrained_checkpoint):
     """A tiny VOC dataset, its lists, a random checkpoint, an image, and earlier outputs of every script."""
     root = tmp_path_factory.mktemp("hostile")
     voc = make_voc(root / "voc", n_trainval=4, n_test=2)
+    make_voc(root / "voc-case", n_trainval=2, n_test=1, objects={"BloodImage_00001": [
+        {"name": "rbc", "box": [2, 2, 20, 20]}]})  # RBC elsewhere, rbc here
     make_lists(voc, root / "lists", verbose=False)
     shutil.copy(untrained_checkpoint, root / "checkpoint.pt")  # conftest's untrained SSD300
     (root / "file").write_text("a file where a folder should be\n")
@@ -91,7 +93,8 @@ def world(tmp_path_factory, untrained_checkpoint):
 def damaged_lists(root):
     """Copies of {root}/lists with one thing wrong in TEST: bad-difficult, bad-box, bad-image (a truncated JPEG,
     found only when a DataLoader worker reads it), missing-image, empty, box-of-8 (a box of eight numbers),
-    box-beyond-image (found when the image is read), box-of-booleans."""
+    box-beyond-image (found when the image is read), box-of-booleans, no-objects (TEST images without objects),
+    deep-json (nested deeper than the stack)."""
     def copy(name, edit):
         folder = root / name
         folder.mkdir()
@@ -115,6 +118,10 @@ def damaged_lists(root):
     copy("box-of-8", lambda lists: lists["TEST_objects.json"][0]["boxes"].__setitem__(0, [1, 1, 9, 9] * 2))
     copy("box-beyond-image", first_object("boxes", [10, 10, 5000, 20]))
     copy("box-of-booleans", first_object("boxes", [True, True, 5, 5]))
+    copy("no-objects", lambda lists: lists.update({"TEST_objects.json": [
+        {"boxes": [], "labels": [], "difficulties": []} for _ in lists["TEST_objects.json"]]}))
+    copy("deep-json", lambda lists: None)
+    (root / "deep-json" / "TEST_objects.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
 
 
 def fill(argv, root):
@@ -128,6 +135,8 @@ def fill(argv, root):
 LISTS = ["lists/TRAIN_images.json", "lists/TRAIN_objects.json", "lists/TEST_images.json", "lists/label_map.json"]
 
 CREATE_DATA_LISTS = [
+    ("class-names-differ-in-case", ["--data-folder", "{root}/voc-case", "--output-folder", "{root}/lists"],
+     ["class names that differ only in case: 'RBC', 'rbc'", "--classes"], LISTS),
     ("no-dataset", ["--data-folder", "{root}/nowhere", "--output-folder", "{root}/lists"], ["BCCD not found"], LISTS),
     ("output-under-a-file", ["--data-folder", "{root}/voc", "--output-folder", "{root}/file/lists"],
      ["--output-folder", "cannot write there", "is a file"], ["file"]),
@@ -198,6 +207,16 @@ TRAIN = [
     ("resume-optimizer-buffer-shape", ["--resume", "{root}/damaged-momentum-buffer-shape.pt"], ["optimizer state"]),
     ("resume-ema-shape", ["--resume", "{root}/damaged-ema-shape.pt"], ["weight average (ema) is damaged"]),
     ("resume-ema-updates-text", ["--resume", "{root}/damaged-ema-updates-text.pt"], ["ema_updates is not a count"]),
+    ("resume-ema-nan", ["--resume", "{root}/damaged-ema-nan.pt"], ["weight average (ema) is damaged", "not finite"]),
+    ("resume-optimizer-buffer-nan", ["--resume", "{root}/damaged-momentum-buffer-nan.pt"], ["optimizer state",
+                                                                                          "not finite"]),
+    ("resume-partial-loss-nan", ["--resume", "{root}/damaged-partial-loss-nan.pt"], ["partial_epoch is damaged"]),
+    ("resume-partial-epoch-too-long", ["--resume", "{root}/damaged-partial-too-long.pt"],  # 2 steps an epoch here
+     ["stopped after step 5 of an epoch", "now has 2 steps"]),
+    ("val-no-object-to-score", ["--data-folder", "{root}/no-objects", "--val-every", "1"],
+     ["TEST_objects.json: no object to score"]),
+    ("resume-lists-gone", ["--resume", "{root}/earlier-run/checkpoint.pt", "--data-folder", "{root}/gone"],
+     ["no lists in", "gone", "a resumed run does not make them"]),
     ("ema-decay-1", ["--ema-decay", "1"], ["--ema-decay must be 0 (no average) or in (0, 1), not 1.0"]),
     ("ema-decay-nan", ["--ema-decay", "nan"], ["--ema-decay must be 0"]),
     ("init-weights-missing", ["--init-weights", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
@@ -238,6 +257,8 @@ EVAL = [
     ("box-beyond-image", ["--data-folder", "{root}/box-beyond-image", "--workers", "1"],
      ["TEST_objects.json: entry 0", "a box reaches beyond its"]),
     ("box-of-booleans", ["--data-folder", "{root}/box-of-booleans"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
+    ("json-too-deep", ["--data-folder", "{root}/deep-json"], ["TEST_objects.json: unreadable", "recursion"]),
+    ("no-object-to-score", ["--data-folder", "{root}/no-objects"], ["TEST_objects.json: no object to score"]),
     ("output-is-the-checkpoint", ["--output", "{root}/checkpoint.pt"], ["--output", "which this run reads"]),
     ("output-is-a-list", ["--output", "{root}/lists/TEST_objects.json"], ["--output", "which this run reads"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),
@@ -295,6 +316,8 @@ BENCH = [
     ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
     ("tiling-sizes-negative", ["--tiling-sizes=-5x3"], ["--tiling-sizes", "1 to 16384"]),
     ("tiling-sizes-huge", ["--tiling-sizes", "99999x99999"], ["--tiling-sizes", "1 to 16384"]),
+    ("tiling-image-unreadable", ["--only", "tiling", "--data-folder", "{root}/bad-image", "--tiling-sizes", "640x480"],
+     ["truncated.jpg", "cannot read image"]),
     ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
     ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
     ("folder-without-images", ["--only", "folder", "--checkpoint", "{root}/checkpoint.pt", "--folder",
@@ -330,6 +353,13 @@ DAMAGED_RUNS = {
     "ema-shape": lambda c: c.update(ema={**c["model"], "rescale_factors": torch.zeros(3)}, ema_updates=1,
                                     args={**c["args"], "ema_decay": 0.999}),
     "ema-updates-text": lambda c: c.update(ema=c["model"], ema_updates="1", args={**c["args"], "ema_decay": 0.999}),
+    "ema-nan": lambda c: c.update(ema={k: v * float("nan") if v.is_floating_point() else v for k, v in c["model"].items()},
+                                  ema_updates=1, args={**c["args"], "ema_decay": 0.999}),
+    "momentum-buffer-nan": lambda c: c["optimizer"]["state"].update(  # parameter 0: conv4_3's rescale factors
+        {0: {"momentum_buffer": torch.full_like(c["model"]["rescale_factors"], float("nan"))}}),
+    "partial-loss-nan": lambda c: c.update(partial_epoch={"steps": 1, "loss_sum": torch.tensor(float("nan")),
+                                                          "seconds": 1.0}),
+    "partial-too-long": lambda c: c.update(partial_epoch={"steps": 5, "loss_sum": torch.tensor(1.), "seconds": 1.0}),
 }
 
 
@@ -788,6 +818,8 @@ def test_train_seed_out_of_range_is_one_line(seed, world, monkeypatch, capsys):
 def test_a_damaged_detections_json_in_the_output_folder_is_no_traceback(world, images, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "detections.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
+    assert detect.earlier_outputs(out) == set()
     (out / "detections.json").write_text('[{"output": ["a.jpg"]}, {"output": 5}, "x", {"output": "smear9.jpg"}]')
     assert detect.earlier_outputs(out) == {"smear9.jpg"}
     code, _, err = cli("detect", [images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out, "--device",
@@ -833,3 +865,16 @@ def test_a_damaged_download_is_one_line(world, tmp_path, monkeypatch, capsys):
                        monkeypatch, capsys)
     assert_one_line_error(code, err, "create_data_lists", ["bccd.zip: cannot unpack the download"])
     assert not (tmp_path / "BCCD").exists() and not (tmp_path / "lists").exists()
+
+
+def test_a_test_image_unreadable_at_validation_keeps_the_epochs_training(world, tmp_path, monkeypatch, capsys):
+    """--val-every: a TEST image that cannot be read stops the run after its epoch is saved, not before."""
+    argv = fill(TRAIN_BASE, world) + ["--data-folder", world / "bad-image", "--out-dir", tmp_path / "run",
+                                      "--val-every", "1", "--iterations", "4"]  # 2 steps an epoch: 2 epochs
+    code, _, err = cli("train", argv, monkeypatch, capsys)
+    assert_one_line_error(code, err, "train", ["validating epoch 1", "truncated.jpg", "the epoch's training is saved",
+                                               f"--resume {tmp_path / 'run' / 'checkpoint.pt'}"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 2)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and "mAP" not in log[0]
