@@ -2,6 +2,8 @@
 
 Run: python -m pytest tests/test_map.py -q
 """
+import importlib.util
+import os
 import random
 
 import pytest
@@ -239,3 +241,25 @@ def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
         assert aps[name] == pytest.approx(ref_aps[name], abs=1e-5), name
     assert mean_ap == pytest.approx(ref_mean, abs=1e-5)
     assert 0.2 < mean_ap < 0.95  # a curve with both kinds of detections, not a trivial 0 or 1
+
+
+def test_unannotated_cells_sorts_detections_as_voc_matches_them():
+    """results/unannotated_cells.py's classify: by score, IoU > 0.5 matches an annotation once, a second match is a
+    duplicate, 0.1 < IoU <= 0.5 is near, the rest lie on no annotated box."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "unannotated_cells.py")
+    spec = importlib.util.spec_from_file_location("unannotated_cells", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    true = torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.]])
+    boxes = torch.tensor([[0., 0., 10., 9.],     # IoU 0.9 with the first, score 0.8: after the match, a duplicate
+                          [50., 50., 60., 60.],  # on no box
+                          [0., 0., 10., 10.],    # IoU 1 with the first, score 0.9: the match
+                          [20., 20., 30., 45.]])  # IoU 0.4 with the second: near
+    scores = torch.tensor([0.8, 0.1, 0.9, 0.5])
+    kinds, found = module.classify(boxes, scores, true)
+    assert kinds == [0, 1, 2, 3]  # in score order: 0.9 match, 0.8 duplicate, 0.5 near, 0.1 on no box
+    assert found.tolist() == [True, False]
+    kinds, found = module.classify(boxes, scores, true[:0])
+    assert kinds == [3, 3, 3, 3] and found.numel() == 0
+    kinds, found = module.classify(boxes[:0], scores[:0], true)
+    assert kinds == [] and found.tolist() == [False, False]
