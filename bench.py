@@ -427,7 +427,7 @@ print(time.perf_counter() - start)
                                            "ours_over_torchvision": round(loop_ours / loop_tv, 3)}}
 
 
-def test_images(data_folder, n):
+def source_images(data_folder, n):
     """The lists' first n TEST images, RGB PIL images (one that cannot be read is a UserError naming it)."""
     return [torchvision.transforms.functional.to_pil_image(load_image(p))
             for p in BCCDDataset(data_folder, "test").images[:n]]
@@ -441,7 +441,7 @@ def bench_tiling(args, device, amp, out):
     else:
         model = SSD300(n_classes=len(label_map), base_weights=None, batch_norm=args.batch_norm)
         model = model.to(device, memory_format=torch.channels_last).eval().fuse_batch_norm()
-    sources = test_images(args.data_folder, 16)
+    sources = source_images(args.data_folder, 16)
     result = {}
     for size, (width, height) in zip(args.tiling_sizes, tiling_sizes(args.tiling_sizes)):
         image = mosaic(sources, width, height, 0)  # TEST images side by side, as many as fill it
@@ -506,7 +506,7 @@ def bench_export(args, device, out):
                 result[p][f"batch_{n}_ms_per_window"] = round(1000 * statistics.median(times[p]) / n, 1)
         del models
 
-        sources = test_images(args.data_folder, 36)
+        sources = source_images(args.data_folder, 36)
         folder = os.path.join(tmp, "mosaics")
         os.makedirs(folder)
         for i in range(3):  # at 4K 6 x 5 fields of 640x480 (the last row cut), 12 source images apart
