@@ -247,6 +247,10 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
             written = [os.path.join(tmp, "model.xml"), os.path.join(tmp, "model.bin")]
             # fp32 weights, as eager (OpenVINO's default compresses them to fp16)
             write(lambda: ov.save_model(network, written[0], compress_to_fp16=False), paths[0])
+            # the .xml records its .bin's sha256, so that a pair mixed by a replacement stopped between the two
+            # files is refused when loaded; saved again with it (the .bin is written anew, the same bytes)
+            network.set_rt_info(json.dumps({**metadata, "weights_sha256": sha256(written[1])}), [METADATA_KEY])
+            write(lambda: ov.save_model(network, written[0], compress_to_fp16=False), paths[0])
         try:
             load_export(written[0])  # it runs and its metadata reads back, before it replaces anything
         except UserError as e:
@@ -398,6 +402,9 @@ def load_export(path):
     except Exception:  # not a text (a map, say)
         text = False
     metadata = read_metadata(text, path)
+    if "weights_sha256" in metadata and metadata["weights_sha256"] != sha256(weights):  # older exports have none
+        raise UserError(f"{path}: its weights {weights} are not the ones exported with it (a replacement stopped "
+                        f"between the two files?); export the checkpoint again")
     shape = lambda p: ([d.get_length() if d.is_static else None for d in p.get_partial_shape()]
                        if p.get_partial_shape().rank.is_static else ["any rank"]) + [
         "float32" if p.get_element_type() == ov.Type.f32 else str(p.get_element_type())]

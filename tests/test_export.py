@@ -116,6 +116,8 @@ def eager_outputs(eager, samples):
 def test_fp32_exports_give_eager_raw_outputs(which, request, samples, eager_outputs):
     model = request.getfixturevalue(which)
     assert isinstance(model, export.ExportedSSD300) and model.metadata["precision"] == "fp32"
+    if which == "openvino_model":  # the .xml names its .bin by hash
+        assert model.metadata["weights_sha256"] == export.sha256(model.source.removesuffix(".xml") + ".bin")
     got = detect.run_model(model, samples, amp=False)
     for e, g in zip(eager_outputs, got):
         assert g.shape == e.shape and g.dtype == torch.float32
@@ -352,6 +354,10 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     network.set_rt_info(metadata(label_map=[1, 2]), [export.METADATA_KEY])  # hostile metadata there too
     ov.save_model(network, str(tmp_path / "model.xml"))
     with pytest.raises(detect.UserError, match=r"model.xml: label_map: not a label map"):
+        detect.load_model(str(tmp_path / "model.xml"))
+    network.set_rt_info(metadata(weights_sha256="0" * 64), [export.METADATA_KEY])  # another .bin's: a mixed pair
+    ov.save_model(network, str(tmp_path / "model.xml"))
+    with pytest.raises(detect.UserError, match=r"model.xml: its weights .*model.bin are not the ones exported with it"):
         detect.load_model(str(tmp_path / "model.xml"))
 
 
