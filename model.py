@@ -11,6 +11,7 @@ Shape notation used in comments:
 Boxes are fractional (x_min, y_min, x_max, y_max) unless the name says cxcy / gcxgcy.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -266,12 +267,16 @@ class SSD300(nn.Module):
             source = weights.url
         else:
             source = str(base_weights)
+            if not os.path.isfile(base_weights):  # a pipe or a device would be read for ever
+                raise UserError(f"{source}: no such file (--base-weights takes imagenet, none or a path)"
+                                if not os.path.exists(base_weights) else f"{source}: not a regular file")
             try:
                 state = torch.load(base_weights, map_location="cpu", weights_only=True)
-            except FileNotFoundError:
-                raise UserError(f"{source}: no such file (--base-weights takes imagenet, none or a path)") from None
             except Exception as e:
                 raise UserError(f"{source}: not a loadable state_dict ({type(e).__name__})") from None
+            if isinstance(state, dict) and not all(torch.isfinite(v).all() for v in state.values()
+                                                   if isinstance(v, torch.Tensor) and v.is_floating_point()):
+                raise UserError(f"{source}: a weight is not finite (nan or inf)")
         try:
             self.base.load_state_dict(convert_vgg16_state_dict(state, self.batch_norm, source), strict=False)
         except RuntimeError as e:  # right names, wrong shapes

@@ -8,6 +8,7 @@ tests use random (N, 8732, 4) tensors instead of a forward.
 Run: python -m pytest tests/test_model.py -q
 """
 import math
+import os
 import urllib.error
 
 import pytest
@@ -352,13 +353,17 @@ def test_wrong_base_weights_files_give_a_user_error(tmp_path):
     not_torch.write_text("not a state_dict\n")
     a_list = tmp_path / "list.pth"
     torch.save([torch.randn(2)], a_list)
+    not_finite = tmp_path / "nan.pth"
+    torch.save({"features.0.weight": torch.full((64, 3, 3, 3), float("nan"))}, not_finite)
+    os.mkfifo(tmp_path / "pipe.pth")  # read, it would wait for ever
     with pytest.raises(UserError) as e:
         SSD300(n_classes=N_CLASSES, base_weights=str(random_dict))
     _assert_one_line_user_error(e, str(random_dict))
     # the rest through the method SSD300.__init__ calls, on one model of each kind (faster)
     for batch_norm in (False, True):
         m = SSD300(n_classes=N_CLASSES, base_weights=None, batch_norm=batch_norm)
-        for path in (random_dict, not_torch, a_list, tmp_path / "missing.pth"):
+        for path in (random_dict, not_torch, a_list, tmp_path / "missing.pth", not_finite, tmp_path / "pipe.pth",
+                     tmp_path):
             with pytest.raises(UserError) as e:
                 m.load_pretrained_layers(str(path))
             _assert_one_line_user_error(e, str(path))
