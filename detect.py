@@ -631,16 +631,23 @@ def tile_settings(args, field):
 
 
 def find_images(inputs, skip=None):
-    """Expand files and folders (recursively) into a sorted list of image paths, each file once (a file given twice,
-    or also inside a folder given, is counted once); returns (paths, missing inputs, number of repeats left out).
-    skip: a folder whose files are left out of the folders searched (the output folder: its annotated images)."""
+    """Expand files and folders (recursively, linked folders too) into a sorted list of image paths, each file once (a
+    file given twice, or also inside a folder given, is counted once); returns (paths, missing inputs, number of
+    repeats left out). skip: a folder whose files are left out of the folders searched (the output folder: its
+    annotated images)."""
     paths, missing, seen, repeats = [], [], set(), 0
     skip = os.path.realpath(skip) if skip else None
     for item in inputs:
         if os.path.isdir(item):
-            found = []
-            for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(root, d)) != skip)
+            found, walked = [], {os.path.realpath(item), skip}
+            for root, dirs, files in os.walk(item, followlinks=True):
+                kept = []
+                for d in sorted(dirs):  # a folder already walked (a link back up: a loop) is not walked again
+                    real = os.path.realpath(os.path.join(root, d))
+                    if real not in walked:
+                        walked.add(real)
+                        kept.append(d)
+                dirs[:] = kept
                 found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
         elif os.path.exists(item):  # a file; a pipe or device is reported when read (ImageFiles)
             found = [item]

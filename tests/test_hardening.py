@@ -878,3 +878,20 @@ def test_a_test_image_unreadable_at_validation_keeps_the_epochs_training(world, 
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 2)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1] and "mAP" not in log[0]
+
+
+def test_linked_folders_are_searched_once_and_a_loop_ends(world, tmp_path):
+    """detect.py's inputs: a link to a folder elsewhere is searched; a link back up the tree (a loop) and a second
+    link to the same folder are not searched again."""
+    image = sorted((world / "voc" / "JPEGImages").iterdir())[0]
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(image, tmp_path / "elsewhere" / "b.jpg")
+    top = tmp_path / "smears"
+    (top / "day1").mkdir(parents=True)
+    shutil.copy(image, top / "day1" / "a.jpg")
+    (top / "day2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (top / "day2-again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (top / "day1" / "up").symlink_to(top, target_is_directory=True)  # a loop
+    paths, missing, repeats = detect.find_images([top])
+    assert [Path(p).relative_to(top).as_posix() for p in paths] == ["day1/a.jpg", "day2/b.jpg"]
+    assert (missing, repeats) == ([], 0)
