@@ -373,6 +373,12 @@ def write_json_files_atomic(files):
         raise
 
 
+def all_finite(tensors):
+    """Whether every floating-point tensor among `tensors` (a state_dict's values, say) holds no nan or inf; other
+    values are passed over."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def load_checkpoint(path):
     """Load a checkpoint written by train.py: tensors and plain data only.
 

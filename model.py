@@ -20,7 +20,7 @@ import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import batched_nms
 
-from misc import UserError
+from misc import UserError, all_finite
 from utils import (check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
                    find_jaccard_overlap, gcxgcy_to_cxcy, make_label_map, xy_to_cxcy)
 from utils import label_map as bccd_label_map
@@ -274,8 +274,7 @@ class SSD300(nn.Module):
                 state = torch.load(base_weights, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise UserError(f"{source}: not a loadable state_dict ({type(e).__name__})") from None
-            if isinstance(state, dict) and not all(torch.isfinite(v).all() for v in state.values()
-                                                   if isinstance(v, torch.Tensor) and v.is_floating_point()):
+            if isinstance(state, dict) and not all_finite(state.values()):
                 raise UserError(f"{source}: a weight is not finite (nan or inf)")
         try:
             self.base.load_state_dict(convert_vgg16_state_dict(state, self.batch_norm, source), strict=False)
@@ -309,7 +308,7 @@ class SSD300(nn.Module):
         except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise UserError(f"{source}: does not fit SSD300 ({type(e).__name__}: {detail[:200]})") from None
-        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        if not all_finite(model.state_dict().values()):
             raise UserError(f"{source}: its weights hold nan or inf (a training that diverged); use another checkpoint")
         kinds = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and not k.endswith(
             "num_batches_tracked") and not v.is_floating_point()]  # load_state_dict casts them without a word

@@ -37,9 +37,9 @@ from tqdm import tqdm
 from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import check_scorable, evaluate
-from misc import (UserError, available_cpus, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
-                  init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli, run_info,
-                  save_atomic, write_text_atomic)
+from misc import (UserError, all_finite, available_cpus, bf16_is_fast, check_workers, check_writable,
+                  ignore_stop_signals, init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli,
+                  run_info, save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
 from utils import FLIPS, check_same_classes, create_data_lists, normalize
@@ -415,7 +415,7 @@ def load_ema_state(ema, ckpt, path):
         if not (isinstance(ckpt.get("ema_updates"), int) and ckpt["ema_updates"] >= 0):
             raise ValueError("ema_updates is not a count")
         ema.module.load_state_dict(ckpt["ema"])
-        if not all(torch.isfinite(v).all() for v in ema.module.state_dict().values() if v.is_floating_point()):
+        if not all_finite(ema.module.state_dict().values()):
             raise ValueError("a weight is not finite (nan or inf)")
         ema.updates = ckpt["ema_updates"]
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:

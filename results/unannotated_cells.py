@@ -47,8 +47,8 @@ def get_args_parser():
 
 
 def classify(boxes, scores, true_boxes):
-    """Detections of one class and image (boxes (n, 4), scores (n,)) against its annotations (m, 4) -> the kind
-    of each detection (KINDS indices, in score order) and whether each annotation was found."""
+    """Detections of one class and image (boxes (n, 4), scores (n,)) against its annotations (m, 4) -> the boxes in
+    score order, the kind of each (KINDS indices, in that order) and whether each annotation was found."""
     order = scores.argsort(descending=True)
     iou = box_iou(boxes[order], true_boxes)  # (n, m)
     found = torch.zeros(len(true_boxes), dtype=torch.bool)
@@ -60,7 +60,7 @@ def classify(boxes, scores, true_boxes):
             found[j] = True
         else:
             kinds.append(2 if best > 0.1 else 3)
-    return kinds, found
+    return boxes[order], kinds, found
 
 
 def contact_sheet(data, found, n, seed, size=128, columns=8):
@@ -102,19 +102,17 @@ def main(args):
         drawn = []
         for label, cls in names.items():
             own = labels == label
-            kinds, found = classify(boxes[own], scores[own], true_boxes[true_labels == label])
+            ranked, kinds, found = classify(boxes[own], scores[own], true_boxes[true_labels == label])
             t = totals[cls]
             t["annotated"] += len(found)
             t["found"] += int(found.sum())
             for k in kinds:
                 t[KINDS[k]] += 1
             if cls in unannotated:
-                unannotated[cls] += [(i, b) for b, k in zip(boxes[own][scores[own].argsort(descending=True)], kinds)
-                                if k == 3]
+                unannotated[cls] += [(i, b) for b, k in zip(ranked, kinds) if k == 3]
             per_image.setdefault(name, {})[cls] = {"annotated": len(found), "on_no_box": kinds.count(3)}
             if name in figure:
-                order = scores[own].argsort(descending=True)
-                drawn += [(b, k) for b, k in zip(boxes[own][order], kinds)]
+                drawn += [(b, k) for b, k in zip(ranked, kinds)]
                 drawn += [(b, "annotated") for b in true_boxes[true_labels == label]]
         if name in figure and args.figure_dir:
             original = Image.open(data.images[i]).convert("RGB")

@@ -256,10 +256,10 @@ def test_unannotated_cells_sorts_detections_as_voc_matches_them():
                           [0., 0., 10., 10.],    # IoU 1 with the first, score 0.9: the match
                           [20., 20., 30., 45.]])  # IoU 0.4 with the second: near
     scores = torch.tensor([0.8, 0.1, 0.9, 0.5])
-    kinds, found = module.classify(boxes, scores, true)
+    _, kinds, found = module.classify(boxes, scores, true)
     assert kinds == [0, 1, 2, 3]  # in score order: 0.9 match, 0.8 duplicate, 0.5 near, 0.1 on no box
     assert found.tolist() == [True, False]
-    kinds, found = module.classify(boxes, scores, true[:0])
+    _, kinds, found = module.classify(boxes, scores, true[:0])
     assert kinds == [3, 3, 3, 3] and found.numel() == 0
-    kinds, found = module.classify(boxes[:0], scores[:0], true)
+    _, kinds, found = module.classify(boxes[:0], scores[:0], true)
     assert kinds == [] and found.tolist() == [False, False]
