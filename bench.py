@@ -609,16 +609,20 @@ def tiling_sizes(sizes):
     return parsed
 
 
+MAX_BATCH, MAX_COUNT = 1024, 10_000  # batches; iterations and images: beyond what a benchmark needs, short of
+                                    # a list or a batch that fills the memory before anything is measured
+
+
 def check_args(args):
     """Flags, the output place and the checkpoint, checked before minutes of measuring."""
-    for name in ("train_batch", "iters", "calibration_images"):
+    for name, most in (("train_batch", MAX_BATCH), ("iters", MAX_COUNT), ("calibration_images", MAX_COUNT)):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        if value is not None and not 1 <= value <= most:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 to {most:,}, not {value}")
     if args.train_batch == 1 and args.batch_norm:
         raise UserError("--train-batch 1: BatchNorm needs at least 2 images a step; use 2 or more, or --no-batch-norm")
-    if args.infer_batches is not None and min(args.infer_batches) < 1:
-        raise UserError(f"--infer-batches must be positive, not {' '.join(map(str, args.infer_batches))}")
+    if args.infer_batches is not None and not all(1 <= b <= MAX_BATCH for b in args.infer_batches):
+        raise UserError(f"--infer-batches must be 1 to {MAX_BATCH:,}, not {' '.join(map(str, args.infer_batches))}")
     check_workers(args.workers)
     tiling_sizes(args.tiling_sizes)
     if args.folder is not None and not os.path.isdir(args.folder):

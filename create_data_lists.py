@@ -136,9 +136,15 @@ def make_splits(voc_folder, test_fraction, seed=0):
     paths = {split: os.path.join(folder, split + ".txt") for split in SPLITS}
     existing = {}
     for split, path in paths.items():
-        if os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                existing[split] = f.read()
+        if os.path.lexists(path):
+            if not os.path.isfile(path):  # a folder, or a pipe that open() would wait on for ever
+                raise UserError(f"{path}: not a regular file (a folder, a pipe, a broken link); remove it, or drop "
+                                f"--test-fraction")
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    existing[split] = f.read()
+            except OSError as e:
+                raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     differ = [paths[split] for split, text in existing.items() if text != texts[split]]
     if differ:
         raise UserError(f"{', '.join(differ)}: already there and not the split of --test-fraction {test_fraction} "

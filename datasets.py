@@ -74,6 +74,11 @@ class BCCDDataset(Dataset):
         if missing is not None:
             raise UserError(f"{missing}: image of {self.split}_images.json not found (moved or deleted?); run "
                             f"create_data_lists.py again")
+        seen = {}
+        for p in self.images:  # counted twice in a TEST's mAP, trained on twice as often
+            if seen.setdefault(os.path.realpath(p), p) is not p:
+                raise UserError(f"{os.path.join(data_folder, self.split + '_images.json')}: {p} is listed twice (as "
+                                f"{seen[os.path.realpath(p)]} too); run create_data_lists.py again")
         self._cache = None
         if cache_images:
             self.cache()

@@ -5,7 +5,8 @@
     $ python detect.py --checkpoint runs/ssd300/checkpoint.pt scan-4k.jpg --rbc-width 160   # red cells ~160 px wide
 
 Writes, in --output-dir, each image annotated with its detections, counts.csv (image, then one
-column per class of the checkpoint: RBC, WBC, Platelets for BCCD; UTF-8) and detections.json (boxes
+column per class of the checkpoint: RBC, WBC, Platelets for BCCD; UTF-8; a name a spreadsheet would take for
+a formula, = + - @ first, gets a leading ': spreadsheet_text) and detections.json (boxes
 in pixels of the original image, labels, scores), and prints the counts. Takes image files and folders (searched recursively); any image PIL opens works,
 whatever its mode, bit depth, EXIF orientation or size. A file that cannot be read is reported and
 skipped; the exit status is then 1.
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from misc import (Terminated, UserError, bf16_is_fast, check_workers, check_writable, ignore_stop_signals,
                   format_min_score, load_checkpoint, lock_folder, parse_max_overlap, parse_min_score,
-                  remove_stale_temporaries, resolve_device, run_cli, save_image_atomic)
+                  remove_stale_temporaries, resolve_device, run_cli, save_image_atomic, stop_signals_held)
 from export import device_flag, is_export, load_export  # after misc, which checks torch and torchvision first
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from report import REPORT, THUMBNAILS, Report, thumbnail_name
@@ -733,11 +734,20 @@ def printable(path):
 PARTIAL = {"counts.csv": "counts.partial.csv", "detections.json": "detections.partial.json", REPORT: "report.partial.html"}
 
 
+def spreadsheet_text(text):
+    """A counts.csv cell as text: one that starts as a formula does (= + - @, a tab or a return) gets a leading
+    apostrophe, which Excel and LibreOffice read as "text" rather than running the formula (a file named
+    =HYPERLINK(...).jpg)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def earlier_outputs(folder):
     """The names of the annotated images that earlier detect.py runs wrote in `folder`, as their detections.json
     (and detections.partial.json) record them, also when a run was killed before closing the list."""
     outputs = set()
     for name in ("detections.json", PARTIAL["detections.json"]):
+        if not os.path.isfile(os.path.join(folder, name)):  # a pipe there would block open() for ever
+            continue
         try:
             with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
                 text = f.read()
@@ -825,7 +835,7 @@ class Results:
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
-        self.csv.writerow(["image", *self.classes])
+        self.csv.writerow(["image", *map(spreadsheet_text, self.classes)])
         self.counts.flush()
         self.detections.write("[")
 
@@ -848,7 +858,7 @@ class Results:
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
                   "scores": [round(s, 4) for s in scores.tolist()]}
         try:
-            self.csv.writerow([printable(path), *n])
+            self.csv.writerow([spreadsheet_text(printable(path)), *n])
             self.counts.flush()
             self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
             self.detections.flush()
@@ -880,10 +890,11 @@ class Results:
         if quiet or failed:
             return
         try:
-            for name in ("detections.json", "counts.csv", REPORT):  # the page last: it shows the other two
-                path, partial = os.path.join(self.folder, name), os.path.join(self.folder, PARTIAL[name])
-                if os.path.lexists(partial):
-                    os.replace(partial, path) if self.staged else os.remove(partial)  # else a stopped run's, older
+            with stop_signals_held():  # the three files belong together
+                for name in ("detections.json", "counts.csv", REPORT):  # the page last: it shows the other two
+                    path, partial = os.path.join(self.folder, name), os.path.join(self.folder, PARTIAL[name])
+                    if os.path.lexists(partial):
+                        os.replace(partial, path) if self.staged else os.remove(partial)  # else a stopped run's, older
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot move {e.filename} into place ({e.strerror or e})") from None
 
@@ -905,6 +916,9 @@ def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
 
 def detect_files(args):
     check_args(args)
+    check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
+    for name in (*PARTIAL, *PARTIAL.values()):  # no folder, device or pipe where they go
+        check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
     device = resolve_device(device_flag(args.device, args.checkpoint))
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device, tta=args.tta)
@@ -930,9 +944,6 @@ def detect_files(args):
     if foreign:
         raise UserError(f"--output-dir {args.output_dir}: {printable(foreign)} is there and no earlier detect.py wrote "
                         f"it; the annotated image would replace it: choose another folder")
-    check_writable(args.output_dir, "--output-dir", folder=True, create=False)  # created at the first image detected
-    for name in (*PARTIAL, *PARTIAL.values()):  # no folder, device or pipe where they go
-        check_writable(os.path.join(args.output_dir, name), "--output-dir", create=False)
     thumbnails = os.path.join(args.output_dir, THUMBNAILS)
     if os.path.lexists(thumbnails) and (os.path.islink(thumbnails) or not os.path.isdir(thumbnails)):
         raise UserError(f"--output-dir {args.output_dir}: {THUMBNAILS} there is not a folder (report.html's "

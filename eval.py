@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, TTA_VIEWS, load_model, run_model
-from export import device_flag
-from misc import (UserError, bf16_is_fast, check_not_an_input, check_workers, check_writable, format_min_score,
-                  ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score, repo_relative, run_cli,
-                  run_info, write_json_atomic)
+from export import device_flag, is_export
+from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
+                  format_min_score, ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score,
+                  repo_relative, run_cli, run_info, write_json_atomic)
 from plots import EVAL_PNGS, eval_plots, require_matplotlib
 from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
 
@@ -55,7 +55,8 @@ def get_args_parser():
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=min(2, available_cpus()),
+                   help="DataLoader worker processes (default: 2, or 1 on a 1-CPU machine)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -221,6 +222,8 @@ def run(args, rank, world, device):
     amp = bf16_is_fast(device) if args.amp is None else args.amp
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     model = load_model(args.checkpoint, device, tta=args.tta, ema=args.ema)  # detect.py's: BatchNorm folded
+    if is_export(args.checkpoint):
+        amp = channels_last = False  # the runtime runs it as exported (its precision is in model.metadata)
     names = class_names(model.label_map)
     count_min_score, count_max_overlap = model.min_score, model.max_overlap  # detect.py's counting defaults
     if args.count_min_score is not None:

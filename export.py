@@ -308,6 +308,9 @@ class ExportedSSD300(nn.Module):
         if (locs.shape, scores.shape) != expected or locs.dtype != np.float32 or scores.dtype != np.float32:
             raise UserError(f"{self.source}: the network gave outputs of {locs.shape} and {scores.shape}, not SSD300's "
                             f"float32 {expected[0]} and {expected[1]}")
+        if not (np.isfinite(locs).all() and np.isfinite(scores).all()):  # nan weights would count nothing, silently
+            raise UserError(f"{self.source}: the network gave nan or inf outputs: its weights are damaged (export the "
+                            f"checkpoint again)")
         return torch.from_numpy(locs).to(images.device), torch.from_numpy(scores).to(images.device)
 
     def fuse_batch_norm(self):

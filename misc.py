@@ -11,6 +11,7 @@
 Nothing here does work at import time, but for one check: a torchvision that does not work with the installed torch
 stops the import in one line naming both and the command that installs a matching pair (torch_pair_message).
 """
+import contextlib
 import datetime
 import errno
 import functools
@@ -265,6 +266,8 @@ def check_writable(path, flag, folder=False, create=True):
         raise UserError(f"{flag} is empty: name a {'folder' if folder else 'file'}")
     where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
     try:
+        if folder and os.path.islink(path) and not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "a link to nothing; name a folder")
         _refuse_special(path, folder_ok=folder)
         existing = where
         while not os.path.exists(existing) and os.path.dirname(existing) != existing:
@@ -282,12 +285,14 @@ def check_writable(path, flag, folder=False, create=True):
         raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
-def check_not_an_input(path, flag, checkpoint=None, data_folder=None):
-    """UserError if the output `path` is the checkpoint or one of the lists (of data_folder) that this run reads:
-    writing there would destroy it."""
+def check_not_an_input(path, flag, checkpoint=None, data_folder=None, others=()):
+    """UserError if the output `path` is the checkpoint (an OpenVINO .xml's .bin too), one of the lists (of
+    data_folder) or one of the `others` that this run reads: writing there would destroy it."""
     lists = [f"{split}_{kind}.json" for split in ("TRAIN", "TEST") for kind in ("images", "objects")]
     lists.append("label_map.json")
-    inputs = [checkpoint] + ([os.path.join(data_folder, name) for name in lists] if data_folder else [])
+    inputs = [checkpoint] + ([os.path.join(data_folder, name) for name in lists] if data_folder else []) + list(others)
+    if checkpoint and str(checkpoint).lower().endswith(".xml"):
+        inputs.append(os.path.splitext(checkpoint)[0] + ".bin")
     for p in inputs:
         if p and os.path.isfile(path) and os.path.isfile(p) and os.path.samefile(path, p):
             raise UserError(f"{flag} {path}: that is {p}, which this run reads; writing there would destroy it")
@@ -350,6 +355,20 @@ def save_image_atomic(image, path, **params):
     write_bytes_atomic(buffer.getbuffer(), path)
 
 
+@contextlib.contextmanager
+def stop_signals_held():
+    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (POSIX; elsewhere, at once): for
+    moves of several files into place (microseconds) that must not stop half done."""
+    held = None
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def write_json_files_atomic(files):
     """Write several JSON files that belong together ({path: obj}): all to temporary files first, then each moved
     into place, so that a failed write (a full disk) leaves the earlier set whole, never half old, half new."""
@@ -362,8 +381,9 @@ def write_json_files_atomic(files):
             written.append((tmp, path))
             with open(tmp, "w") as f:
                 f.write(json.dumps(obj) + "\n")
-        for tmp, path in written:
-            os.replace(tmp, path)
+        with stop_signals_held():  # Ctrl-C or SIGTERM between two moves would leave a set half old, half new
+            for tmp, path in written:
+                os.replace(tmp, path)
     except BaseException as e:
         for tmp, _ in written:
             if os.path.exists(tmp):

@@ -13,11 +13,12 @@ and moved into place (misc.write_bytes_atomic), so a figure is never half writte
 import argparse
 import io
 import json
+import math
 import os
 
 import torch
 
-from misc import UserError, run_cli, write_bytes_atomic
+from misc import UserError, check_not_an_input, run_cli, write_bytes_atomic
 from utils import match_detections
 
 from torchvision.ops import box_iou  # after misc, which says in one line when it does not fit torch
@@ -43,7 +44,11 @@ def figure(**kwargs):
 
 
 def save(fig, path):
-    """The figure as a PNG at `path`, written atomically."""
+    """The figure as a PNG at `path`, written atomically. Its texts are drawn as written: a run's name, a title or
+    a class name with $ signs in it is not read as a math expression (which could fail to parse)."""
+    from matplotlib.text import Text
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     write_bytes_atomic(buffer.getbuffer(), path)
@@ -54,9 +59,13 @@ def save(fig, path):
 # training: loss, lr and validation mAP against epoch, from train.py's log.jsonl
 # ---------------------------------------------------------------------------------------------
 
+PLOTTED = ("loss", "lr", "mAP", "mAP_ema")
+
+
 def read_log(path):
     """train.py's log.jsonl -> its records in order of epoch, each epoch once (the last line logged for it wins).
-    A line that is not a JSON record with an epoch (one cut short by a kill) is skipped."""
+    A line that is not a JSON record with an epoch (one cut short by a kill) is skipped, and so is a value of
+    PLOTTED that is not a number."""
     records = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -65,6 +74,9 @@ def read_log(path):
             except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                for key in PLOTTED:  # a value that is not a number (null, text) is not drawn
+                    if key in record and (isinstance(record[key], bool) or not isinstance(record[key], (int, float))):
+                        del record[key]
                 records[record["epoch"]] = record
     return [records[e] for e in sorted(records)]
 
@@ -92,8 +104,8 @@ def plot_training(runs, path, title=None):
     for (name, records), color in zip(runs.items(), colors * len(runs)):
         epochs = [r["epoch"] for r in records]
         marker = "o" if len(epochs) <= 30 else None  # a run of one epoch is one point
-        ax_loss.plot(epochs, [r.get("loss") for r in records], color=color, marker=marker, markersize=3, label=name)
-        ax_lr.plot(epochs, [r.get("lr") for r in records], color=color, marker=marker, markersize=3, label=name)
+        ax_loss.plot(epochs, [r.get("loss", math.nan) for r in records], color=color, marker=marker, markersize=3, label=name)
+        ax_lr.plot(epochs, [r.get("lr", math.nan) for r in records], color=color, marker=marker, markersize=3, label=name)
         for key, style, suffix in (("mAP", "-", ""), ("mAP_ema", "--", " EMA")):
             scored = [r for r in records if isinstance(r.get(key), (int, float))]
             if scored:
@@ -135,7 +147,7 @@ class TrainingCurve:
             return
         try:
             plot_training({None: run_records(self.log_path, self.earlier_log, self.until)}, self.path, self.title)
-        except (UserError, OSError) as e:
+        except Exception as e:  # UserError, OSError, or matplotlib's own: a convenience never stops a training
             self.off = True
             self.say(f"note: no training curve {self.path} ({e}); training goes on")
 
@@ -316,12 +328,15 @@ def main(args):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise UserError(f"{item}: give NAME=LOG, e.g. seed0=runs/s0/log.jsonl")
+        if name in runs:
+            raise UserError(f"{item}: the name {name!r} is given twice; give each run its own")
         try:
             runs[name] = read_log(path)
         except OSError as e:
             raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
         if not runs[name]:
             raise UserError(f"{path}: no epoch recorded (not a train.py log.jsonl?)")
+    check_not_an_input(args.output, "--output", others=[item.partition("=")[2] for item in args.logs])
     print(f"written to {plot_training(runs, args.output, args.title)}")
 
 

@@ -38,8 +38,8 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import check_scorable, evaluate
 from misc import (UserError, all_finite, available_cpus, bf16_is_fast, check_workers, check_writable,
-                  ignore_stop_signals, init_distributed, load_checkpoint, lock_folder, remove_stale_temporaries, run_cli,
-                  run_info, save_atomic, write_text_atomic)
+                  ignore_stop_signals, init_distributed, load_checkpoint, lock_folder, one_line, remove_stale_temporaries,
+                  run_cli, run_info, save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
 from utils import FLIPS, check_same_classes, create_data_lists, normalize
@@ -333,6 +333,9 @@ def prepare_out_dir(args):
     out = args.out_dir
     check_writable(out, "--out-dir", folder=True)
     for name in ("checkpoint.pt", "log.jsonl", TRAINING_PNG):  # no folder, device or pipe where they go
+        if os.path.islink(os.path.join(out, name)):  # log.jsonl is appended to, which would write through a link
+            raise UserError(f"--out-dir {out}: {name} there is a link; train.py writes its own files: remove the link "
+                            f"or choose another --out-dir")
         check_writable(os.path.join(out, name), "--out-dir")
     fd = lock_folder(out, f"--out-dir {out}: another train.py is writing there")
     remove_stale_temporaries(out, ("checkpoint.pt", "log.jsonl", TRAINING_PNG))
@@ -569,6 +572,14 @@ def set_up(args, rank, world, device, cleanup):
         bar=bar, running=RunningLoss(device), curve=curve)
 
 
+class BatchFailed(Exception):
+    """A batch of TRAIN could not be made (train_one_epoch): the error, and the epoch's steps done before it."""
+
+    def __init__(self, error, n_steps, loss_sum, seconds):
+        super().__init__(str(error))
+        self.error, self.n_steps, self.loss_sum, self.seconds = error, n_steps, loss_sum, seconds
+
+
 def train_one_epoch(run, epoch, stop):
     """The steps of one epoch (those left of it, resuming in its middle): for each batch the schedule's lr, the loss,
     its gradient, an SGD step and the weight average. Ends early at the run's last iteration, and on Ctrl-C or SIGTERM
@@ -582,7 +593,12 @@ def train_one_epoch(run, epoch, stop):
     for _ in range(n_steps, run.steps_per_epoch):
         if run.iteration >= run.total_iterations or (stop.signal and run.world == 1):
             break
-        images, boxes, labels, _ = next(run.batches)
+        try:
+            images, boxes, labels, _ = next(run.batches)
+        except UserError as e:  # an image that cannot be read any more (changed since the lists were made)
+            if run.world > 1:
+                raise
+            raise BatchFailed(e, n_steps, loss_sum, time.perf_counter() - start) from None
         run.lr = args.lr * lr_at(run.iteration, run.total_iterations, args)
         for group in optimizer.param_groups:
             group["lr"] = run.lr * group["lr_mult"]
@@ -644,7 +660,14 @@ def train(args, rank, world, device, cleanup):
         for epoch in range(run.start_epoch, run.epochs):
             if run.iteration >= run.total_iterations:
                 break
-            n_steps, loss_sum, seconds = train_one_epoch(run, epoch, stop)
+            try:
+                n_steps, loss_sum, seconds = train_one_epoch(run, epoch, stop)
+            except BatchFailed as f:  # the steps before it are saved, as a stop's are
+                run.bar.close()
+                save_checkpoint(run, epoch - 1, f.n_steps and {"steps": f.n_steps, "loss_sum": f.loss_sum.cpu(),
+                                                               "seconds": f.seconds})
+                raise UserError(f"epoch {epoch + 1}, step {f.n_steps + 1}: {one_line(f.error)} (the training before it "
+                                f"is saved in {run.out_ckpt}; fix it, then resume with --resume {run.out_ckpt})") from None
             if stop.signal and world == 1 and n_steps < run.steps_per_epoch and run.iteration < run.total_iterations:
                 run.bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
                 save_checkpoint(run, epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),

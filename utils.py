@@ -146,7 +146,8 @@ def parse_annotation(annotation_path, image_size=None, label_map=label_map, root
     <difficult> means 0, coordinates may be floats. VOC coordinates are 1-based pixel indices;
     like the tutorial we use them as they are (shifting by one pixel changes no metric here).
     A box reaching outside the image is clipped to it; a zero-area or inverted box is dropped
-    (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss infinite).
+    (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss infinite), and so is a second
+    object of the same class and box (a cell annotated twice; kept, it could never be matched).
     """
     name = os.path.basename(annotation_path)
     root = read_annotation(annotation_path) if root is None else root
@@ -181,6 +182,10 @@ def parse_annotation(annotation_path, image_size=None, label_map=label_map, root
             continue
         if clipped != box:
             warnings.append(f"{name}: clipped {cls} box {box} to the {width:g}x{height:g} image: {clipped}")
+        if any(b == clipped and l == (cls if label_map is None else label_map[cls]) for b, l in zip(boxes, labels)):
+            warnings.append(f"{name}: dropped object {i} ({cls} box {box}): the same box of the same class is there "
+                            f"already (one cell annotated twice)")
+            continue
         boxes.append(clipped)
         labels.append(cls if label_map is None else label_map[cls])
         difficulties.append(1 if difficult else 0)
@@ -349,10 +354,12 @@ def annotated_image(voc_path, image_id, split_name, seen):
     if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
         raise UserError(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
     try:
-        with Image.open(img_path) as im:  # reads the header only
+        with Image.open(img_path) as im:
+            im.load()  # decoded whole: a truncated or damaged file is found now, not in the middle of a training
             return xml_path, root, img_path, im.size
     except Exception as e:
-        raise UserError(f"{img_path}: not a readable image ({type(e).__name__})") from None
+        raise UserError(f"{img_path}: not a readable image ({type(e).__name__}"
+                        f"{': ' + str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
 def load_image(path):

@@ -221,12 +221,12 @@ def metadata(**changes):
     return json.dumps(m)
 
 
-def tiny_network(classes=4, priors=8732, made=None, input_type="FLOAT"):
-    """An onnx.ModelProto of SSD300's inputs and outputs that outputs zeros: loads in milliseconds. made: the
-    number of priors it really outputs, when it is not the one it declares."""
+def tiny_network(classes=4, priors=8732, made=None, input_type="FLOAT", value=0.):
+    """An onnx.ModelProto of SSD300's inputs and outputs that outputs zeros (or `value`): loads in milliseconds.
+    made: the number of priors it really outputs, when it is not the one it declares."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [value])
     nodes = [helper.make_node("Shape", ["images"], ["shape"]),
              helper.make_node("Slice", ["shape", "start", "end"], ["n"]),
              helper.make_node("Concat", ["n", "locs_dims"], ["locs_shape"], axis=0),
@@ -283,6 +283,15 @@ ONNX_FILES = [  # (case, how to make it in tmp_path, the words of the error)
     ("field-huge", lambda p: tiny_onnx(p, metadata(field=[640, 10**9])), ["'field' must be [width, height]"]),
     ("tta-unknown", lambda p: tiny_onnx(p, metadata(tta="d8")), ["test-time augmentation is one of", "'d8'"]),
 ]
+
+
+def test_an_export_that_outputs_nan_is_refused_not_counted_as_no_cells(tmp_path):
+    """Damaged weights (nan) would make every score nan and every count 0, silently."""
+    needs("onnx", "onnxruntime")
+    path = tiny_onnx(tmp_path / "nan.onnx", metadata(), value=float("nan"))
+    model = detect.load_model(str(path))
+    with pytest.raises(detect.UserError, match=r"nan\.onnx: the network gave nan or inf outputs"):
+        model(torch.zeros(1, 3, 300, 300))
 
 
 @pytest.mark.parametrize("case, make, says", ONNX_FILES, ids=[c[0] for c in ONNX_FILES])

@@ -21,6 +21,7 @@ import bench
 import create_data_lists
 import detect
 import eval as eval_script
+import plots
 import train
 from conftest import make_voc
 from misc import Terminated, run_cli
@@ -28,7 +29,7 @@ from utils import bccd_labels
 from utils import create_data_lists as make_lists
 
 SCRIPTS = {"create_data_lists": create_data_lists, "train": train, "eval": eval_script, "detect": detect,
-           "bench": bench}
+           "bench": bench, "plots": plots}
 
 
 def cli(script, argv, monkeypatch, capsys):
@@ -94,7 +95,7 @@ def damaged_lists(root):
     """Copies of {root}/lists with one thing wrong in TEST: bad-difficult, bad-box, bad-image (a truncated JPEG,
     found only when a DataLoader worker reads it), missing-image, empty, box-of-8 (a box of eight numbers),
     box-beyond-image (found when the image is read), box-of-booleans, no-objects (TEST images without objects),
-    deep-json (nested deeper than the stack)."""
+    image-twice (one image listed twice), deep-json (nested deeper than the stack)."""
     def copy(name, edit):
         folder = root / name
         folder.mkdir()
@@ -120,6 +121,8 @@ def damaged_lists(root):
     copy("box-of-booleans", first_object("boxes", [True, True, 5, 5]))
     copy("no-objects", lambda lists: lists.update({"TEST_objects.json": [
         {"boxes": [], "labels": [], "difficulties": []} for _ in lists["TEST_objects.json"]]}))
+    copy("image-twice", lambda lists: [lists[f].__setitem__(1, lists[f][0]) for f in ("TEST_images.json",
+                                                                                      "TEST_objects.json")])
     copy("deep-json", lambda lists: None)
     (root / "deep-json" / "TEST_objects.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
 
@@ -259,6 +262,7 @@ EVAL = [
     ("box-of-booleans", ["--data-folder", "{root}/box-of-booleans"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
     ("json-too-deep", ["--data-folder", "{root}/deep-json"], ["TEST_objects.json: unreadable", "recursion"]),
     ("no-object-to-score", ["--data-folder", "{root}/no-objects"], ["TEST_objects.json: no object to score"]),
+    ("image-listed-twice", ["--data-folder", "{root}/image-twice"], ["TEST_images.json", "is listed twice"]),
     ("output-is-the-checkpoint", ["--output", "{root}/checkpoint.pt"], ["--output", "which this run reads"]),
     ("output-is-a-list", ["--output", "{root}/lists/TEST_objects.json"], ["--output", "which this run reads"]),
     ("checkpoint-empty", ["--checkpoint", ""], ["checkpoint's name is empty"]),
@@ -895,3 +899,106 @@ def test_linked_folders_are_searched_once_and_a_loop_ends(world, tmp_path):
     paths, missing, repeats = detect.find_images([top])
     assert [Path(p).relative_to(top).as_posix() for p in paths] == ["day1/a.jpg", "day2/b.jpg"]
     assert (missing, repeats) == ([], 0)
+
+
+def test_a_train_image_unreadable_mid_epoch_keeps_the_steps_before_it(world, tmp_path, monkeypatch, capsys):
+    """A TRAIN image that cannot be read any more (changed since the lists were made) stops the run after the steps
+    before it are saved; fixed, the run resumes there."""
+    import datasets
+    calls, load = [], datasets.load_image
+
+    def failing_third(path):  # the first batch (2 images) trains; the second batch's first image fails
+        calls.append(path)
+        if len(calls) == 3:
+            raise train.UserError(f"{path}: cannot read image (OSError: image file is truncated)")
+        return load(path)
+    monkeypatch.setattr(datasets, "load_image", failing_third)
+    argv = fill(TRAIN_BASE, world) + ["--out-dir", tmp_path / "run", "--iterations", "4"]  # 2 steps an epoch
+    code, _, err = cli("train", argv, monkeypatch, capsys)
+    assert_one_line_error(code, err, "train", ["epoch 1, step 2:", "image file is truncated", "is saved in",
+                                               f"--resume {tmp_path / 'run' / 'checkpoint.pt'}"])
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["partial_epoch"]["steps"]) == (-1, 1, 1)
+    monkeypatch.setattr(datasets, "load_image", load)
+    code, _, _ = cli("train", ["--resume", tmp_path / "run" / "checkpoint.pt"], monkeypatch, capsys)
+    assert code == 0 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+
+
+def test_outputs_that_are_inputs_links_or_pipes_are_refused_before_any_work(world, tmp_path, monkeypatch, capsys):
+    """eval.py's --output on an OpenVINO export's .bin; plots.py's --output on one of its logs; a pipe named
+    detections.json in detect.py's --output-dir (open() would wait for ever); a link to nothing as --plots or
+    --output-dir; a link as train.py's log.jsonl (appending would write through it)."""
+    (tmp_path / "m.xml").write_text("<net/>")
+    (tmp_path / "m.bin").write_bytes(b"weights")
+    code, _, err = cli("eval", ["--checkpoint", tmp_path / "m.xml", "--data-folder", world / "lists", "--output",
+                                tmp_path / "m.bin"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "eval", ["m.bin", "which this run reads"])
+    assert (tmp_path / "m.bin").read_bytes() == b"weights"
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "loss": 3.0, "lr": 0.001}\n')
+    code, _, err = cli("plots", ["a=" + str(tmp_path / "log.jsonl"), "--output", tmp_path / "log.jsonl"],
+                       monkeypatch, capsys)
+    assert_one_line_error(code, err, "plots", ["log.jsonl", "which this run reads"])
+    (tmp_path / "fifo-json").mkdir()
+    os.mkfifo(tmp_path / "fifo-json" / "detections.json")
+    image = sorted((world / "voc" / "JPEGImages").iterdir())[0]
+    code, _, err = cli("detect", [image, "--checkpoint", world / "checkpoint.pt", "--output-dir",
+                                  tmp_path / "fifo-json", "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "detect", ["detections.json", "not a regular file"])
+    (tmp_path / "nowhere").symlink_to(tmp_path / "gone" / "plots")
+    for script, argv in (("detect", [image, "--checkpoint", world / "checkpoint.pt", "--output-dir",
+                                     tmp_path / "nowhere"]),
+                         ("eval", ["--checkpoint", world / "checkpoint.pt", "--data-folder", world / "lists",
+                                   "--plots", tmp_path / "nowhere"])):
+        monkeypatch.setattr(detect, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        monkeypatch.setattr(eval_script, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        code, _, err = cli(script, argv, monkeypatch, capsys)
+        assert_one_line_error(code, err, script, ["nowhere", "a link to nothing"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    code, _, err = cli("train", fill(TRAIN_BASE, world) + ["--out-dir", tmp_path / "run"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "train", ["log.jsonl there is a link"])
+    assert not (tmp_path / "elsewhere.jsonl").exists()
+
+
+def test_plots_draw_dollar_signs_as_text_and_skip_values_that_are_not_numbers(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1, "loss": null, "lr": "0.1"}\n{"epoch": 2, "loss": 3.0, "lr": 0.001, "mAP": true}\n')
+    code, out, _ = cli("plots", ["run $a^$=" + str(log), "--output", tmp_path / "p.png", "--title", "lr $a^$"],
+                       monkeypatch, capsys)
+    assert code in (0, None) and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = cli("plots", ["a=" + str(log), "a=" + str(log), "--output", tmp_path / "q.png"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "plots", ["the name 'a' is given twice"])
+
+
+def test_counts_csv_keeps_a_formula_as_text():
+    assert detect.spreadsheet_text('=HYPERLINK("http://x","y").jpg') == '\'=HYPERLINK("http://x","y").jpg'
+    assert [detect.spreadsheet_text(t) for t in ("+1.jpg", "-a.jpg", "@b.jpg", "\tc.jpg", "a=b.jpg")] == [
+        "'+1.jpg", "'-a.jpg", "'@b.jpg", "'\tc.jpg", "a=b.jpg"]
+
+
+def test_create_data_lists_finds_damaged_images_split_files_that_are_not_files_and_drops_twice_annotated_cells(
+        tmp_path, monkeypatch, capsys):
+    voc = make_voc(tmp_path / "voc", n_trainval=3, n_test=1, objects={"BloodImage_00000": [
+        {"name": "RBC", "box": [2, 2, 20, 20]}, {"name": "RBC", "box": [2, 2, 20, 20]},
+        {"name": "WBC", "box": [2, 2, 20, 20]}]})
+    code, out, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists"],
+                         monkeypatch, capsys)
+    assert code == 0 and "dropped object 1 (RBC box" in out + err, out + err
+    objects = json.loads((tmp_path / "lists" / "TRAIN_objects.json").read_text())[0]
+    assert objects["boxes"] == [[2, 2, 20, 20]] * 2 and objects["labels"] == [1, 2]  # RBC once, WBC kept
+    jpeg = voc / "JPEGImages" / "BloodImage_00001.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])  # the header is whole; the pixels are cut short
+    code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists2"],
+                       monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", ["BloodImage_00001.jpg", "not a readable image", "truncated"])
+    shutil.rmtree(voc / "ImageSets")
+    (voc / "ImageSets" / "Main" / "trainval.txt").mkdir(parents=True)
+    os.mkfifo(voc / "ImageSets" / "Main" / "test.txt")
+    code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists3",
+                                             "--test-fraction", "0.5"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", ["trainval.txt: not a regular file"])
+    (voc / "ImageSets" / "Main" / "trainval.txt").rmdir()
+    code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists3",
+                                             "--test-fraction", "0.5"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", ["test.txt: not a regular file"])
