@@ -115,10 +115,16 @@ def image_extensions():
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
+MAX_XML_BYTES = 64 << 20
+
+
 def read_annotation(annotation_path):
     """The root element of a VOC XML file; UserError naming the file if it is malformed or unreadable."""
     if os.path.exists(annotation_path) and not os.path.isfile(annotation_path):  # a pipe would wait for ever
         raise UserError(f"{annotation_path}: not a regular file")
+    if os.path.isfile(annotation_path) and os.path.getsize(annotation_path) > MAX_XML_BYTES:  # parsed in memory
+        raise UserError(f"{annotation_path}: {os.path.getsize(annotation_path):,} bytes, too large for an annotation "
+                        f"(at most {MAX_XML_BYTES:,}; 10,000 objects take about 3 MB)")
     try:
         return ET.parse(annotation_path).getroot()
     except (ET.ParseError, LookupError, ValueError) as e:  # LookupError: an encoding Python does not know

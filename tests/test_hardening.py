@@ -992,6 +992,11 @@ def test_create_data_lists_finds_damaged_images_split_files_that_are_not_files_a
     code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists2"],
                        monkeypatch, capsys)
     assert_one_line_error(code, err, "create_data_lists", ["BloodImage_00001.jpg", "not a readable image", "truncated"])
+    with open(voc / "Annotations" / "BloodImage_00002.xml", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: no disk used
+    code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists2"],
+                       monkeypatch, capsys)
+    assert_one_line_error(code, err, "create_data_lists", ["BloodImage_00002.xml", "too large for an annotation"])
     shutil.rmtree(voc / "ImageSets")
     (voc / "ImageSets" / "Main" / "trainval.txt").mkdir(parents=True)
     os.mkfifo(voc / "ImageSets" / "Main" / "test.txt")
