@@ -309,12 +309,14 @@ DETECT = [
 
 BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
 BENCH = [
-    ("train-batch-0", ["--train-batch", "0"], ["--train-batch must be positive"]),
+    ("train-batch-0", ["--train-batch", "0"], ["--train-batch must be 1 to 1,024, not 0"]),
+    ("train-batch-huge", ["--train-batch", "5000"], ["--train-batch must be 1 to 1,024, not 5000"]),
     ("train-batch-1-batch-norm", ["--train-batch", "1"], ["BatchNorm"]),
     ("infer-batches-0", ["--infer-batches", "1", "0"], ["--infer-batches"]),
+    ("infer-batches-huge", ["--infer-batches", "10000000"], ["--infer-batches must be 1 to 1,024"]),
     ("iters-0", ["--iters", "0"], ["--iters"]),
     ("calibration-images-0", ["--only", "export", "--calibration-images", "0"],
-     ["--calibration-images must be positive"]),
+     ["--calibration-images must be 1 to 10,000, not 0"]),
     ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
     ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
     ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
