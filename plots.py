@@ -104,8 +104,10 @@ def plot_training(runs, path, title=None):
     for (name, records), color in zip(runs.items(), colors * len(runs)):
         epochs = [r["epoch"] for r in records]
         marker = "o" if len(epochs) <= 30 else None  # a run of one epoch is one point
-        ax_loss.plot(epochs, [r.get("loss", math.nan) for r in records], color=color, marker=marker, markersize=3, label=name)
-        ax_lr.plot(epochs, [r.get("lr", math.nan) for r in records], color=color, marker=marker, markersize=3, label=name)
+        ax_loss.plot(epochs, [r.get("loss", math.nan) for r in records], color=color, marker=marker, markersize=3,
+                     label=name)
+        ax_lr.plot(epochs, [r.get("lr", math.nan) for r in records], color=color, marker=marker, markersize=3,
+                   label=name)
         for key, style, suffix in (("mAP", "-", ""), ("mAP_ema", "--", " EMA")):
             scored = [r for r in records if isinstance(r.get(key), (int, float))]
             if scored:

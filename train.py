@@ -38,8 +38,8 @@ from create_data_lists import missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import check_scorable, evaluate
 from misc import (UserError, all_finite, available_cpus, bf16_is_fast, check_workers, check_writable,
-                  ignore_stop_signals, init_distributed, load_checkpoint, lock_folder, one_line, remove_stale_temporaries,
-                  run_cli, run_info, save_atomic, write_text_atomic)
+                  ignore_stop_signals, init_distributed, load_checkpoint, lock_folder, one_line,
+                  remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
 from utils import FLIPS, check_same_classes, create_data_lists, normalize
@@ -666,8 +666,9 @@ def train(args, rank, world, device, cleanup):
                 run.bar.close()
                 save_checkpoint(run, epoch - 1, f.n_steps and {"steps": f.n_steps, "loss_sum": f.loss_sum.cpu(),
                                                                "seconds": f.seconds})
-                raise UserError(f"epoch {epoch + 1}, step {f.n_steps + 1}: {one_line(f.error)} (the training before it "
-                                f"is saved in {run.out_ckpt}; fix it, then resume with --resume {run.out_ckpt})") from None
+                raise UserError(f"epoch {epoch + 1}, step {f.n_steps + 1}: {one_line(f.error)} (the training "
+                                f"before it is saved in {run.out_ckpt}; fix it, then resume with --resume "
+                                f"{run.out_ckpt})") from None
             if stop.signal and world == 1 and n_steps < run.steps_per_epoch and run.iteration < run.total_iterations:
                 run.bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
                 save_checkpoint(run, epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),

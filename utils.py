@@ -164,7 +164,7 @@ def parse_annotation(annotation_path, image_size=None, label_map=label_map, root
             raise UserError(f"{annotation_path}: no valid <size> and no image size given") from None
     width, height = image_size
 
-    boxes, labels, difficulties, warnings = [], [], [], []
+    boxes, labels, difficulties, warnings, seen = [], [], [], [], set()
     for i, obj in enumerate(root.iter("object")):
         cls = (obj.findtext("name") or "").strip()
         if label_map is not None and (cls not in label_map or cls == "background"):
@@ -188,12 +188,14 @@ def parse_annotation(annotation_path, image_size=None, label_map=label_map, root
             continue
         if clipped != box:
             warnings.append(f"{name}: clipped {cls} box {box} to the {width:g}x{height:g} image: {clipped}")
-        if any(b == clipped and l == (cls if label_map is None else label_map[cls]) for b, l in zip(boxes, labels)):
+        label = cls if label_map is None else label_map[cls]
+        if (label, *clipped) in seen:
             warnings.append(f"{name}: dropped object {i} ({cls} box {box}): the same box of the same class is there "
                             f"already (one cell annotated twice)")
             continue
+        seen.add((label, *clipped))
         boxes.append(clipped)
-        labels.append(cls if label_map is None else label_map[cls])
+        labels.append(label)
         difficulties.append(1 if difficult else 0)
     return {"boxes": boxes, "labels": labels, "difficulties": difficulties}, warnings
 
