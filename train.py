@@ -638,6 +638,12 @@ def save_checkpoint(run, epoch, partial_epoch=None):
     save_atomic(state, run.out_ckpt)
 
 
+def save_partial_epoch(run, epoch, n_steps, loss_sum, seconds):
+    """The checkpoint of a run stopped in the middle of `epoch` (a signal, an image that failed): the epochs before
+    it, and the steps done of it (none: stopped before its first step), so that --resume goes on from there."""
+    save_checkpoint(run, epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(), "seconds": seconds})
+
+
 def validate(run, record):
     """TEST's mAP into the epoch's log record (--val-every), of the weights and of their average; returns the mAP."""
     args = run.args
@@ -664,15 +670,13 @@ def train(args, rank, world, device, cleanup):
                 n_steps, loss_sum, seconds = train_one_epoch(run, epoch, stop)
             except BatchFailed as f:  # the steps before it are saved, as a stop's are
                 run.bar.close()
-                save_checkpoint(run, epoch - 1, f.n_steps and {"steps": f.n_steps, "loss_sum": f.loss_sum.cpu(),
-                                                               "seconds": f.seconds})
+                save_partial_epoch(run, epoch, f.n_steps, f.loss_sum, f.seconds)
                 raise UserError(f"epoch {epoch + 1}, step {f.n_steps + 1}: {one_line(f.error)} (the training "
                                 f"before it is saved in {run.out_ckpt}; fix it, then resume with --resume "
                                 f"{run.out_ckpt})") from None
             if stop.signal and world == 1 and n_steps < run.steps_per_epoch and run.iteration < run.total_iterations:
                 run.bar.close()  # interrupted in the middle of an epoch (or before its first step): save where it stopped
-                save_checkpoint(run, epoch - 1, n_steps and {"steps": n_steps, "loss_sum": loss_sum.cpu(),
-                                                             "seconds": seconds})
+                save_partial_epoch(run, epoch, n_steps, loss_sum, seconds)
                 stopped(stop, run.out_ckpt, run.iteration, f"epoch {epoch + 1}, step {n_steps} of {run.steps_per_epoch}")
             if n_steps == 0:
                 break
