@@ -157,8 +157,8 @@ def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, 
 def count_errors(det_labels, true_labels, names=bccd_labels):
     """How well the detections count each class, per image: lists over images of label tensors, and the class
     names in label order (label 1, 2, ...) -> {class: {"true_mean", "predicted_mean", "mae" (mean absolute error),
-    "bias" (mean signed error), "relative_error" (sum of absolute errors / number of annotated objects; None
-    without annotated objects)}}."""
+    "bias" (mean signed error), "relative_error" (sum of absolute errors / number of annotated objects) and
+    "relative_bias" (sum of signed errors / number of annotated objects; both None without annotated objects)}}."""
     n = len(names) + 1
 
     def per_image(labels):  # (images, classes) counts, background dropped
@@ -168,8 +168,24 @@ def count_errors(det_labels, true_labels, names=bccd_labels):
     true = per_image(true_labels)
     return {name: {"true_mean": true[:, k].mean().item(), "predicted_mean": (true[:, k] + error[:, k]).mean().item(),
                    "mae": error[:, k].abs().mean().item(), "bias": error[:, k].mean().item(),
-                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum()).item() if true[:, k].any() else None}
+                   "relative_error": (error[:, k].abs().sum() / true[:, k].sum()).item() if true[:, k].any() else None,
+                   "relative_bias": (error[:, k].sum() / true[:, k].sum()).item() if true[:, k].any() else None}
             for k, name in enumerate(names)}
+
+
+def by_source(results, sources, names, label_names):
+    """{source: {"images", "mAP", "AP", "counts"}} for each dataset a TEST list combines (create_data_lists records
+    where each image came from): the VOC07 APs and count_errors of its images alone. {} for a single source."""
+    if len(set(sources)) < 2:
+        return {}
+    out = {}
+    for source in dict.fromkeys(sources):
+        part = [i for i, s in enumerate(sources) if s == source]
+        aps, mean_ap = calculate_mAP(*([column[i] for i in part] for column in results.for_map), label_names=label_names)
+        out[source] = {"images": len(part), "mAP": mean_ap, "AP": aps,
+                       "counts": count_errors([results.counted_at(0)[i] for i in part],
+                                              [results.true_labels[i] for i in part], names)}
+    return out
 
 
 def sweep_counts(counted, true_labels, names=bccd_labels):
@@ -268,10 +284,22 @@ def run(args, rank, world, device):
             print(f"{name:<{w}}{'not in TEST (no AP; left out of the means)':>46}")
     print(f"{'mAP':<{w}}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")
     print(f"\ncounting at min_score {format_min_score(count_min_score, names)}, max_overlap {count_max_overlap} (per image):")
-    print(f"{'class':<{w}}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}")
+    print(f"{'class':<{w}}{'annotated':>10}{'counted':>10}{'mean abs. error':>17}{'error / annotated':>19}{'bias':>8}")
     for name, c in counts.items():
         relative = "-" if c["relative_error"] is None else f"{c['relative_error']:.1%}"
-        print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}")
+        bias = "-" if c["relative_bias"] is None else f"{c['relative_bias']:+.0%}"
+        print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}{bias:>8}")
+    sources = by_source(results, [test_set.objects[i].get("source", "?") for i in range(len(test_set))], names,
+                        label_names(model))
+    if sources:
+        print(f"\nby source (create_data_lists' datasets): VOC07 AP, and counting error / annotated (bias)")
+        print(f"{'source':<24}{'images':>7}{'mAP':>8}" + "".join(f"{name:>{max(len(name), 6) + 2}}" for name in names)
+              + "".join(f"{'count ' + name:>{len(name) + 17}}" for name in names))
+        for source, s in sources.items():
+            c = [(s["counts"][name]["relative_error"], s["counts"][name]["relative_bias"]) for name in names]
+            print(f"{source:<24}{s['images']:>7}{s['mAP']:>8.4f}"
+                  + "".join(f"{s['AP'].get(name, float('nan')):>{max(len(name), 6) + 2}.4f}" for name in names)
+                  + "".join(f"{'-' if e is None else f'{e:.1%} ({b:+.0%})':>{len(name) + 17}}" for name, (e, b) in zip(names, c)))
     sweep = sweep_counts(counted, results.true_labels, names) if args.count_sweep else None
     if sweep:
         print(f"\ncounting sweep: error / annotated at each min_score, per max_overlap (choose on a validation split)")
@@ -289,7 +317,7 @@ def run(args, rank, world, device):
         write_json_atomic({"classes": names, **metrics, "checkpoint": repo_relative(args.checkpoint), "images": len(test_set),
                            "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "tta": model.tta, "ema": args.ema,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
-                           **({"count_sweep": sweep} if sweep else {}),
+                           **({"count_sweep": sweep} if sweep else {}), **({"by_source": sources} if sources else {}),
                            "device": str(device),
                            "processes": world, "amp": amp, "seconds": round(seconds, 3),
                            "train_args": {k: repo_relative(v) if isinstance(v, str) and os.path.isabs(v) else v

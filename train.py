@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from create_data_lists import missing_data_message
+from create_data_lists import create_data_lists, missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import check_scorable, evaluate
 from misc import (UserError, all_finite, available_cpus, bf16_is_fast, check_workers, check_writable,
@@ -42,7 +42,7 @@ from misc import (UserError, all_finite, available_cpus, bf16_is_fast, check_wor
                   remove_stale_temporaries, run_cli, run_info, save_atomic, write_text_atomic)
 from model import PRIOR_SCALES, SSD300, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
-from utils import FLIPS, check_same_classes, create_data_lists, normalize
+from utils import FLIPS, check_same_classes, normalize
 
 
 DEFAULT_EPOCHS = 200

@@ -3,8 +3,9 @@
 Sections follow the tutorial (../shared/seed/ssd-tutorial-bccd.md):
   * Label map        -> label_map, rev_label_map, label_color_map (BCCD's, the defaults), make_label_map,
                         class_names, class_colors, check_classes, check_label_map, check_same_classes
-  * Parse raw data   -> read_annotation, parse_annotation, find_image, create_data_lists (read_split,
-                        annotated_image), load_image, pil_to_tensor
+  * Parse raw data   -> read_annotation, parse_annotation (Pascal VOC), parse_yolo_labels, parse_coco, add_box
+                        (every format's box checks), read_json, load_image, pil_to_tensor; the tutorial's
+                        create_data_lists, which walks whole datasets, is in create_data_lists.py
   * Box math         -> xy_to_cxcy, cxcy_to_xy, cxcy_to_gcxgcy, gcxgcy_to_cxcy,
                         find_intersection, find_jaccard_overlap, decimate
   * Data transforms  -> photometric_distort, expand, random_crop, flip, resize, transform
@@ -18,6 +19,7 @@ Boxes are `(x_min, y_min, x_max, y_max)` ("xy") unless a name says otherwise: "c
 Nothing here does work at import time.
 """
 import functools
+import json
 import math
 import os
 import re
@@ -151,223 +153,193 @@ def parse_annotation(annotation_path, image_size=None, label_map=label_map, root
     Class names are stripped of surrounding white space (a few tools write "RBC\n"), a missing
     <difficult> means 0, coordinates may be floats. VOC coordinates are 1-based pixel indices;
     like the tutorial we use them as they are (shifting by one pixel changes no metric here).
-    A box reaching outside the image is clipped to it; a zero-area or inverted box is dropped
-    (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss infinite), and so is a second
-    object of the same class and box (a cell annotated twice; kept, it could never be matched).
+    Boxes are then checked as every format's are (add_box): clipped to the image, dropped when they have no area
+    or are there twice, refused when they lie wholly outside the image.
     """
-    name = os.path.basename(annotation_path)
     root = read_annotation(annotation_path) if root is None else root
     if image_size is None:
         try:
             image_size = (float(root.find("size/width").text), float(root.find("size/height").text))
         except (AttributeError, TypeError, ValueError):
             raise UserError(f"{annotation_path}: no valid <size> and no image size given") from None
-    width, height = image_size
-
-    boxes, labels, difficulties, warnings, seen = [], [], [], [], set()
+    objects, warnings, seen = {"boxes": [], "labels": [], "difficulties": []}, [], set()
     for i, obj in enumerate(root.iter("object")):
-        cls = (obj.findtext("name") or "").strip()
-        if label_map is not None and (cls not in label_map or cls == "background"):
-            raise UserError(f"{annotation_path}: object {i}: unknown class {cls!r} (expected one of "
-                            f"{', '.join(class_names(label_map))})")
-        if label_map is None and (not cls or cls.casefold() == "background"):
-            raise UserError(f"{annotation_path}: object {i}: " + (f"class {cls!r} is reserved (label 0, the model's "
-                            f"'no object')" if cls else "no class <name>"))
-        difficult = (obj.findtext("difficult") or "0").strip()
+        cls = check_class_name((obj.findtext("name") or "").strip(), label_map, f"{annotation_path}: object {i}")
         try:
-            difficult = int(float(difficult))
+            difficult = int(float((obj.findtext("difficult") or "0").strip()))
             box = [float(obj.find("bndbox/" + k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError, OverflowError):
             raise UserError(f"{annotation_path}: object {i} ({cls}): missing or non-numeric <bndbox>/<difficult>") from None
-        if not all(math.isfinite(v) for v in box):
-            raise UserError(f"{annotation_path}: object {i} ({cls}): box {box} is not finite")
-        clipped = [min(max(box[0], 0.), width), min(max(box[1], 0.), height),
-                   min(max(box[2], 0.), width), min(max(box[3], 0.), height)]
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            warnings.append(f"{name}: dropped {cls} box {box}: zero area or inverted")
-            continue
-        if clipped != box:
-            warnings.append(f"{name}: clipped {cls} box {box} to the {width:g}x{height:g} image: {clipped}")
-        label = cls if label_map is None else label_map[cls]
-        if (label, *clipped) in seen:
-            warnings.append(f"{name}: dropped object {i} ({cls} box {box}): the same box of the same class is there "
-                            f"already (one cell annotated twice)")
-            continue
+        add_box(objects, seen, warnings, annotation_path, f"object {i} ({cls})", box,
+                cls if label_map is None else label_map[cls], 1 if difficult else 0, image_size)
+    return objects, warnings
+
+
+def check_class_name(cls, label_map, where):
+    """A class name read from an annotation: one of label_map's (when there is one), never "background" or empty."""
+    if label_map is not None and (cls not in label_map or cls == "background"):
+        raise UserError(f"{where}: unknown class {cls!r} (expected one of {', '.join(class_names(label_map))})")
+    if label_map is None and (not cls or cls.casefold() == "background"):
+        raise UserError(f"{where}: " + (f"class {cls!r} is reserved (label 0, the model's 'no object')" if cls
+                                        else "no class name"))
+    return cls
+
+
+ROUNDING = 0.01  # pixels: a box clipped by less (the rounding of YOLO's 6-digit fractions) is clipped without a word
+
+
+def add_box(objects, seen, warnings, path, what, box, label, difficult, image_size):
+    """Append one annotated box (pixels, x_min, y_min, x_max, y_max) to `objects`, as every format's reader does.
+
+    A box that is not finite, or lies wholly outside the width x height image, is an error (UserError naming the
+    file `path` and `what`, "object 3 (RBC)"); one reaching outside the image is clipped to it, with a warning; a
+    zero-area or inverted box is dropped (BCCD has two, in BloodImage_00338 and _00343; kept, they make the loss
+    infinite), and so is a second box of the same class and coordinates (a cell annotated twice; kept, it could
+    never be matched). seen: the (label, box) pairs of the image so far."""
+    width, height = image_size
+    name = os.path.basename(path)
+    if not all(math.isfinite(v) for v in box):
+        raise UserError(f"{path}: {what}: box {box} is not finite")
+    if box[2] > box[0] and box[3] > box[1] and (box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height):
+        raise UserError(f"{path}: {what}: box {box} lies outside the {width:g}x{height:g} image")
+    clipped = [min(max(box[0], 0.), width), min(max(box[1], 0.), height),
+               min(max(box[2], 0.), width), min(max(box[3], 0.), height)]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        warnings.append(f"{name}: dropped {what}, box {box}: zero area or inverted")
+    elif (label, *clipped) in seen:
+        warnings.append(f"{name}: dropped {what}, box {box}: the same box of the same class is there already (one "
+                        f"cell annotated twice)")
+    else:
+        if max(abs(a - b) for a, b in zip(clipped, box)) > ROUNDING:
+            warnings.append(f"{name}: clipped {what}, box {box}, to the {width:g}x{height:g} image: {clipped}")
         seen.add((label, *clipped))
-        boxes.append(clipped)
-        labels.append(label)
-        difficulties.append(1 if difficult else 0)
-    return {"boxes": boxes, "labels": labels, "difficulties": difficulties}, warnings
+        objects["boxes"].append(clipped)
+        objects["labels"].append(label)
+        objects["difficulties"].append(difficult)
 
 
-def find_image(voc_path, image_id, filename=None, listings=None):
-    """The image file of annotation `image_id`: JPEGImages/<filename> when the XML's <filename> names a file
-    there, else JPEGImages/<image_id>.<ext> for any extension PIL opens (the first in sorted order); None if
-    there is none. listings: a dict that keeps folder listings from one call to the next."""
-    folder = os.path.join(voc_path, "JPEGImages")
-    if filename and not os.path.isabs(filename) and ".." not in re.split(r"[\\/]", filename):
-        if os.path.isfile(os.path.join(folder, filename)):
-            return os.path.join(folder, filename)
-    folder, stem = os.path.split(os.path.join(folder, image_id))
-    listings = {} if listings is None else listings
-    if folder not in listings:
-        listings[folder] = {}
-        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if os.path.splitext(f)[1].lower() in image_extensions():
-                listings[folder].setdefault(os.path.splitext(f)[0], f)
-    found = listings[folder].get(stem)
-    return os.path.join(folder, found) if found else None
+MAX_LABEL_BYTES = 16 << 20  # a YOLO label file: 10,000 boxes take about 400 KB
 
 
-def create_data_lists(voc_path, output_folder, train_split="trainval", test_split="test", classes=None, verbose=True):
-    """Parse a Pascal VOC dataset (BCCD by default) and write the JSON lists the Dataset reads (tutorial,
-    "Parse raw data").
+def parse_yolo_labels(label_path, image_size, names, label_map=None):
+    """Parse one YOLO label file (Ultralytics', Roboflow's, LabelImg's YOLO mode): one box a line,
+    `class c_x c_y w h`, class an index into `names` (data.yaml's or classes.txt's), the four numbers fractions of
+    the image's width and height. A missing file means an image without objects (the YOLO convention).
 
-    voc_path holds Annotations/<id>.xml, ImageSets/Main/<split>.txt (one id a line) and JPEGImages/
-    (the image is the one the XML's <filename> names, else <id> with any image extension; see find_image).
-    Writes, in `output_folder`: TRAIN_images.json, TRAIN_objects.json, TEST_images.json,
-    TEST_objects.json (entry i: {"boxes": [[x_min, y_min, x_max, y_max], ...] in pixels, "labels",
-    "difficulties"}, in the order of the split file) and label_map.json ({"background": 0, class: 1, ...}).
-
-    classes: the class names in label order (label 1, 2, ...): an object of another class is an error.
-    None: the classes of the annotations of both splits; in BCCD's order when they are all BCCD's (the
-    label map is then BCCD's, so that BCCD lists and checkpoints stay valid), else sorted by name,
-    ignoring case (str.casefold); names that differ only in case ("RBC", "rbc") are refused.
-
-    TRAIN comes from ImageSets/Main/<train_split>.txt (BCCD's trainval: 292 images), TEST from
-    <test_split>.txt (test: 72). Every problem found is collected; if there is any, a UserError
-    lists them all (one per line) and no file is written, so earlier lists stay as they were.
-    Returns a summary dict {split: {"images": n, "objects": n, "classes": {name: n}}}.
+    Returns (objects, warnings) as parse_annotation does, boxes in pixels of `image_size` (width, height); labels
+    are class names, or label_map's labels when one is given (a class not in it is then an error). A line with
+    another number of fields, a class id that is not an index into `names`, a number outside [0, 1] or not finite
+    is a UserError naming the file and line; boxes then go through add_box.
     """
-    voc_path = os.path.abspath(voc_path)
-    given = None if classes is None else make_label_map(check_classes(classes))
-    missing = [d for d in ("Annotations", "JPEGImages") if not os.path.isdir(os.path.join(voc_path, d))]
-    if missing:
-        raise UserError(f"{voc_path}: no {' and no '.join(missing)} folder; a Pascal VOC dataset has Annotations/, "
-                        f"ImageSets/Main/ and JPEGImages/")
-    check_writable(output_folder, "--output-folder", folder=True, create=False)  # before the parsing, not after
-    errors, warnings, lists, split_ids, seen = [], [], {}, {}, ({}, {})  # seen: find_image's listings, image owners
-    for split, split_name in (("TRAIN", train_split), ("TEST", test_split)):
-        try:
-            ids = read_split(voc_path, split_name)
-        except UserError as e:
-            errors.append(str(e))
-            continue
-        split_ids[split] = (split_name, set(ids))
-        images, objects = [], []
-        for image_id in ids:  # the tutorial's loop: each annotation, its image, its objects
-            try:
-                xml_path, root, img_path, size = annotated_image(voc_path, image_id, split_name, seen)
-                objs, warns = parse_annotation(xml_path, image_size=size, label_map=given, root=root)
-            except UserError as e:
-                errors.append(str(e))
-                continue
-            warnings.extend(warns)
-            images.append(img_path)
-            objects.append(objs)
-        lists[split] = (images, objects)
-
-    if len(split_ids) == 2 and split_ids["TRAIN"][1] & split_ids["TEST"][1]:
-        shared = split_ids["TRAIN"][1] & split_ids["TEST"][1]
-        warnings.append(f"{len(shared)} image(s) are in both {split_ids['TRAIN'][0]}.txt (TRAIN) and "
-                        f"{split_ids['TEST'][0]}.txt (TEST): a score on TEST would be partly a training score")
-    for w in dict.fromkeys(warnings):  # an image in both splits warns once
-        print(f"warning: {w}", file=sys.stderr)
-    if errors:
-        raise UserError(f"{len(errors)} problem(s) in {voc_path}; no list written:\n" + "\n".join(errors))
-
-    label_map = given
-    if label_map is None:  # the annotations' classes; their labels are still names
-        found = {name for _, objects in lists.values() for o in objects for name in o["labels"]}
-        folded = {}
-        for name in sorted(found):
-            folded.setdefault(name.casefold(), []).append(name)
-        twins = [", ".join(map(repr, names)) for names in folded.values() if len(names) > 1]
-        if twins:  # "RBC" and "rbc": one class written two ways, most likely, that would become two
-            raise UserError(f"{voc_path}: class names that differ only in case: {'; '.join(twins)}; correct the "
-                            f"annotations, or give --classes (an object of another name is then named with its file)")
-        label_map = make_label_map(bccd_labels if found <= set(bccd_labels) else
-                                   sorted(found, key=str.casefold))
-        for _, objects in lists.values():
-            for o in objects:
-                o["labels"] = [label_map[name] for name in o["labels"]]
-    names = class_names(label_map)
-    summary = {}
-    for split, (images, objects) in lists.items():
-        counts = {name: sum(o["labels"].count(label_map[name]) for o in objects) for name in names}
-        summary[split] = {"images": len(images), "objects": sum(counts.values()), "classes": counts}
-
-    os.makedirs(output_folder, exist_ok=True)
-    files = {os.path.join(output_folder, f"{split}_{kind}.json"): data
-             for split, (images, objects) in lists.items() for kind, data in (("images", images), ("objects", objects))}
-    write_json_files_atomic({**files, os.path.join(output_folder, "label_map.json"): label_map})
-
-    if verbose:
-        print(f"classes ({'--classes' if given else 'from the annotations'}): "
-              + ", ".join(f"{label} {name}" for name, label in label_map.items()))
-        for split, s in summary.items():
-            per_class = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
-            print(f"{split}: {s['images']} images, {s['objects']} objects ({per_class})")
-        for name, n in summary["TRAIN"]["classes"].items():
-            if n == 0:
-                print(f"warning: no {name} object in TRAIN: the model cannot learn that class", file=sys.stderr)
-        print(f"lists saved to {os.path.abspath(output_folder)}")
-    return summary
-
-
-def read_split(voc_path, split_name):
-    """The ids of ImageSets/Main/<split_name>.txt, one a line; UserError if the file is missing, unreadable, empty, or
-    lists an id twice or one that climbs out of Annotations/."""
-    split_file = os.path.join(voc_path, "ImageSets", "Main", split_name + ".txt")
-    if not os.path.isfile(split_file):
-        raise UserError(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
-                        f"create_data_lists.py --test-fraction 0.2)")
+    objects, warnings, seen = {"boxes": [], "labels": [], "difficulties": []}, [], set()
+    if not os.path.lexists(label_path):
+        return objects, warnings
+    if not os.path.isfile(label_path):
+        raise UserError(f"{label_path}: not a regular file")
+    if os.path.getsize(label_path) > MAX_LABEL_BYTES:
+        raise UserError(f"{label_path}: {os.path.getsize(label_path):,} bytes, too large for a label file")
     try:
-        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
-            ids = [line.strip() for line in f if line.strip()]
+        with open(label_path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})") from None
-    if not ids:
-        raise UserError(f"{split_file}: empty split")
-    twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
-    if twice:
-        raise UserError(f"{split_file}: {len(twice)} id(s) listed more than once ({', '.join(twice[:5])}"
-                        f"{', ...' if len(twice) > 5 else ''}): each image must be counted once")
-    outside = [i for i in ids if os.path.isabs(i) or ".." in re.split(r"[\\/]", i)]
-    if outside:
-        raise UserError(f"{split_file}: id {outside[0]!r} points outside the dataset's Annotations/; an id is a "
-                        f"file name there, without .xml")
-    return ids
+        raise UserError(f"{label_path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    width, height = image_size
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{label_path}: line {n}"
+        if len(fields) != 5:
+            raise UserError(f"{where}: {len(fields)} fields, expected 5 (class c_x c_y w h; segments and scores are "
+                            f"not boxes)")
+        try:
+            index, (cx, cy, w, h) = int(fields[0]), map(float, fields[1:])
+        except ValueError:
+            raise UserError(f"{where}: not numbers: {line.strip()[:80]!r}") from None
+        if not 0 <= index < len(names):
+            raise UserError(f"{where}: class {index} is not among the {len(names)} classes "
+                            f"(0-{len(names) - 1}: {', '.join(names)})")
+        if not all(0 <= v <= 1 for v in (cx, cy, w, h)):  # nan and inf too
+            raise UserError(f"{where}: c_x c_y w h must be fractions of the image in [0, 1], not {line.strip()[:80]!r}")
+        cls = check_class_name(names[index], label_map, where)
+        box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        add_box(objects, seen, warnings, label_path, f"line {n} ({cls})", box,
+                cls if label_map is None else label_map[cls], 0, image_size)
+    return objects, warnings
 
 
-def annotated_image(voc_path, image_id, split_name, seen):
-    """(xml path, its parsed XML, image path, image (width, height)) of an id of <split_name>.txt; UserError if the
-    annotation or the image is missing or unreadable, or if another id's annotation already claimed the image.
-    seen: (find_image's folder listings, {image: the id that claimed it}), kept from one call to the next."""
-    xml_path = os.path.join(voc_path, "Annotations", image_id + ".xml")
-    if not os.path.isfile(xml_path):
-        raise UserError(f"{xml_path}: no annotation for id {image_id!r} of {split_name}.txt")
-    root = read_annotation(xml_path)
-    filename = (root.findtext("filename") or "").strip()
-    listings, owners = seen
-    img_path = find_image(voc_path, image_id, filename, listings)
-    if img_path is None:
-        expected = os.path.join(voc_path, "JPEGImages", filename or image_id + ".jpg")
-        raise UserError(f"{expected}: image missing (annotated in {image_id}.xml; no {image_id}.<image extension> "
-                        f"either)")
-    other = owners.setdefault(os.path.realpath(img_path), image_id)
-    if other != image_id:  # a <filename> naming another id's image
-        raise UserError(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each image "
-                        f"must be annotated once")
-    if not os.path.isfile(img_path):  # a pipe or a device: opening it could wait for ever
-        raise UserError(f"{img_path}: not a regular file (a pipe, socket or device), not an image")
+def parse_coco(coco_path, label_map=None):
+    """Parse a COCO detection file (CVAT's, Label Studio's, Roboflow's, detect.py --save-labels coco).
+
+    Returns ({image file_name: ((width, height), objects)}, warnings, the category names in id order), objects as
+    parse_annotation's (labels are
+    category names, or label_map's labels); bbox [x, y, w, h] in pixels becomes [x, y, x + w, y + h]; a crowd
+    region (iscrowd 1) is kept as difficult, so that detections on it count neither way (VOC's rule).
+    UserError naming the file and annotation for ids that do not match (an image, category or annotation id
+    twice, an annotation of an unknown image or category), a bbox that is not four numbers, or a box outside
+    its image.
+    """
+    coco = read_json(coco_path, "COCO file")
+    if not (isinstance(coco, dict) and all(isinstance(coco.get(k), list) for k in ("images", "annotations",
+                                                                                    "categories"))):
+        raise UserError(f"{coco_path}: not a COCO file (a JSON object with lists images, annotations, categories)")
+    categories, images, ids, warnings = {}, {}, set(), []
+    for what, items, table in (("category", coco["categories"], categories), ("image", coco["images"], images)):
+        for i, item in enumerate(items):
+            key = item.get("id") if isinstance(item, dict) else None
+            if type(key) is not int or key in table:
+                raise UserError(f"{coco_path}: {what} {i}: " + (f"id {key} given twice" if key in table else
+                                                                 "no integer id"))
+            table[key] = item
+    names = {}
+    for key, c in categories.items():
+        names[key] = check_class_name(str(c.get("name", "")).strip(), label_map, f"{coco_path}: category {key}")
+    out = {}
+    for key, im in images.items():
+        size, name = (im.get("width"), im.get("height")), im.get("file_name")
+        if not (isinstance(name, str) and name and all(isinstance(v, (int, float)) and v > 0 for v in size)):
+            raise UserError(f"{coco_path}: image {key}: needs a file_name and a positive width and height")
+        if name in out:
+            raise UserError(f"{coco_path}: image {key}: file_name {name!r} is another image's too")
+        out[name] = (size, {"boxes": [], "labels": [], "difficulties": []}, set())
+        images[key] = name
+    for i, a in enumerate(coco["annotations"]):
+        a = a if isinstance(a, dict) else {}
+        where = f"{coco_path}: annotation {a.get('id', i)}"
+        if a.get("id") in ids:
+            raise UserError(f"{where}: id given twice")
+        ids.add(a.get("id"))
+        if a.get("image_id") not in images or a.get("category_id") not in categories:
+            raise UserError(f"{where}: " + (f"image_id {a.get('image_id')!r} is not among the images"
+                                            if a.get("image_id") not in images else
+                                            f"category_id {a.get('category_id')!r} is not among the categories"))
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not
+                                                                  isinstance(v, bool) for v in bbox)):
+            raise UserError(f"{where}: bbox must be [x, y, width, height] in pixels, not {str(bbox)[:80]}")
+        size, objects, seen = out[images[a["image_id"]]]
+        cls = names[a["category_id"]]
+        add_box(objects, seen, warnings, coco_path, f"annotation {a.get('id', i)} ({cls})",
+                [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]], cls if label_map is None else label_map[cls],
+                1 if a.get("iscrowd") else 0, size)
+    return ({name: (size, objects) for name, (size, objects, _) in out.items()}, warnings,
+            [names[key] for key in sorted(names)])
+
+
+MAX_JSON_BYTES = 256 << 20
+
+
+def read_json(path, what="file"):
+    """A JSON file's content; UserError naming it when it is missing, not a regular file, too large or malformed."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found" if not os.path.lexists(path) else f"{path}: not a regular file")
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise UserError(f"{path}: {os.path.getsize(path):,} bytes, too large for a {what}")
     try:
-        with Image.open(img_path) as im:
-            im.load()  # decoded whole: a truncated or damaged file is found now, not in the middle of a training
-            return xml_path, root, img_path, im.size
-    except Exception as e:
-        raise UserError(f"{img_path}: not a readable image ({type(e).__name__}"
-                        f"{': ' + str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise UserError(f"{path}: unreadable {what} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def load_image(path):

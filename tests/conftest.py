@@ -8,7 +8,7 @@ Fixtures:
   * bccd_dir (session): a BCCD folder (Annotations, ImageSets/Main, JPEGImages). The real BCCD
     when it exists, else a tiny generated one of the same layout (see make_voc). Read only.
   * real_bccd_dir (session): the real BCCD; the test is skipped where it is missing.
-  * data_lists (session): the folder of lists that utils.create_data_lists wrote from bccd_dir
+  * data_lists (session): the folder of lists that create_data_lists.create_data_lists wrote from bccd_dir
     (TRAIN/TEST _images.json, _objects.json, label_map.json). Read only.
   * tiny_lists (session): lists of a tiny generated dataset of 64x48 images (4 TRAIN, 2 TEST), made once. Read only.
   * untrained_checkpoint (session): an untrained SSD300 (seed 0; BatchNorm, train.py's BCCD priors, BCCD's classes)
@@ -173,8 +173,8 @@ def real_bccd_dir():
 
 @pytest.fixture(scope="session")
 def data_lists(bccd_dir, tmp_path_factory):
-    """Folder of the lists made by utils.create_data_lists from bccd_dir (trainval/test). Tests must not change it."""
-    from utils import create_data_lists
+    """Folder of the lists made by create_data_lists.create_data_lists from bccd_dir (trainval/test). Tests must not change it."""
+    from create_data_lists import create_data_lists
     folder = tmp_path_factory.mktemp("lists")
     create_data_lists(bccd_dir, folder, verbose=False)
     return folder
@@ -183,7 +183,7 @@ def data_lists(bccd_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lists(tmp_path_factory):
     """Lists of a generated dataset of 64x48 images: 4 TRAIN (2 steps an epoch at batch 2), 2 TEST."""
-    from utils import create_data_lists
+    from create_data_lists import create_data_lists
     root = tmp_path_factory.mktemp("tiny")
     create_data_lists(make_voc(root / "BCCD", n_trainval=4, n_test=2), root / "lists", verbose=False)
     return root / "lists"

@@ -25,7 +25,8 @@ from conftest import image_id, make_voc
 from model import SSD300
 from test_workflow import assert_one_line_error, load, train_argv
 from misc import UserError
-from utils import PALETTE, class_colors, create_data_lists, label_color_map
+from create_data_lists import create_data_lists
+from utils import PALETTE, class_colors, label_color_map
 from utils import label_map as BCCD_LABEL_MAP
 
 OWN = ("Sickle cell", "Lymphozyt ä", "echinocyte", "RBC", "Ödem Zelle")

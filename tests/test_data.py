@@ -20,6 +20,7 @@ import zipfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as FT
@@ -32,7 +33,8 @@ import utils
 from conftest import CLASSES, annotation_xml, image_id
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from misc import UserError
-from utils import IMAGENET_MEAN, IMAGENET_STD, create_data_lists
+from create_data_lists import create_data_lists
+from utils import IMAGENET_MEAN, IMAGENET_STD
 
 LABEL_MAP = {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}
 LIST_FILES = ("TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json", "TEST_objects.json", "label_map.json")
@@ -160,7 +162,7 @@ def test_lists_match_annotations(bccd_dir, data_lists, split, split_name):
     images, objects = load_lists(data_lists, split)
     assert [Path(p).name for p in images] == [f"{i}.jpg" for i in ids]  # in split-file order
     assert all(Path(p).samefile(Path(bccd_dir) / "JPEGImages" / f"{i}.jpg") for p, i in zip(images, ids))
-    assert objects == expected
+    assert objects == [{**o, "source": f"{Path(bccd_dir).name}:{split_name}"} for o in expected]  # and where it came from
 
 
 @pytest.fixture(scope="module", params=[("trainval", "test"), ("train", "val")], ids=["trainval-test", "train-val"])
@@ -248,11 +250,11 @@ def test_float_coordinates_parse(tiny_voc, tmp_path):
 
 
 def test_zero_area_and_inverted_boxes_are_dropped_with_a_warning(tiny_voc, tmp_path, capsys):
-    bad = [[10, 10, 10, 20], [30, 20, 20, 30], [5, 25, 25, 25], [70, 10, 80, 20]]  # no width, inverted, no height, outside
+    bad = [[10, 10, 10, 20], [30, 20, 20, 30], [5, 25, 25, 25]]  # no width, inverted, no height
     voc = tiny_voc(objects={FIRST: [{"name": "WBC", "box": [2, 3, 12, 13]}] + [{"name": "RBC", "box": b} for b in bad]})
     create_data_lists(voc, tmp_path / "lists", verbose=False)
     entry = load_lists(tmp_path / "lists", "TRAIN")[1][0]
-    assert entry == {"boxes": [[2., 3., 12., 13.]], "labels": [2], "difficulties": [0]}
+    assert entry == {"boxes": [[2., 3., 12., 13.]], "labels": [2], "difficulties": [0], "source": f"{voc.name}:trainval"}
     warnings = [line for line in capsys.readouterr().err.splitlines() if FIRST in line]
     for box in bad:
         assert sum(names_box(line.replace(FIRST, ""), box) for line in warnings) == 1, (box, warnings)
@@ -361,9 +363,17 @@ def _filename_of_another_image(voc):
     return f"{image_id(0)}.xml and {image_id(1)}.xml", r"each image must be annotated once"
 
 
+def _box_outside_the_image(voc):  # the image is 64x48: not a cell of it
+    path = voc / "Annotations" / f"{image_id(2)}.xml"
+    text = path.read_text()
+    start, end = text.index("<bndbox>"), text.index("</bndbox>")
+    path.write_text(text[:start] + "<bndbox><xmin>70</xmin><ymin>10</ymin><xmax>80</xmax><ymax>20</ymax>" + text[end:])
+    return str(path), r"object 0 .*box \[70.0, 10.0, 80.0, 20.0\] lies outside the 64x48 image"
+
+
 PROBLEMS = [_malformed_xml, _unknown_class, _missing_image, _corrupt_image, _id_without_annotation, _empty_split,
             _nan_coordinate, _infinite_difficult, _id_listed_twice, _split_not_text, _unknown_xml_encoding,
-            _image_is_a_pipe, _id_outside_the_dataset, _filename_of_another_image]
+            _image_is_a_pipe, _id_outside_the_dataset, _filename_of_another_image, _box_outside_the_image]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda f: f.__name__[1:])
@@ -390,10 +400,18 @@ def test_split_file_with_a_byte_order_mark_and_crlf_lines_reads_as_ids(tiny_voc,
     assert create_data_lists(voc, tmp_path / "lists", verbose=False)["TEST"]["images"] == 2
 
 
-def test_splits_sharing_images_are_warned_about(tiny_voc, tmp_path, capsys):
-    voc = tiny_voc()
-    create_data_lists(voc, tmp_path / "lists", train_split="trainval", test_split="val", verbose=False)
-    assert "1 image(s) are in both trainval.txt (TRAIN) and val.txt (TEST)" in capsys.readouterr().err
+def test_splits_sharing_images_are_refused_or_dropped(tiny_voc, tmp_path, capsys):
+    voc = tiny_voc()  # val.txt's image is in trainval.txt too
+    (shared,) = (voc / "ImageSets" / "Main" / "val.txt").read_text().split()
+    with pytest.raises(UserError, match=rf"{shared}.jpg \(TRAIN\) has the pixels of .*{shared}.jpg \(TEST image"):
+        create_data_lists(voc, tmp_path / "lists", train_split="trainval", test_split="val", verbose=False)
+    assert not (tmp_path / "lists").exists()
+    summary = create_data_lists(voc, tmp_path / "lists", train_split="trainval", test_split="val", verbose=False,
+                                drop_duplicates=True)
+    assert "dropped 1 TRAIN image(s) that duplicate test images" in capsys.readouterr().out
+    trainval = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    assert summary["TRAIN"]["images"] == len(trainval) - 1 and summary["TEST"]["images"] == 1
+    assert shared not in "".join(json.loads((tmp_path / "lists" / "TRAIN_images.json").read_text()))
 
 
 @pytest.mark.parametrize("where", ["{tmp}/file/lists", "{tmp}/file"])
@@ -437,14 +455,16 @@ def test_cli_missing_data_says_where_to_get_it(tmp_path, run_main):
 
 
 def bccd_archive(path, n_images, top="BCCD_Dataset-master"):
-    """A zip like GitHub's archive of the BCCD repository, with n_images 8x8 images and their XML."""
-    jpeg = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 150, 150)).save(jpeg, format="JPEG")
+    """A zip like GitHub's archive of the BCCD repository, with n_images 8x8 images (noise, each its own: identical
+    pixels in TRAIN and TEST would be refused as a leak) and their XML."""
     ids = [image_id(i) for i in range(n_images)]
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{top}/README.md", "# BCCD Dataset\n")
         for i in ids:
             z.writestr(f"{top}/BCCD/Annotations/{i}.xml", annotation_xml(f"{i}.jpg", (8, 8), [{"name": "RBC", "box": [1, 1, 6, 7]}]))
+            jpeg = io.BytesIO()
+            noise = np.random.default_rng(int(i[-5:])).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(jpeg, "JPEG", quality=95)
             z.writestr(f"{top}/BCCD/JPEGImages/{i}.jpg", jpeg.getvalue())
         z.writestr(f"{top}/BCCD/ImageSets/Main/trainval.txt", "".join(f"{i}\n" for i in ids[:292]))
         z.writestr(f"{top}/BCCD/ImageSets/Main/test.txt", "".join(f"{i}\n" for i in ids[292:]))

@@ -25,7 +25,7 @@ import train
 from conftest import CURVE, REPO, image_id
 from datasets import AugmentationSampler, BCCDDataset
 from model import SSD300, MultiBoxLoss
-from utils import create_data_lists
+from create_data_lists import create_data_lists
 
 WORLD = 2
 # torchrun's own variables: a test run under torchrun must not pass them on to the runs it starts

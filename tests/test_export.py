@@ -22,7 +22,7 @@ from PIL import Image
 import detect
 import export
 from conftest import REPO
-from utils import create_data_lists
+from create_data_lists import create_data_lists
 
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 SAMPLES = sorted((REPO / "img").glob("*.jpg"))

@@ -26,7 +26,7 @@ import train
 from conftest import make_voc
 from misc import Terminated, run_cli
 from utils import bccd_labels
-from utils import create_data_lists as make_lists
+from create_data_lists import create_data_lists as make_lists
 
 SCRIPTS = {"create_data_lists": create_data_lists, "train": train, "eval": eval_script, "detect": detect,
            "bench": bench, "plots": plots}

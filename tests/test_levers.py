@@ -150,7 +150,7 @@ def test_tta_is_one_of_the_choices():
 
 def test_init_weights_starts_a_new_run_from_a_models_weights(tmp_path):
     from conftest import make_voc
-    from utils import create_data_lists
+    from create_data_lists import create_data_lists
     create_data_lists(make_voc(tmp_path / "voc", n_trainval=2, n_test=1), tmp_path / "lists", verbose=False)
     torch.manual_seed(1)
     start = SSD300(base_weights=None, batch_norm=True, prior_scales=PRIOR_SCALES,

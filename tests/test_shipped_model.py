@@ -85,7 +85,7 @@ def test_eval_of_the_default_model_on_test_gives_the_recorded_map(shipped, real_
     """eval.py's whole path on the real TEST (lists, BCCDDataset, detect_objects, calculate_mAP, counting) gives the
     figures recorded in the file. On fewer images the mAP is a weak check (on the first 24 or 36, a size variance
     10 % off moved it by at most 0.0005): the boxes on img/ (above) catch a broken decode, and TEST is evaluated whole."""
-    from utils import create_data_lists
+    from create_data_lists import create_data_lists
     lists = tmp_path / "lists"
     create_data_lists(real_bccd_dir, lists, verbose=False)  # trainval / test
     out = tmp_path / "eval.json"
