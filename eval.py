@@ -292,7 +292,7 @@ def run(args, rank, world, device):
     sources = by_source(results, [test_set.objects[i].get("source", "?") for i in range(len(test_set))], names,
                         label_names(model))
     if sources:
-        print(f"\nby source (create_data_lists' datasets): VOC07 AP, and counting error / annotated (bias)")
+        print("\nby source (create_data_lists' datasets): VOC07 AP, and counting error / annotated (bias)")
         print(f"{'source':<24}{'images':>7}{'mAP':>8}" + "".join(f"{name:>{max(len(name), 6) + 2}}" for name in names)
               + "".join(f"{'count ' + name:>{len(name) + 17}}" for name in names))
         for source, s in sources.items():

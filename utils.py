@@ -22,9 +22,7 @@ import functools
 import json
 import math
 import os
-import re
 import shlex
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as FT
 from PIL import Image
 
-from misc import UserError, check_writable, write_json_files_atomic
+from misc import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Label map

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import create_data_lists as cdl
-from conftest import CLASSES, draw_image, image_id
+import formats
+from conftest import CLASSES
 from create_data_lists import create_data_lists, find_duplicates
 from misc import UserError
 
@@ -318,8 +319,8 @@ def test_guard_reports_no_pair_between_txl_pbc_here_and_bccd_test(real_bccd_dir)
     txl = real_bccd_dir.parent / "TXL-PBC"
     if not (txl / "data.yaml").is_file():
         pytest.skip("needs TXL-PBC beside BCCD (../shared/data/TXL-PBC)")
-    _, train = cdl.yolo_split_images(cdl.find_dataset(str(txl)), "train")
-    _, val = cdl.yolo_split_images(cdl.find_dataset(str(txl)), "val")
+    _, train = formats.yolo_split_images(formats.find_dataset(str(txl)), "train")
+    _, val = formats.yolo_split_images(formats.find_dataset(str(txl)), "val")
     test = cdl.guard_images(f"{real_bccd_dir}:test")
     assert (len(train), len(val), len(test)) == (824, 239, 72)
     assert find_duplicates(train + val, test) == []
