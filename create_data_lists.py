@@ -195,9 +195,10 @@ def make_splits(voc_folder, test_fraction, seed=0):
 
 HASH_GRID = 64  # images are compared as 64x64 grey thumbnails, whatever their size and aspect ratio ...
 HASH_BITS = 16  # ... by the signs of the 16x16 lowest frequencies of their DCT against their median (pHash)
-# Of 256 bits. Measured on BCCD and TXL-PBC (results/2026-12-07-cpu/leakage-guard.md): resized, flipped, rotated and
-# re-encoded copies differ by at most 8, other pictures by 24 or more (82 or more across datasets). The 64 bits of a
-# 32x32 thumbnail's 8x8 were too few: other smears came within 10 bits, copies within 2.
+# Of 256 bits. Measured by tools/guard_calibration.py (results/2026-12-07-cpu/guard-calibration.json): copies
+# resized, flipped, rotated and re-encoded differ by at most 8; other pictures by 84 or more across BCCD and TXL-PBC,
+# and by 22 within BCCD (BloodImage_00037 and _00038: the same field taken twice, not a copy). The 64 bits of a
+# 32x32 thumbnail's 8x8 frequencies were too few: other smears came within 10 bits.
 MAX_HASH_DISTANCE = 16
 
 

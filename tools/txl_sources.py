@@ -1,0 +1,48 @@
+"""TXL-PBC by microscope, for figures per source: writes OUT/BCCD, OUT/PBC and OUT/Raabin, each a YOLO dataset
+(data.yaml and image lists train.txt, val.txt) of TXL-PBC's images from that source, told apart by their size as
+TXL-PBC's README gives them: BCCD 640x480, Raabin-WBC 575x575, PBC (CellaVision crops) 360x363 and 366x369.
+
+    python tools/txl_sources.py --txl data/TXL-PBC --output data/txl-sources
+    python create_data_lists.py --data-folder data/txl-sources/BCCD data/txl-sources/PBC data/txl-sources/Raabin \
+        --train-split train --test-split val --output-folder data/lists-txl-sources --guard data/BCCD:test
+
+The lists then hold TXL-PBC's images and labels (the lists point at TXL-PBC's own files), each entry's source
+"BCCD:val", "PBC:val" or "Raabin:val", and eval.py reports its figures per source.
+"""
+import argparse
+import os
+import sys
+
+from PIL import Image
+
+SOURCES = {(640, 480): "BCCD", (575, 575): "Raabin", (360, 363): "PBC", (366, 369): "PBC"}
+
+
+def main(args):
+    names_line = None
+    with open(os.path.join(args.txl, "data.yaml"), encoding="utf-8") as f:
+        names_line = next(line for line in f if line.startswith("names:"))  # TXL-PBC's: names: ['WBC', 'RBC', ...]
+    for split in ("train", "val"):
+        folder = os.path.join(args.txl, "images", split)
+        by_source = {name: [] for name in sorted(set(SOURCES.values()))}
+        for name in sorted(os.listdir(folder)):
+            with Image.open(os.path.join(folder, name)) as im:
+                size = im.size
+            if size not in SOURCES:
+                sys.exit(f"{os.path.join(folder, name)}: {size[0]}x{size[1]}, not a size of TXL-PBC's sources")
+            by_source[SOURCES[size]].append(os.path.abspath(os.path.join(folder, name)))
+        for source, paths in by_source.items():
+            os.makedirs(os.path.join(args.output, source), exist_ok=True)
+            with open(os.path.join(args.output, source, f"{split}.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(p + "\n" for p in paths))
+            print(f"{source} {split}: {len(paths)} images")
+    for source in set(SOURCES.values()):
+        with open(os.path.join(args.output, source, "data.yaml"), "w", encoding="utf-8") as f:
+            f.write(f"train: train.txt\nval: val.txt\n{names_line}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("txl_sources.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--txl", default="data/TXL-PBC", help="TXL-PBC (its data.yaml, images/train, images/val)")
+    parser.add_argument("--output", default="data/txl-sources", help="where the three datasets are written")
+    main(parser.parse_args())
