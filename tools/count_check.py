@@ -1,0 +1,66 @@
+"""Counting errors of a detect.py run against annotations: counts.csv beside a list set's TEST (create_data_lists).
+
+    python detect.py data/TXL-PBC/images/val --output-dir runs/count-val
+    python tools/count_check.py runs/count-val/counts.csv --data-folder data/lists-txl-sources --output count.json
+
+Per class: the error, the sum over images of |counted - annotated| / the number annotated, and the bias, the sum of
+(counted - annotated) / the number annotated; over all images and per source (the dataset each list entry came from).
+Images of the lists that counts.csv lacks, or the other way round, are an error: the two must be the same images.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+
+def errors(rows, names):
+    """{class: {"annotated", "counted", "error", "bias"}} of rows [(counted {class: n}, annotated {class: n})]."""
+    out = {}
+    for name in names:
+        counted = [c[name] for c, _ in rows]
+        annotated = [a[name] for _, a in rows]
+        total = sum(annotated)
+        out[name] = {"annotated": total, "counted": sum(counted),
+                     "error": sum(abs(c - a) for c, a in zip(counted, annotated)) / total if total else None,
+                     "bias": (sum(counted) - total) / total if total else None}
+    return out
+
+
+def main(args):
+    folder = args.data_folder
+    with open(os.path.join(folder, "TEST_images.json")) as f:
+        images = json.load(f)
+    with open(os.path.join(folder, "TEST_objects.json")) as f:
+        objects = json.load(f)
+    with open(os.path.join(folder, "label_map.json")) as f:
+        label_map = json.load(f)
+    names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
+    with open(args.counts, newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
+    annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
+    if set(counted) != set(annotated):
+        sys.exit(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
+                 f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
+    rows = {}
+    for path, o in annotated.items():
+        truth = {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
+        rows.setdefault(o.get("source", "?"), []).append((counted[path], truth))
+    report = {"counts": args.counts, "images": len(annotated), "all": errors([r for rs in rows.values() for r in rs], names),
+              "by_source": {s: {"images": len(rs), **errors(rs, names)} for s, rs in rows.items()} if len(rows) > 1 else {}}
+    for where, figures in [("all", report["all"])] + list(report["by_source"].items()):
+        print(f"{where:<14}" + "  ".join(f"{n} {e['error']:.1%} ({e['bias']:+.1%})" if e["error"] is not None
+                                         else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("count_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("counts", help="counts.csv of a detect.py run")
+    parser.add_argument("--data-folder", default="data/lists", help="lists whose TEST holds the same images")
+    parser.add_argument("--output", default=None, help="write the figures as JSON here")
+    main(parser.parse_args())
