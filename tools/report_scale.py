@@ -21,7 +21,7 @@ sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `p
 sys.path.insert(1, os.path.join(REPO, "tests"))  # tests/chromium.py
 
 import report  # noqa: E402
-from chromium import Chromium  # noqa: E402
+from chromium import Chromium, find_chromium  # noqa: E402
 from misc import UserError, run_cli  # noqa: E402
 
 
@@ -34,6 +34,8 @@ def get_args_parser():
 
 
 def main(args):
+    if not find_chromium():
+        raise UserError("chromium is not installed (Debian: apt-get install chromium; or set $CHROMIUM)")
     if args.folder is None:
         args.folder = tempfile.mkdtemp(prefix="report-scale-")
     os.makedirs(args.folder, exist_ok=True)

@@ -54,8 +54,8 @@ def scattered_detections(cells, labels, windows, image_size, scatter, g, min_par
 
 def main(args):
     test_set = BCCDDataset(args.data_folder, "test")
-    if not 4 <= args.images <= len(test_set):
-        raise UserError(f"--images must be 4 to {len(test_set)}, not {args.images}")
+    if not 9 <= args.images <= len(test_set):  # one 3x3 mosaic at least
+        raise UserError(f"--images must be 9 to {len(test_set)}, not {args.images}")
     objects = test_set.objects[:args.images]
     width, height = BCCD_FIELD
     tiles = tiling(BCCD_FIELD)
