@@ -167,7 +167,7 @@ def test_int8_export_scores_within_0_01_of_the_pytorch_models_test_map(int8_mode
                       "--output", out)
     assert result.returncode == 0, result.stderr
     got = json.loads(out.read_text())
-    recorded = shipped["provenance"]["test"]  # eager fp32 on TEST, by results/ship_model.py (a check, not a choice)
+    recorded = shipped["provenance"]["test"]  # eager fp32 on TEST, by tools/ship_model.py (a check, not a choice)
     assert got["images"] == recorded["images"] == 72
     assert abs(got["mAP"] - recorded["mAP"]) <= INT8_MAP_TOLERANCE, (got["mAP"], recorded["mAP"])
     assert got["device"] == "cpu" and got["tta"] == "off" and got["checkpoint"] == int8_model.source

@@ -244,9 +244,9 @@ def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
 
 
 def test_unannotated_cells_sorts_detections_as_voc_matches_them():
-    """results/unannotated_cells.py's classify: by score, IoU > 0.5 matches an annotation once, a second match is a
+    """tools/unannotated_cells.py's classify: by score, IoU > 0.5 matches an annotation once, a second match is a
     duplicate, 0.1 < IoU <= 0.5 is near, the rest lie on no annotated box."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "unannotated_cells.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "unannotated_cells.py")
     spec = importlib.util.spec_from_file_location("unannotated_cells", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,7 @@
 """The model that ships with the project (weights/ssd300_bccd.pt): a regression test of the trained weights.
 
 Any change to the model code, priors, decoding or transforms that breaks the trained weights changes
-its TEST mAP or its counts on the sample images (img/), which its file records (results/ship_model.py
+its TEST mAP or its counts on the sample images (img/), which its file records (tools/ship_model.py
 wrote them with eval.py and detect.py, in fp32 on a CPU), and fails here.
 """
 import csv

@@ -1,7 +1,7 @@
-"""Do the exports detect what the PyTorch model detects? TEST mAP through detect.py --checkpoint <export> (issue 21).
+"""Do the exports detect what the PyTorch model detects? TEST mAP through detect.py --checkpoint <export>.
 
     $ python create_data_lists.py --train-split train --test-split val --output-folder data/lists-val
-    $ python results/export_parity.py --output results/cpu/export_parity.json
+    $ python tools/export_parity.py --output results/cpu/export_parity.json
 
 Exports --checkpoint (default: the shipped model) with export.py to ONNX, OpenVINO and OpenVINO int8 (int8
 calibrated on the TRAIN images of --calibration-lists: train.txt, the shipped model's own training images), then
@@ -21,7 +21,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/export_parity.py`)
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import DEFAULT_CHECKPOINT  # noqa: E402
@@ -29,7 +30,6 @@ from export import export_checkpoint  # noqa: E402
 from misc import UserError, check_writable, repo_relative, run_cli, run_info, write_json_atomic  # noqa: E402
 from utils import calculate_mAP  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = {"onnxruntime fp32": 0.003, "openvino fp32": 0.003, "openvino int8": 0.01}
 
 

@@ -1,6 +1,6 @@
-"""Does detect.py count a large image as well as a BCCD field? Mosaics of BCCD TEST images, tiled (issue 13).
+"""Does detect.py count a large image as well as a BCCD field? Mosaics of BCCD TEST images, tiled.
 
-    $ python results/tiling_mosaics.py --checkpoint weights/ssd300_bccd.pt --output results/tiling_mosaics.json
+    $ python tools/tiling_mosaics.py --checkpoint weights/ssd300_bccd.pt --output results/tiling_mosaics.json
 
 From the first --images TEST images (test.txt's order; 36 by default) it builds 2x2 mosaics (1280x960),
 3x3 mosaics (1920x1440) and, from the first --enlarged 2x2 ones, mosaics enlarged 2x (2560x1920, bicubic)
@@ -26,7 +26,8 @@ import time
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/tiling_mosaics.py`)
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import RBC_WIDTH, detect_image, load_model, tile_windows, tiling  # noqa: E402

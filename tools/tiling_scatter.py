@@ -1,6 +1,6 @@
-"""How tiled detection's merging copes with boxes whose edges scatter: simulated, without a model (issue 13).
+"""How tiled detection's merging copes with boxes whose edges scatter: simulated, without a model.
 
-    $ python results/tiling_scatter.py --output results/tiling_scatter.json
+    $ python tools/tiling_scatter.py --output results/tiling_scatter.json
 
 2x2 and 3x3 mosaics of the first --images TEST images' annotations (the cells are where BCCD's are) are cut
 into detect.py's windows. In every window a simulated detector reports every cell that shows at least a
@@ -15,7 +15,8 @@ import sys
 import torch
 from torchvision.ops import box_area
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/tiling_scatter.py`)
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import BCCD_FIELD, merge_windows, tile_windows, tiling  # noqa: E402
@@ -53,8 +54,8 @@ def scattered_detections(cells, labels, windows, image_size, scatter, g, min_par
 
 def main(args):
     test_set = BCCDDataset(args.data_folder, "test")
-    if not 4 <= args.images <= len(test_set):
-        raise UserError(f"--images must be 4 to {len(test_set)}, not {args.images}")
+    if not 9 <= args.images <= len(test_set):  # one 3x3 mosaic at least
+        raise UserError(f"--images must be 9 to {len(test_set)}, not {args.images}")
     objects = test_set.objects[:args.images]
     width, height = BCCD_FIELD
     tiles = tiling(BCCD_FIELD)

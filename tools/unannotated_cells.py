@@ -1,6 +1,6 @@
-"""Where a model's confident detections fall against BCCD's annotations, class by class (issue 20).
+"""Where a model's confident detections fall against BCCD's annotations, class by class.
 
-    $ python results/unannotated_cells.py --checkpoint runs/twin6/checkpoint.pt --data-folder data/lists-val \
+    $ python tools/unannotated_cells.py --checkpoint runs/twin6/checkpoint.pt --data-folder data/lists-val \
           --output results/2026-12-06-cpu/unannotated-val.json --figure-dir results/2026-12-06-cpu
 
 Runs the model on the lists' TEST images at the mAP's NMS (--max-overlap 0.45), keeps the detections scoring at
@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's flat scripts
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/unannotated_cells.py`)
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import load_model, predict  # noqa: E402

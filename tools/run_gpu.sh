@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The GPU runs behind results/: the exact commands, in two calls of the device tool.
+# The GPU runs behind results/2026-11-26-h200: the exact commands, in two calls of a GPU machine.
 #
-#   bash results/run_gpu.sh tune     # bench.py, then 3 recipes trained on train.txt, scored on val.txt
-#   RECIPE="..." bash results/run_gpu.sh final   # the chosen recipe: seeds on trainval scored on test, and on train/val
-#   bash results/run_gpu.sh tune2    # next round (one call, at most ~9 min): the CUDA-only tests, CPU and data-pipeline
+#   bash tools/run_gpu.sh tune     # bench.py, then 3 recipes trained on train.txt, scored on val.txt
+#   RECIPE="..." bash tools/run_gpu.sh final   # the chosen recipe: seeds on trainval scored on test, and on train/val
+#   bash tools/run_gpu.sh tune2    # next round (one call, at most ~9 min): the CUDA-only tests, CPU and data-pipeline
 #                                    # checks, bench.py, then 3 recipes of 250 epochs side by side on train.txt, scored on val.txt
 #
 # Expects BCCD in data/BCCD (copied there, it is git-ignored) and writes everything under $OUT.
 # Knobs for a CPU dry run: DEVICE=cpu EPOCHS=1 BATCH=2 WORKERS=0 TINY=4 BENCH_ARGS="--iters 1 --train-batch 2 --infer-batches 1"
 set -u
+case ${1:-} in
+  tune|tune2|final) ;;
+  *) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 2 ;;  # the usage above
+esac
+cd "$(dirname "$0")/.."  # the repository root
 OUT=${OUT:-out}
 STAGE=stage-$1  # everything but the weights is packed from here into $OUT/$1.tgz (the tool brings back 8 files)
 mkdir -p "$OUT" "$STAGE"
 export PYTHONUNBUFFERED=1
-PHASE=${1:?tune or final}
+PHASE=$1
 DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-$([ "$PHASE" = tune2 ] && echo 250 || echo 200)}
 BATCH=${BATCH:-32}

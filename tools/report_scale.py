@@ -1,7 +1,7 @@
 """How report.html scales: a page for N images (default 5,000), its size, the time report.py spends rewriting
 it, and how long headless Chromium takes to open it and to sort it (tests/chromium.py).
 
-    $ python results/report_scale.py --image img/BloodImage_00007.jpg          # writes into /tmp/report-scale
+    $ python tools/report_scale.py --image img/BloodImage_00007.jpg    # writes into a new temporary folder
 
 The rows are made up (14 cells an image, random scores above the thresholds); every thumbnail is a copy of
 the one of --image, so the browser loads real files. Nothing here runs a model.
@@ -11,23 +11,36 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), d) for d in ("..", "../tests")]
-from PIL import Image  # noqa: E402
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/report_scale.py`)
+sys.path.insert(1, os.path.join(REPO, "tests"))  # tests/chromium.py
 
 import report  # noqa: E402
-from chromium import Chromium  # noqa: E402
+from chromium import Chromium, find_chromium  # noqa: E402
+from misc import UserError, run_cli  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def get_args_parser():
+    p = argparse.ArgumentParser("report_scale.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", required=True, help="an image to make the thumbnails of")
     p.add_argument("--images", type=int, default=5000, help="rows of the page")
-    p.add_argument("--folder", default="/tmp/report-scale", help="written here (emptied first)")
-    args = p.parse_args()
-    shutil.rmtree(args.folder, ignore_errors=True)
-    os.makedirs(args.folder)
+    p.add_argument("--folder", default=None, help="an empty or new folder to write into (default: a new temporary one)")
+    return p
+
+
+def main(args):
+    if not find_chromium():
+        raise UserError("chromium is not installed (Debian: apt-get install chromium; or set $CHROMIUM)")
+    if args.folder is None:
+        args.folder = tempfile.mkdtemp(prefix="report-scale-")
+    os.makedirs(args.folder, exist_ok=True)
+    if os.listdir(args.folder):
+        raise UserError(f"--folder {args.folder}: not empty (give an empty or new folder)")
     classes = ["RBC", "WBC", "Platelets"]
     page = report.Report(args.folder, classes, [0.35, 0.25, 0.3], {"model": "made-up rows"}, args.images)
     page.thumbnail("first.jpg", Image.open(args.image))
@@ -44,7 +57,7 @@ def main():
         rewrites += page.written_at != before
     page.close()
     path = os.path.join(args.folder, report.REPORT)
-    print(f"{args.images} images: page {os.path.getsize(path) / 1e6:.2f} MB, {rewrites + 1} writes in "
+    print(f"{args.images} images: page {path}, {os.path.getsize(path) / 1e6:.2f} MB, {rewrites + 1} writes in "
           f"{time.perf_counter() - start:.1f} s (with the thumbnails' copies), the last "
           f"{page.write_seconds * 1e3:.0f} ms")
     with Chromium(timeout=300) as browser:
@@ -60,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, get_args_parser())

@@ -1,7 +1,7 @@
 """Make the model file that ships with the project (weights/ssd300_bccd.pt) from a train.py checkpoint.
 
-    $ python results/ship_model.py runs/cpu-val/checkpoint.pt --sweep results/cpu/eval-val-sweep.json \
-          --train-split train --log runs/cpu-val/log.jsonl --out weights/ssd300_bccd.pt
+    $ python tools/ship_model.py runs/trainval6/checkpoint.pt --sweep results/shipped/eval-val-sweep.json \
+          --train-split trainval --twin-val results/shipped/eval-val-sweep.json --log runs/trainval6/log.jsonl
 
 Writes the fp16 state_dict, model_args and label_map, the counting thresholds chosen on a validation
 split (--sweep: the JSON of `eval.py --count-sweep` on val.txt) and the model's provenance as plain
@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/ship_model.py`)
 
 from misc import UserError, load_checkpoint, repo_relative, run_cli, run_info, save_atomic  # noqa: E402
 
