@@ -13,6 +13,10 @@ import json
 import os
 import sys
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/count_check.py`)
+from misc import UserError, run_cli, write_json_atomic  # noqa: E402
+
 
 def errors(rows, names):
     """{class: {"annotated", "counted", "error", "bias"}} of rows [(counted {class: n}, annotated {class: n})]."""
@@ -41,7 +45,7 @@ def main(args):
     counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
     if set(counted) != set(annotated):
-        sys.exit(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
+        raise UserError(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
                  f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
     rows = {}
     for path, o in annotated.items():
@@ -53,14 +57,16 @@ def main(args):
         print(f"{where:<14}" + "  ".join(f"{n} {e['error']:.1%} ({e['bias']:+.1%})" if e["error"] is not None
                                          else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_json_atomic(report, args.output, indent=2)
 
 
-if __name__ == "__main__":
+def get_args_parser():
     parser = argparse.ArgumentParser("count_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("counts", help="counts.csv of a detect.py run")
     parser.add_argument("--data-folder", default="data/lists", help="lists whose TEST holds the same images")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -19,8 +19,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/guard_calibration.py`)
 from create_data_lists import HASH_GRID, MAX_HASH_DISTANCE, d4_orbit, perceptual_hashes, thumbnail  # noqa: E402
+from misc import run_cli, write_json_atomic  # noqa: E402
 
 
 def distances(ours, theirs):
@@ -71,14 +73,16 @@ def main(args):
     }
     print(json.dumps(report, indent=2))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_json_atomic(report, args.output, indent=2)
 
 
-if __name__ == "__main__":
+def get_args_parser():
     parser = argparse.ArgumentParser("guard_calibration.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bccd", default="data/BCCD", help="BCCD (VOC: JPEGImages, ImageSets/Main/test.txt)")
     parser.add_argument("--txl", default="data/TXL-PBC", help="TXL-PBC (images/train, images/val)")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

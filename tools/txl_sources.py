@@ -15,6 +15,10 @@ import sys
 
 from PIL import Image
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/txl_sources.py`)
+from misc import UserError, run_cli  # noqa: E402
+
 SOURCES = {(640, 480): "BCCD", (575, 575): "Raabin", (360, 363): "PBC", (366, 369): "PBC"}
 
 
@@ -29,7 +33,7 @@ def main(args):
             with Image.open(os.path.join(folder, name)) as im:
                 size = im.size
             if size not in SOURCES:
-                sys.exit(f"{os.path.join(folder, name)}: {size[0]}x{size[1]}, not a size of TXL-PBC's sources")
+                raise UserError(f"{os.path.join(folder, name)}: {size[0]}x{size[1]}, not a size of TXL-PBC's sources")
             by_source[SOURCES[size]].append(os.path.abspath(os.path.join(folder, name)))
         for source, paths in by_source.items():
             os.makedirs(os.path.join(args.output, source), exist_ok=True)
@@ -41,8 +45,12 @@ def main(args):
             f.write(f"train: train.txt\nval: val.txt\n{names_line}")
 
 
-if __name__ == "__main__":
+def get_args_parser():
     parser = argparse.ArgumentParser("txl_sources.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--txl", default="data/TXL-PBC", help="TXL-PBC (its data.yaml, images/train, images/val)")
     parser.add_argument("--output", default="data/txl-sources", help="where the three datasets are written")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
