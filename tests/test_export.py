@@ -21,6 +21,7 @@ from PIL import Image
 
 import detect
 import export
+import exported
 from conftest import REPO
 from utils import create_data_lists
 
@@ -37,7 +38,7 @@ CALIBRATION_IMAGES = 4
 
 def needs(*modules):
     for module in modules:
-        pytest.importorskip(module, reason=f"{module} is not installed: {export.INSTALL}")
+        pytest.importorskip(module, reason=f"{module} is not installed: {exported.INSTALL}")
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +116,9 @@ def eager_outputs(eager, samples):
 @pytest.mark.parametrize("which", ["onnx_model", "openvino_model"])
 def test_fp32_exports_give_eager_raw_outputs(which, request, samples, eager_outputs):
     model = request.getfixturevalue(which)
-    assert isinstance(model, export.ExportedSSD300) and model.metadata["precision"] == "fp32"
+    assert isinstance(model, exported.ExportedSSD300) and model.metadata["precision"] == "fp32"
     if which == "openvino_model":  # the .xml names its .bin by hash
-        assert model.metadata["weights_sha256"] == export.sha256(model.source.removesuffix(".xml") + ".bin")
+        assert model.metadata["weights_sha256"] == exported.sha256(model.source.removesuffix(".xml") + ".bin")
     got = detect.run_model(model, samples, amp=False)
     for e, g in zip(eager_outputs, got):
         assert g.shape == e.shape and g.dtype == torch.float32
@@ -213,7 +214,7 @@ def test_int8_is_calibrated_on_train_images_only(int8_model, lists_val):
 
 def metadata(**changes):
     """Valid export metadata of the shipped model's classes (as export.py writes it), with changes."""
-    m = {"version": export.METADATA_VERSION, "precision": "fp32",
+    m = {"version": exported.METADATA_VERSION, "precision": "fp32",
          "label_map": {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3},
          "model_args": {"n_classes": 4, "batch_norm": True, "prior_scales": [0.06, 0.15, 0.33, 0.51, 0.69, 0.87]},
          "count_thresholds": {"min_score": {"RBC": 0.35, "WBC": 0.25, "Platelets": 0.3}, "max_overlap": 0.3}}
@@ -249,7 +250,7 @@ def tiny_network(classes=4, priors=8732, made=None, input_type="FLOAT", value=0.
 def tiny_onnx(path, text=None, **network):
     proto = tiny_network(**network)
     if text is not None:
-        proto.metadata_props.add(key=export.METADATA_KEY, value=text)
+        proto.metadata_props.add(key=exported.METADATA_KEY, value=text)
     path.write_bytes(proto.SerializeToString())
     return path
 
@@ -326,8 +327,8 @@ def test_a_tiny_onnx_export_runs_through_detect(tmp_path):
 def test_an_export_runs_on_the_cpu_only_and_has_no_weight_average(tmp_path, run_main):
     needs("onnx", "onnxruntime")
     path = str(tiny_onnx(tmp_path / "model.onnx", metadata()))
-    assert export.device_flag("auto", path) == "cpu" and export.device_flag("auto", "checkpoint.pt") == "auto"
-    assert export.device_flag("cuda", path) == "cuda"  # asked for: refused by load_model
+    assert exported.device_flag("auto", path) == "cpu" and exported.device_flag("auto", "checkpoint.pt") == "auto"
+    assert exported.device_flag("cuda", path) == "cuda"  # asked for: refused by load_model
     with pytest.raises(detect.UserError, match=r"model.onnx: an export runs on the CPU .*use --device cpu"):
         detect.load_model(path, torch.device("cuda"))
     result = run_main("eval.py", "--checkpoint", path, "--ema", "--data-folder", tmp_path / "lists")
@@ -350,7 +351,7 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     needs("onnx", "openvino")
     import openvino as ov
     network = ov.convert_model(str(tiny_onnx(tmp_path / "tiny.onnx")))
-    network.set_rt_info(metadata(), [export.METADATA_KEY])  # where export.py puts it
+    network.set_rt_info(metadata(), [exported.METADATA_KEY])  # where export.py puts it
     ov.save_model(network, str(tmp_path / "model.xml"))
     assert detect.load_model(str(tmp_path / "model.xml")).runtime.startswith("OpenVINO")
     (tmp_path / "model.bin").rename(tmp_path / "elsewhere.bin")
@@ -360,11 +361,11 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     (tmp_path / "model.xml").write_text("<net name='x'><layers>")
     with pytest.raises(detect.UserError, match=r"model.xml: not a readable OpenVINO model"):
         detect.load_model(str(tmp_path / "model.xml"))
-    network.set_rt_info(metadata(label_map=[1, 2]), [export.METADATA_KEY])  # hostile metadata there too
+    network.set_rt_info(metadata(label_map=[1, 2]), [exported.METADATA_KEY])  # hostile metadata there too
     ov.save_model(network, str(tmp_path / "model.xml"))
     with pytest.raises(detect.UserError, match=r"model.xml: label_map: not a label map"):
         detect.load_model(str(tmp_path / "model.xml"))
-    network.set_rt_info(metadata(weights_sha256="0" * 64), [export.METADATA_KEY])  # another .bin's: a mixed pair
+    network.set_rt_info(metadata(weights_sha256="0" * 64), [exported.METADATA_KEY])  # another .bin's: a mixed pair
     ov.save_model(network, str(tmp_path / "model.xml"))
     with pytest.raises(detect.UserError, match=r"model.xml: its weights .*model.bin are not the ones exported with it"):
         detect.load_model(str(tmp_path / "model.xml"))
