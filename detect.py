@@ -19,9 +19,7 @@ the model's training field (BCCD's 640x480) is cut into overlapping windows of t
 detections are merged (tiling.py); --tile off resizes every image whole, as the tutorial does.
 """
 import argparse
-import collections
 import functools
-import itertools
 import math
 import numbers
 import os
@@ -38,7 +36,7 @@ from misc import (Terminated, UserError, bf16_is_fast, check_workers, format_min
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from report import Report
-from tiling import BCCD_FIELD, RBC_WIDTH, flag_tiling, merge_windows, prepare, tile_windows, tiling
+from tiling import BCCD_FIELD, RBC_WIDTH, flag_tiling, in_batches, prepare, tile_windows, tiling, to_pixels
 from utils import class_names, normalize, pil_to_tensor, resize
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
@@ -189,9 +187,9 @@ def detect_image(image, model, min_score=None, max_overlap=None, top_k=TOP_K, ti
         x = preprocess(pil_to_tensor(image))[None]
         (boxes, labels, scores), = zip(*predict(model, x, min_score, max_overlap, top_k, amp))
         return to_pixels(boxes.cpu(), *image.size), labels.cpu(), scores.cpu()
+    run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=top_k, amp=amp)
     item = (None, image.size, *prepare(pil_to_tensor(image), tiles))
-    (_, boxes, labels, scores), = detect_batches(model, [item], tiles, batch_size or default_batch_size(device),
-                                                 min_score, max_overlap, top_k, amp)
+    (_, boxes, labels, scores), = in_batches(run, [item], tiles, batch_size or default_batch_size(device), max_overlap)
     return boxes, labels, scores
 
 
@@ -208,7 +206,7 @@ def detect(original_image, min_score=None, max_overlap=None, top_k=TOP_K, *, mod
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers of that path: counting thresholds, the Python API's arguments, boxes in pixels, batches
+# Helpers of that path: counting thresholds, the Python API's arguments
 # ---------------------------------------------------------------------------------------------
 
 def counting_defaults(ckpt, classes, source="checkpoint"):
@@ -260,37 +258,6 @@ def is_real(value):
 
 def default_batch_size(device):
     return 16 if device.type == "cuda" else 1  # on a CPU one at a time is the fastest per image
-
-
-def to_pixels(boxes, width, height):
-    return boxes * boxes.new_tensor([width, height, width, height])
-
-
-def detect_batches(model, items, tiles, batch_size, min_score, max_overlap, top_k, amp):
-    """Detections for a stream of images whose model inputs go through the model batch_size at a time, those of
-    consecutive images sharing batches (the command line's path, and a tiled image's).
-
-    items: iterable of (key, (width, height), windows, inputs), (windows, inputs) from tiling.prepare(image, tiles).
-    Yields (key, boxes (n, 4) in pixels of the image, labels (n,), scores (n,)) for each item, in order. top_k
-    applies to each model input: an image resized whole, or a window.
-    """
-    waiting, queue, outputs = collections.deque(), [], []  # images not yet yielded; inputs not yet run; their outputs
-    for item in itertools.chain(items, [None]):
-        if item is not None:
-            waiting.append(item[:3])
-            queue.extend(item[3].unbind(0))
-        while queue and (len(queue) >= batch_size or item is None):
-            batch, queue = torch.stack(queue[:batch_size]), queue[batch_size:]
-            outputs += zip(*([t.cpu() for t in d] for d in predict(model, batch, min_score, max_overlap, top_k, amp)))
-            while waiting and len(outputs) >= len(waiting[0][2] or [None]):
-                key, (width, height), windows = waiting.popleft()
-                n = len(windows or [None])
-                (boxes, labels, scores), outputs = zip(*outputs[:n]), outputs[n:]
-                if windows is None:  # resized whole, as the tutorial does
-                    yield key, to_pixels(boxes[0], width, height), labels[0], scores[0]
-                else:
-                    yield key, *merge_windows(boxes, labels, scores, windows, (width, height), tiles.margin,
-                                              max_overlap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +405,11 @@ def detect_files(args):
                     report_settings(args, model, min_score, max_overlap, tiles, device, amp), len(paths))
     with Results(args.output_dir, classes, model.rev_label_map, report) as results:
         try:
-            for (i, image, windows), boxes, labels, scores in detect_batches(
-                    model, ImageFiles.read(paths, tiles, workers, errors), tiles,
-                    args.batch_size or default_batch_size(device), min_score, max_overlap, args.top_k, amp):
+            run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k,
+                                    amp=amp)
+            for (i, image, windows), boxes, labels, scores in in_batches(
+                    run, ImageFiles.read(paths, tiles, workers, errors), tiles,
+                    args.batch_size or default_batch_size(device), max_overlap):
                 pil = Image.fromarray(image.permute(1, 2, 0).numpy())
                 annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
                 n, failed = results.add(paths[i], names[i], annotated, len(windows or [None]), boxes, labels, scores)

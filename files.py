@@ -107,7 +107,7 @@ class ImageFiles(Dataset):
     @classmethod
     def read(cls, paths, tiles, workers, errors):
         """The images, read and cut by `workers` processes (0: this one) while the model runs, as
-        detect.detect_batches takes them: ((index, image, windows), (width, height), windows, inputs). An unreadable
+        tiling.in_batches takes them: ((index, image, windows), (width, height), windows, inputs). An unreadable
         file is left out, and its message added to `errors`."""
         loader = DataLoader(cls(paths, tiles), batch_size=None, num_workers=workers, collate_fn=cls.collate_fn,
                             worker_init_fn=ignore_stop_signals)

@@ -11,6 +11,8 @@ model as an image of the field would; the boxes go back to pixels of the image, 
 from the one window that owns it, cells cut by a window's edge give way to the whole cell, and NMS across windows
 counts a cell two windows claim once (merge_windows). Checked without a model in tests/test_tiling.py.
 """
+import collections
+import itertools
 import math
 import re
 from typing import NamedTuple
@@ -224,3 +226,36 @@ def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overla
     idx = keep.nonzero().squeeze(1)
     idx = idx[batched_nms(pixels[idx], scores[idx], labels[idx], max_overlap)]  # by decreasing score
     return pixels[idx], labels[idx], scores[idx]
+
+
+def to_pixels(boxes, width, height):
+    """Boxes (n, 4) in fractions of an image resized whole -> pixels of the width x height image."""
+    return boxes * boxes.new_tensor([width, height, width, height])
+
+
+def in_batches(run, items, tiles, batch_size, max_overlap):
+    """Detections for a stream of images whose model inputs go through the model batch_size at a time, those of
+    consecutive images sharing batches (detect.py's command line, and a tiled image in detect.detect_image).
+
+    run: uint8 (n, 3, 300, 300) -> a list over the n inputs of (boxes (k, 4) fractional, labels (k,), scores (k,)):
+    detect.predict at the run's settings. items: iterable of (key, (width, height), windows, inputs), (windows,
+    inputs) from prepare(image, tiles). Yields (key, boxes (k, 4) in pixels of the image, labels (k,), scores (k,))
+    for each item, in order: an image resized whole as the tutorial does, a tiled one merged (merge_windows).
+    """
+    waiting, queue, outputs = collections.deque(), [], []  # images not yet yielded; inputs not yet run; their outputs
+    for item in itertools.chain(items, [None]):
+        if item is not None:
+            waiting.append(item[:3])
+            queue.extend(item[3].unbind(0))
+        while queue and (len(queue) >= batch_size or item is None):
+            batch, queue = torch.stack(queue[:batch_size]), queue[batch_size:]
+            outputs += zip(*([t.cpu() for t in detections] for detections in run(batch)))
+            while waiting and len(outputs) >= len(waiting[0][2] or [None]):
+                key, (width, height), windows = waiting.popleft()
+                n = len(windows or [None])
+                (boxes, labels, scores), outputs = zip(*outputs[:n]), outputs[n:]
+                if windows is None:
+                    yield key, to_pixels(boxes[0], width, height), labels[0], scores[0]
+                else:
+                    yield key, *merge_windows(boxes, labels, scores, windows, (width, height), tiles.margin,
+                                              max_overlap)
