@@ -46,8 +46,8 @@ from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import DEFAULT_CHECKPOINT, MAP_MAX_OVERLAP, MAP_MIN_SCORE, TOP_K, detect_image, load_model, predict
-from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
-                  load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
+from misc import (UserError, available_cpus, bf16_choice, bf16_is_fast, check_not_an_input, check_workers,
+                  check_writable, load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
 from tiling import BCCD_FIELD, tile_windows, tiling
 from utils import calculate_mAP, image_extensions, label_map, load_image, normalize
@@ -72,7 +72,7 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: misc.bf16_is_fast)")
+                   help="bf16 autocast for both models (default: detect.py's, by the device: misc.bf16_choice)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
@@ -597,7 +597,7 @@ def print_table(out):
                   f"{r['speedup_batch_8']:>6}{r['mosaics_seconds']:>13}{r['mosaics_over_default']:>10}  "
                   + " ".join(f"{k} {v}" for k, v in r["mosaics_counts"].items()))
         if not e["eager_default_bf16"]:
-            print("eager default: bf16 is not fast on this CPU (utils.bf16_is_fast), so detect.py's default is eager fp32")
+            print("eager default: bf16 is not detect.py's default on this CPU (misc.bf16_choice), so it is eager fp32")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
         for size, t in out["tiling_seconds_per_megapixel"].items():
@@ -647,10 +647,10 @@ def main(args):
     check_args(args)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    amp = bf16_is_fast(device) if args.amp is None else args.amp
-    if amp and not bf16_is_fast(device):
-        print("warning: bf16 is slower than fp32 on this CPU (emulated, or slow kernels); timings with --amp will be "
-              "slow", file=sys.stderr)
+    default, why = bf16_choice(device)
+    amp = default if args.amp is None else args.amp
+    if amp and not default:
+        print(f"warning: bf16 is not the default on this CPU ({why}); timings with --amp may be slow", file=sys.stderr)
     channels_last = True
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from exported import device_flag, is_export, load_export
 from files import (ImageFiles, Results, check_names, check_writable_folder, find_images, open_image,  # noqa: F401
                    output_names, printable, report_settings)
-from misc import (Terminated, UserError, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
+from misc import (Terminated, UserError, bf16_choice, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from report import Report
@@ -349,7 +349,8 @@ def get_args_parser():
                    "2 on CUDA; 0 on a CPU, whose cores the model already uses)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, and on CPUs with native bf16 where it is faster: misc.bf16_is_fast)")
+                   help="bf16 autocast (default: on with CUDA, and on CPUs with AMX or an AMD CPU's AVX512-BF16, by "
+                   "their features, never a timing: misc.bf16_choice)")
     p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
                    "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
                    "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
@@ -378,8 +379,11 @@ def detect_files(args):
     check_args(args)
     check_writable_folder(args.output_dir)
     device = resolve_device(device_flag(args.device, args.checkpoint))
-    amp = bf16_is_fast(device) if args.amp is None else args.amp
     model = load_model(args.checkpoint, device, tta=args.tta)
+    amp, why = bf16_choice(device) if args.amp is None else (args.amp, "--amp" if args.amp else "--no-amp")
+    precision = "bf16" if amp else "fp32"
+    if is_export(args.checkpoint):  # its runtime runs it as exported, whatever --amp says
+        precision, why = f"{model.metadata.get('precision')} ({model.runtime})", "as exported"
     classes = class_names(model.label_map)
     min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes,
                                                                                   default=model.min_score)
@@ -402,8 +406,8 @@ def detect_files(args):
     print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
     start = time.perf_counter()
     report = Report(args.output_dir, classes, min_score,
-                    report_settings(args, model, min_score, max_overlap, tiles, device, amp), len(paths))
-    with Results(args.output_dir, classes, model.rev_label_map, report) as results:
+                    report_settings(args, model, min_score, max_overlap, tiles, device, (precision, why)), len(paths))
+    with Results(args.output_dir, classes, model.rev_label_map, report, precision) as results:
         try:
             run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k,
                                     amp=amp)
@@ -426,11 +430,11 @@ def detect_files(args):
         raise UserError(f"{errors[-1]}; no image could be read, nothing written")
     seconds = time.perf_counter() - start
     print(f"{results.n} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
-          f"{max_overlap:g}; results in {args.output_dir}")
+          f"{max_overlap:g}; precision {precision}; results in {args.output_dir}")
     say_errors(errors)
     if errors:
         sys.exit(1)
-    return {"images": results.n, "seconds": seconds, "output_dir": args.output_dir}
+    return {"images": results.n, "seconds": seconds, "precision": precision, "output_dir": args.output_dir}
 
 
 def main(args):

@@ -10,7 +10,8 @@ in DataLoader workers while the model runs, and an unreadable file is reported, 
 
 counts.csv: the image, then one column per class of the checkpoint (UTF-8; a name a spreadsheet would take for a
 formula, = + - @ first, gets a leading ': spreadsheet_text). detections.json: a JSON list, a record per image with
-its boxes in pixels of the original image, labels and scores. report.html: report.py. Each input gets a distinct
+its size, its boxes in pixels of the original image, labels and scores, and the precision they were computed in (bf16,
+fp32, or an export's). report.html: report.py. Each input gets a distinct
 annotated image name (output_names), and any file name is shown as text on one line (printable).
 """
 import csv
@@ -230,8 +231,9 @@ class Results:
     stays whole up to its last row) and releases the lock: a second detect.py writing into the folder at the same
     time is refused."""
 
-    def __init__(self, folder, classes, rev_label_map, report=None):
+    def __init__(self, folder, classes, rev_label_map, report=None, precision=None):
         self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
+        self.precision = precision  # how the detections were computed (bf16, fp32, an export's): in each record
         self.report = report  # report.html (a report.Report), kept up to date beside the two files; None: none
         self.lock = self.counts = self.detections = None
         self.names = {name: name for name in PARTIAL}  # where each file goes during the run (PARTIAL when staged)
@@ -305,7 +307,7 @@ class Results:
         record = {"image": printable(path), "output": printable(name), "width": annotated.width,
                   "height": annotated.height, "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
-                  "scores": [round(s, 4) for s in scores.tolist()]}
+                  "scores": [round(s, 4) for s in scores.tolist()], "precision": self.precision}
         try:
             self.csv.writerow([spreadsheet_text(printable(path)), *n])
             self.counts.flush()
@@ -348,8 +350,8 @@ class Results:
             raise UserError(f"--output-dir {self.folder}: cannot move {e.filename} into place ({e.strerror or e})") from None
 
 
-def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
-    """What report.html says of a run: {label: text}."""
+def report_settings(args, model, min_score, max_overlap, tiles, device, precision):
+    """What report.html says of a run: {label: text}. precision: (bf16, fp32 or an export's, why)."""
     classes = class_names(model.label_map)
     command = " ".join(printable(a) for a in sys.argv)  # a long list of files: its start
     return {"model": f"{printable(os.path.abspath(args.checkpoint))} (classes {', '.join(classes)}; trained on "
@@ -358,6 +360,6 @@ def report_settings(args, model, min_score, max_overlap, tiles, device, amp):
             "tiling": "off: every image resized whole" if tiles is None else
                       f"windows of {tiles.window[0]}x{tiles.window[1]} px overlapping by {tiles.overlap} px, for "
                       f"images more than {TILE_ABOVE:g} times as wide or tall",
-            "device": f"{device}, bf16 autocast {'on' if amp else 'off'}",
+            "device": str(device), "precision": f"{precision[0]} ({precision[1]})",
             "command": command if len(command) <= 200 else f"{command[:200]} ... ({len(sys.argv) - 1} arguments)",
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -9,6 +9,8 @@ as the command line's: a wrong kind of argument is a TypeError, a value out of r
 """
 import csv
 import json
+import re
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 import detect
+import misc
 from misc import UserError, bf16_is_fast
 from test_detect_cli import assert_one_line_error
 from utils import IMAGENET_MEAN, IMAGENET_STD, bccd_labels, label_color_map, label_map
@@ -262,3 +265,43 @@ def test_python_api(case, call, error, says, untrained_checkpoint):
     with pytest.raises(error) as e:
         call(model, Image.new("RGB", (64, 48)))
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: bf16 or fp32 by what the CPU is, never by a timing, so that a busy machine counts as an idle one
+# ---------------------------------------------------------------------------------------------
+
+CPUS = [  # (vendor, /proc/cpuinfo flags, bf16 by default): the CPUs the rule was measured on, and others
+    ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, True),  # Xeon with AMX: 2.3-2.6x as fast
+    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, True),  # EPYC with AVX512-BF16: about 2x
+    ("GenuineIntel", {"avx512f", "avx512_bf16"}, False),  # Xeon with AVX512-BF16, no AMX: bf16 slower
+    ("GenuineIntel", {"avx512f", "avx512_vnni"}, False),  # no native bf16: emulated
+    ("AuthenticAMD", {"avx2"}, False), ("", set(), False)]
+
+
+@pytest.mark.parametrize("vendor, flags, bf16", CPUS, ids=["xeon-amx", "epyc-bf16", "xeon-bf16", "xeon", "amd", "none"])
+def test_the_precision_follows_from_the_cpu_and_never_from_a_timing(vendor, flags, bf16, monkeypatch):
+    def timed(*args, **kwargs):
+        raise AssertionError("the choice timed something")
+
+    monkeypatch.setattr(misc, "cpu_features", lambda: (vendor, frozenset(flags)))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for clock in ("perf_counter", "perf_counter_ns", "time", "monotonic", "process_time"):
+        monkeypatch.setattr(time, clock, timed)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", timed)
+    cpu = torch.device("cpu")
+    answers = {(misc.bf16_is_fast(cpu), misc.bf16_choice(cpu)) for _ in range(3)}
+    assert len(answers) == 1 and answers.pop()[0] is bf16
+    assert misc.bf16_is_fast(torch.device("cuda")) is True  # not run here: the device's type decides
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a torch without them
+    assert misc.bf16_choice(cpu)[0] is False
+
+
+def test_the_cpu_features_are_this_machines():
+    vendor, flags = misc.cpu_features()
+    text = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    if not re.search(r"^flags\s*:", text, re.M):
+        pytest.skip("reads an x86 CPU's flags in /proc/cpuinfo; elsewhere torch's own checks are the features")
+    assert f"vendor_id\t: {vendor}" in text and flags == set(re.search(r"^flags\s*:(.*)$", text, re.M)[1].split())
+    if hasattr(torch.cpu, "_is_avx512_bf16_supported"):  # torch's own check, from the cpuid instruction
+        assert ("avx512_bf16" in flags) == torch.cpu._is_avx512_bf16_supported()

@@ -20,6 +20,7 @@ from PIL import Image
 
 import detect
 import files
+import misc
 from conftest import make_voc
 from misc import Terminated, UserError
 from tiling import BCCD_FIELD, MAX_WINDOWS, tile_windows, tiling
@@ -165,6 +166,21 @@ def stop_at_the_third_image(exception, monkeypatch):
         return annotate(*args)
 
     monkeypatch.setattr(detect, "annotate", annotate_then_stop)
+
+
+def test_the_precision_is_in_every_output(world, images, tmp_path, detect_cli):
+    """The summary, each record of detections.json and report.html say how the detections were computed: bf16 or
+    fp32 as the flag says, or by misc.bf16_choice's rule for this CPU."""
+    default, why = misc.bf16_choice(torch.device("cpu"))
+    for flags, precision, because in (([], "bf16" if default else "fp32", why), (["--no-amp"], "fp32", "--no-amp"),
+                                      (["--amp"], "bf16", "--amp")):
+        out = tmp_path / "-".join(["out", *flags])
+        code, stdout, err = detect_cli([images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out,
+                                        "--device", "cpu", *flags])
+        assert code == 0 and f"; precision {precision}; results in {out}" in stdout, err
+        assert {r["precision"] for r in read_results(out)[1]} == {precision}
+        page = (out / "report.html").read_text(encoding="utf-8")
+        assert f"<tr><th>precision</th><td>{precision} ({because})</td></tr>" in page
 
 
 @pytest.mark.parametrize("exception, code, says", [(KeyboardInterrupt, 130, "interrupted"),
