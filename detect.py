@@ -29,9 +29,9 @@ import time
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from exported import device_flag, is_export, load_export
-from files import (ImageFiles, Results, check_names, check_writable_folder, find_images, open_image,  # noqa: F401
-                   output_names, printable, report_settings)
+from exported import device_flag, is_export, load_export, sha256
+from files import (ImageFiles, Results, check_writable_folder, find_images, open_image, printable,  # noqa: F401
+                   report_settings)
 from misc import (Terminated, UserError, bf16_choice, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
@@ -351,6 +351,9 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, and on CPUs with AMX or an AMD CPU's AVX512-BF16, by "
                    "their features, never a timing: misc.bf16_choice)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="take up a run that stopped "
+                   "in --output-dir (Ctrl-C, a kill, a power loss) where it stopped, if its settings are these; "
+                   "--no-resume counts every image again")
     p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
                    "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
                    "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
@@ -374,8 +377,9 @@ def say_errors(errors):
 
 
 def detect_files(args):
-    """The command line's run: every image of args.inputs counted, and the output folder written (files.Results).
-    Returns a summary: {"images": counted, "seconds": of the loop over them, "output_dir"} (bench.py reads it)."""
+    """The command line's run: every image of args.inputs counted, and the output folder written (files.Results), a
+    stopped run there taken up. Returns a summary: {"images": counted by this run, "seconds": of its loop,
+    "precision", "output_dir"} (bench.py reads it)."""
     check_args(args)
     check_writable_folder(args.output_dir)
     device = resolve_device(device_flag(args.device, args.checkpoint))
@@ -389,48 +393,47 @@ def detect_files(args):
                                                                                   default=model.min_score)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     tiles = flag_tiling(model.field, args.tile, args.scale, args.rbc_width)
+    batch_size = args.batch_size or default_batch_size(device)
     paths, missing, repeats = find_images(args.inputs, skip=args.output_dir)
     if not paths:
         raise UserError(f"{missing[0]}: no such file or folder" if missing else
                         f"no images found in {' '.join(map(printable, args.inputs))}")
-    names = output_names(paths)
-    check_names(args.output_dir, paths, names)
-
+    settings = {"model_sha256": sha256(args.checkpoint), "classes": classes, "max_overlap": max_overlap,  # to take
+                "min_score": min_score if isinstance(min_score, list) else [min_score] * len(classes),  # up a stopped
+                "top_k": args.top_k, "tiling": tiles, "tta": model.tta, "precision": precision,  # run: the same
+                "device": device.type, "batch_size": batch_size}
+    report = Report(args.output_dir, classes, min_score,
+                    report_settings(args, model, min_score, max_overlap, tiles, device, (precision, why)), len(paths))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
-    if repeats:
-        print(f"note: {repeats} input file(s) given more than once; each is counted once")
-    workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-    width = max([len("image")] + [len(printable(p)) for p in paths])
-    print(f"{'image':<{width}}  " + "  ".join(f"{name:>9}" for name in classes), flush=True)
-    start = time.perf_counter()
-    report = Report(args.output_dir, classes, min_score,
-                    report_settings(args, model, min_score, max_overlap, tiles, device, (precision, why)), len(paths))
-    with Results(args.output_dir, classes, model.rev_label_map, report, precision) as results:
+    with Results(args.output_dir, classes, model.rev_label_map, report, settings, args.resume) as results:
+        names = results.start(paths)
+        todo = [i for i, p in enumerate(paths) if printable(p) not in results.done]
+        results.say_start(paths, repeats)
+        start = time.perf_counter()
+        run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k, amp=amp)
+        workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
+        images = ImageFiles.read([paths[i] for i in todo], tiles, workers, errors)
         try:
-            run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k,
-                                    amp=amp)
-            for (i, image, windows), boxes, labels, scores in in_batches(
-                    run, ImageFiles.read(paths, tiles, workers, errors), tiles,
-                    args.batch_size or default_batch_size(device), max_overlap):
+            for (k, image, windows), boxes, labels, scores in in_batches(run, images, tiles, batch_size, max_overlap):
                 pil = Image.fromarray(image.permute(1, 2, 0).numpy())
                 annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
-                n, failed = results.add(paths[i], names[i], annotated, len(windows or [None]), boxes, labels, scores)
+                failed = results.add(paths[todo[k]], names[todo[k]], annotated, len(windows or [None]), boxes, labels,
+                                     scores)
                 if failed:  # counted all the same, and said at the end
                     errors.append(f"the annotated image {printable(str(failed))}")
-                print(f"{printable(paths[i]):<{width}}  "
-                      + "  ".join(f"{c:>{max(9, len(name))}}" for c, name in zip(n, classes)), flush=True)
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_cli says this in one line, after the errors
             say_errors(errors)
-            raise type(stop)(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after {results.n} of "
-                             f"{len(paths)} image(s){results.held()}") from None
-    if results.n == 0:  # every file was unreadable
+            raise type(stop)(f"{'terminated' if isinstance(stop, Terminated) else 'interrupted'} after "
+                             f"{len(results.done) + results.n} of {len(paths)} image(s){results.held()}") from None
+    if results.n + len(results.done) == 0:  # every file was unreadable
         say_errors(errors[:-1])
         raise UserError(f"{errors[-1]}; no image could be read, nothing written")
     seconds = time.perf_counter() - start
-    print(f"{results.n} image(s) in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, max_overlap "
-          f"{max_overlap:g}; precision {precision}; results in {args.output_dir}")
+    before = f" (and {len(results.done)} counted before)" if results.done else ""
+    print(f"{results.n} image(s){before} in {seconds:.1f} s at min_score {format_min_score(min_score, classes)}, "
+          f"max_overlap {max_overlap:g}; precision {precision}; results in {args.output_dir}")
     say_errors(errors)
     if errors:
         sys.exit(1)

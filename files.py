@@ -1,20 +1,40 @@
 """The files of a detect.py run: the images it reads, and the output folder it writes (annotated images, counts.csv,
-detections.json, report.html).
+detections.json, report.html), taken up where a stopped run left it.
 
     paths, missing, repeats = find_images(["smears/", "extra.jpg"])   # folders searched recursively, each file once
-    with Results(folder, classes, rev_label_map, report) as results:   # detect.py's command line
+    with Results(folder, classes, rev_label_map, report, settings) as results:   # detect.py's command line
+        names = results.start(paths)                                       # a stopped run's images: results.done
         results.add(path, name, annotated, windows, boxes, labels, scores)   # one image done
 
-Images: any file PIL opens, upright by its EXIF orientation (open_image); ImageFiles reads and cuts them (tiling.prepare)
-in DataLoader workers while the model runs, and an unreadable file is reported, not fatal.
+Images: any file PIL opens, upright by its EXIF orientation (open_image); ImageFiles reads and cuts them
+(tiling.prepare) in DataLoader workers while the model runs; an unreadable file is reported, not fatal.
 
-counts.csv: the image, then one column per class of the checkpoint (UTF-8; a name a spreadsheet would take for a
-formula, = + - @ first, gets a leading ': spreadsheet_text). detections.json: a JSON list, a record per image with
-its size, its boxes in pixels of the original image, labels and scores, and the precision they were computed in (bf16,
-fp32, or an export's). report.html: report.py. Each input gets a distinct
-annotated image name (output_names), and any file name is shown as text on one line (printable).
+The output folder:
+  * each image annotated, under a distinct name (output_names), and its thumbnail in thumbnails/ (report.py);
+  * counts.csv: the image, then one column per class of the checkpoint (UTF-8; a name a spreadsheet would take for
+    a formula, = + - @ first, gets a leading ': spreadsheet_text), a row appended as each image is done;
+  * detections.json: a JSON list, a record per image: its size, its boxes in pixels of the original image, labels,
+    scores, and the precision they were computed in (bf16, fp32, or an export's). It is written whole (a temporary
+    file moved into place) when the run ends or stops, so it is valid JSON at every moment;
+  * report.html (report.py), rewritten whole as the run goes;
+  * detections.partial.jsonl (JOURNAL), while a run goes on and after one that stopped: its settings on the first
+    line, then each image's record, a line each, flushed as the image is done (JSON Lines). It is what a stopped
+    run is taken up from, and is removed when the run ends whole.
+File names are shown as text on one line (printable).
+
+A stopped run (Ctrl-C, SIGTERM, kill -9, a power loss) is taken up by the next detect.py into the same folder, by
+default (--no-resume counts every image again): with the same settings (model, thresholds, tiling, precision,
+device, batch size; else one line says which differs), the images its record holds are skipped and keep their rows,
+and the others are counted; a second stop adds to the first's. A line that a kill cut short is dropped, and its image
+counted again. When the run ends whole, counts.csv and detections.json are written from the record in the order of
+the inputs: the same bytes as a run that never stopped (at --batch-size 1, the CPU's default: larger batches group
+windows otherwise after a stop, which can move a score in its last digit).
+
+Where an earlier whole run's counts.csv, detections.json and report.html are, a run writes counts.partial.csv,
+detections.partial.json and report.partial.html (PARTIAL) instead, moved onto them only when it ends whole.
 """
 import csv
+import io
 import json
 import os
 import sys
@@ -26,7 +46,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from misc import (UserError, check_writable, format_min_score, ignore_stop_signals, lock_folder,
-                  remove_stale_temporaries, save_image_atomic, stop_signals_held)
+                  remove_stale_temporaries, save_image_atomic, stop_signals_held, write_text_atomic)
 from report import REPORT, THUMBNAILS, thumbnail_name
 from tiling import TILE_ABOVE, prepare
 from utils import class_names, image_extensions, pil_to_tensor
@@ -123,12 +143,17 @@ class ImageFiles(Dataset):
 # The output folder
 # ---------------------------------------------------------------------------------------------
 
-def output_names(paths, reserved=("counts.csv", "detections.json")):
+def output_names(paths, reserved=("counts.csv", "detections.json"), fixed=None):
     """A distinct output file name for every input, whatever the folders and names: the input's name (.jpg, .jpeg
     and .png kept, other formats saved as .png), with _1, _2, ... when it is taken (names compared ignoring case,
-    for case-insensitive file systems), and shortened to stay within the file systems' 255 bytes."""
-    names, taken = [], {n.casefold() for n in reserved}
-    for p in paths:
+    for case-insensitive file systems), and shortened to stay within the file systems' 255 bytes. fixed: {index:
+    name} of inputs whose names are given (a stopped run's)."""
+    fixed = fixed or {}
+    names, taken = [], {n.casefold() for n in (*reserved, *fixed.values())}
+    for i, p in enumerate(paths):
+        if i in fixed:
+            names.append(fixed[i])
+            continue
         stem, ext = os.path.splitext(os.path.basename(p))
         ext = ext.lower() if ext.lower() in (".jpg", ".jpeg", ".png") else ".png"
         while len(os.fsencode(stem)) > 200:  # room for a counter and the extension
@@ -153,6 +178,7 @@ def printable(path):
 
 # What a run writes beside the annotated images, and where it writes them while the folder holds an earlier run's
 PARTIAL = {"counts.csv": "counts.partial.csv", "detections.json": "detections.partial.json", REPORT: "report.partial.html"}
+JOURNAL = "detections.partial.jsonl"  # the record of a run as it goes: its settings, then a line per image done
 
 
 def spreadsheet_text(text):
@@ -163,9 +189,13 @@ def spreadsheet_text(text):
 
 
 def earlier_outputs(folder):
-    """The names of the annotated images that earlier detect.py runs wrote in `folder`, as their detections.json
-    (and detections.partial.json) record them, also when a run was killed before closing the list."""
+    """The names of the annotated images that earlier detect.py runs wrote in `folder`, as their detections.json,
+    detections.partial.json and record (JOURNAL) say, also when a run was killed before closing the list (a run of
+    an older detect.py)."""
     outputs = set()
+    if os.path.isfile(os.path.join(folder, JOURNAL)):
+        outputs |= {r["output"] for r in read_record(os.path.join(folder, JOURNAL))
+                    if isinstance(r, dict) and isinstance(r.get("output"), str)}
     for name in ("detections.json", PARTIAL["detections.json"]):
         if not os.path.isfile(os.path.join(folder, name)):  # a pipe there would block open() for ever
             continue
@@ -189,7 +219,7 @@ def check_writable_folder(folder):
     """Before any work, a one-line UserError for an output folder the run cannot write into (checked without
     creating it: it is created at the first image detected)."""
     check_writable(folder, "--output-dir", folder=True, create=False)
-    for name in (*PARTIAL, *PARTIAL.values()):  # no folder, device or pipe where they go
+    for name in (*PARTIAL, *PARTIAL.values(), JOURNAL):  # no folder, device or pipe where they go
         check_writable(os.path.join(folder, name), "--output-dir", create=False)
 
 
@@ -215,28 +245,25 @@ def check_names(folder, paths, names):
 
 
 class Results:
-    """The output folder of a run: the annotated images, counts.csv and detections.json, written as the images are
-    done (each row flushed), so that an interrupted or failing run keeps what it finished, and report.html (a
-    report.Report, with its thumbnails) refreshed as they are. A context manager:
+    """The output folder of a run (see the module's docstring). A context manager:
 
-        with Results(folder, classes, rev_label_map, report) as results:   # locks the folder, if it is there
-            results.add(...)   # the first image creates the folder (locked)
+        with Results(folder, classes, rev_label_map, report, settings) as results:  # locks the folder if it is there,
+            names = results.start(paths)  # and reads the record of a run stopped there: results.done, by image
+            results.add(...)              # one image; the first creates the folder (locked)
 
-    An earlier run's counts.csv, detections.json and report.html are never replaced by a partial one: where they
-    are, the run writes counts.partial.csv, detections.partial.json and report.partial.html (PARTIAL), moved onto
-    them only when it ends whole; a run that stops (an error, Ctrl-C, SIGTERM) leaves them beside the earlier
-    ones. Annotated images are replaced as they are done. Leaving the block closes detections.json as a JSON list
-    and writes report.html's last page ("ended early" after an error or an interruption) however the run ends (a
-    kill, SIGKILL, leaves detections.json without its closing bracket and the page as last written; counts.csv
-    stays whole up to its last row) and releases the lock: a second detect.py writing into the folder at the same
-    time is refused."""
+    Leaving the block writes counts.csv and detections.json whole from the record, in the order of the inputs, and
+    report.html's last page ("ended early" after an error or an interruption), and releases the lock: a second
+    detect.py writing into the folder at the same time is refused. settings: what the detections depend on (the
+    model, thresholds, tiling, precision, ...); a stopped run is taken up only with the same, unless resume is
+    False, which counts every image again."""
 
-    def __init__(self, folder, classes, rev_label_map, report=None, precision=None):
-        self.folder, self.classes, self.rev_label_map, self.n = folder, classes, rev_label_map, 0
-        self.precision = precision  # how the detections were computed (bf16, fp32, an export's): in each record
-        self.report = report  # report.html (a report.Report), kept up to date beside the two files; None: none
-        self.lock = self.counts = self.detections = None
-        self.names = {name: name for name in PARTIAL}  # where each file goes during the run (PARTIAL when staged)
+    def __init__(self, folder, classes, rev_label_map, report=None, settings=None, resume=True):
+        self.folder, self.classes, self.rev_label_map, self.report = folder, classes, rev_label_map, report
+        self.settings, self.resume = json.loads(json.dumps(settings or {})), resume  # as JSON holds them
+        self.n, self.done, self.order = 0, {}, {}  # images counted by this run; a stopped run's records, by image
+        self.width = len("image")  # of the printed table's first column
+        self.lock = self.counts = self.journal = None
+        self.names = {name: name for name in PARTIAL}  # where each file goes (PARTIAL's names when staged)
 
     @property
     def staged(self):
@@ -244,16 +271,21 @@ class Results:
 
     def held(self):
         """Where the images finished so far are recorded, for a run that stops."""
-        if not self.n:
+        if not self.n + len(self.done):
             return ""
-        if self.staged:
-            return (f"; {PARTIAL['counts.csv']} and {PARTIAL['detections.json']} in {self.folder} hold those (the "
-                    f"earlier run's counts.csv, detections.json and report.html are kept)")
-        return f"; counts.csv and detections.json in {self.folder} hold those"
+        kept = " (the earlier run's counts.csv, detections.json and report.html are kept)" if self.staged else ""
+        return (f"; {self.names['counts.csv']} and {self.names['detections.json']} in {self.folder} hold those{kept}; "
+                f"the same command takes the run up where it stopped")
 
     def __enter__(self):
         if os.path.isdir(self.folder):
             self._lock()
+            try:
+                if self.resume and os.path.isfile(os.path.join(self.folder, JOURNAL)):
+                    self._take_up()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, kind, error, traceback):
@@ -268,32 +300,108 @@ class Results:
         self.lock = lock_folder(self.folder, f"--output-dir {self.folder}: another detect.py is writing there; wait "
                                              f"for it or choose another folder")
 
+    def _take_up(self):
+        """Read the record a stopped run left: its settings must be this run's; its images are self.done."""
+        lines = read_record(os.path.join(self.folder, JOURNAL))
+        if not lines:
+            return  # stopped before its first line: nothing to take up
+        head = lines[0].get("detect.py") if isinstance(lines[0], dict) else None
+        if not (isinstance(head, dict) and isinstance(head.get("settings"), dict)):
+            raise UserError(f"--output-dir {self.folder}: {JOURNAL} there is not detect.py's record; remove it, or "
+                            f"give --no-resume")
+        theirs, ours = head["settings"], self.settings
+        differ = next((k for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)), None)
+        if differ:
+            raise UserError(f"--output-dir {self.folder}: the run stopped there counted {len(lines) - 1} image(s) "
+                            f"with {differ} {theirs.get(differ)!r:.80}, not {ours.get(differ)!r:.80}; give the same "
+                            f"settings to take it up, or --no-resume to count every image again")
+        taken = set()
+        for record in lines[1:]:
+            if not self._valid(record, taken):
+                break  # a line damaged by hand: the images from there on are counted again
+            self.done[record["image"]] = record
+            taken.add(record["output"].casefold())
+        self.names = PARTIAL if head.get("staged") else self.names
+
+    def _valid(self, record, taken):
+        """A record this run can take as its own: an image's, of this model's classes, its annotated image one of
+        output_names' that no other record has."""
+        if not isinstance(record, dict):
+            return False
+        image, output, labels, scores = (record.get(key) for key in ("image", "output", "labels", "scores"))
+        return (isinstance(image, str) and image not in self.done and isinstance(output, str)
+                and os.path.basename(output) == output and output.casefold() not in taken
+                and os.path.splitext(output)[1].lower() in (".jpg", ".jpeg", ".png") and isinstance(labels, list)
+                and all(label in self.classes for label in labels) and isinstance(scores, list)
+                and len(scores) == len(labels) and all(is_number(s) for s in scores))
+
+    def start(self, paths):
+        """The annotated images' names for the inputs `paths` (a stopped run's images keep theirs), checked
+        (check_names); taking up a stopped run, its files are opened at once. Images the stopped run counted must be
+        among the inputs."""
+        self.order = {printable(p): i for i, p in enumerate(paths)}
+        gone = next((image for image in self.done if image not in self.order), None)
+        if gone:
+            raise UserError(f"--output-dir {self.folder}: the run stopped there counted {gone}, which is not among "
+                            f"this run's inputs; give the same inputs to take it up, or --no-resume")
+        names = output_names(paths, fixed={self.order[image]: r["output"] for image, r in self.done.items()})
+        check_names(self.folder, paths, names)
+        if self.done:
+            self._open()
+        return names
+
+    def say_start(self, paths, repeats):
+        """Print what a run starts with: inputs given twice, a stopped run taken up, the header of the counts."""
+        if repeats:
+            print(f"note: {repeats} input file(s) given more than once; each is counted once")
+        if self.done:
+            print(f"note: taking up the run stopped in {self.folder}: {len(self.done)} of {len(paths)} image(s) were "
+                  f"counted; counting the others")
+        self.width = max([len("image")] + [len(printable(p)) for p in paths])
+        print(f"{'image':<{self.width}}  " + "  ".join(f"{name:>9}" for name in self.classes), flush=True)
+
     def _open(self):
+        """Create (or take up) the run's files: the record, counts.csv's rows so far, report.html's rows."""
+        done = list(self.done.values())
         try:
             os.makedirs(self.folder, exist_ok=True)
             if self.lock is None:
                 self._lock()
-            if any(os.path.lexists(os.path.join(self.folder, name)) for name in PARTIAL):  # an earlier run's
-                self.names = PARTIAL
-                if self.report is not None:
-                    self.report.name = PARTIAL[REPORT]
-            for name in (self.names["counts.csv"], self.names["detections.json"]):  # a link is replaced, not written through
+            if not self.done and any(os.path.lexists(os.path.join(self.folder, name)) for name in PARTIAL):
+                self.names = PARTIAL  # an earlier run's files: replaced only when this run ends whole
+            for name in (self.names["counts.csv"], JOURNAL):  # a link is replaced, not written through
                 if os.path.islink(os.path.join(self.folder, name)):
                     os.remove(os.path.join(self.folder, name))
-            self.counts = open(os.path.join(self.folder, self.names["counts.csv"]), "w", encoding="utf-8", newline="")
-            self.detections = open(os.path.join(self.folder, self.names["detections.json"]), "w", encoding="utf-8")
-            remove_stale_temporaries(self.folder, (REPORT, PARTIAL[REPORT]))  # a killed run's half page (locked)
+            head = {"detect.py": {"settings": self.settings, "staged": self.staged}}
+            write_text_atomic("".join(json_line(r) for r in [head, *done]), os.path.join(self.folder, JOURNAL))
+            self._write_counts(done)
+            self.journal = open(os.path.join(self.folder, JOURNAL), "a", encoding="utf-8")
+            self.counts = open(os.path.join(self.folder, self.names["counts.csv"]), "a", encoding="utf-8", newline="")
+            remove_stale_temporaries(self.folder, (*PARTIAL, *PARTIAL.values(), JOURNAL))  # a killed run's (locked)
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot write {e.filename or 'there'} ({e.strerror or e})") from None
         self.csv = csv.writer(self.counts, lineterminator="\n")
-        self.csv.writerow(["image", *map(spreadsheet_text, self.classes)])
-        self.counts.flush()
-        self.detections.write("[")
+        if self.report is not None:
+            self.report.name = self.names[REPORT]
+            for r in done:
+                self.report.thumbnails[r["output"]] = thumbnail_size(self.folder, r["output"])
+                self.report.add(r["image"], r["output"], self.counted(r), r["labels"], r["scores"])
+
+    def counted(self, record):
+        """The counts per class of an image's record."""
+        return [record["labels"].count(name) for name in self.classes]
+
+    def _write_counts(self, records):
+        rows = [["image", *map(spreadsheet_text, self.classes)]]
+        rows += [[spreadsheet_text(r["image"]), *self.counted(r)] for r in records]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        write_text_atomic(text.getvalue(), os.path.join(self.folder, self.names["counts.csv"]))
 
     def add(self, path, name, annotated, windows, boxes, labels, scores):
-        """One image: its annotated copy (a PIL image) saved as `name`, a row of counts.csv and a record of
-        detections.json (boxes in pixels). Returns (its counts per class, the UserError that kept its annotated
-        image from being written or None: it is counted all the same)."""
+        """One image: its annotated copy (a PIL image) saved as `name`, a row of counts.csv and a line of the record
+        (boxes in pixels), and its counts printed. Returns the UserError that kept its annotated image from being
+        written, or None: it is counted all the same."""
         if self.counts is None:
             self._open()
         try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
@@ -303,41 +411,50 @@ class Results:
             failed = None
         except UserError as e:
             failed = e
-        n = torch.bincount(labels, minlength=len(self.classes) + 1).tolist()[1:]
         record = {"image": printable(path), "output": printable(name), "width": annotated.width,
                   "height": annotated.height, "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
-                  "scores": [round(s, 4) for s in scores.tolist()], "precision": self.precision}
-        try:
-            self.csv.writerow([spreadsheet_text(printable(path)), *n])
+                  "scores": [round(s, 4) for s in scores.tolist()], "precision": self.settings.get("precision")}
+        n = self.counted(record)
+        try:  # the row first: an image is done once its line of the record is written
+            self.csv.writerow([spreadsheet_text(record["image"]), *n])
             self.counts.flush()
-            self.detections.write(("," if self.n else "") + "\n" + json.dumps(record, ensure_ascii=False))
-            self.detections.flush()
+            self.journal.write(json_line(record))
+            self.journal.flush()
         except OSError as e:  # a full disk: what was written before stays readable
-            raise UserError(f"--output-dir {self.folder}: cannot write {self.names['counts.csv']} and "
-                            f"{self.names['detections.json']} ({e.strerror or e}); they hold the first {self.n} "
-                            f"image(s)") from None
+            raise UserError(f"--output-dir {self.folder}: cannot write {self.names['counts.csv']} and {JOURNAL} "
+                            f"({e.strerror or e}); they hold the first {len(self.done) + self.n} image(s)") from None
         self.n += 1
         if self.report is not None:
-            self.report.add(record["image"], name, n, record["labels"], scores.tolist())
-        return n, failed
+            self.report.add(record["image"], name, n, record["labels"], record["scores"])
+        print(f"{record['image']:<{self.width}}  " + "  ".join(f"{c:>{max(9, len(c_name))}}" for c, c_name in
+                                                              zip(n, self.classes)), flush=True)
+        return failed
 
     def close(self, quiet=False):
-        """Ends detections.json as a JSON list and writes report.html's last page (quiet: the run ends early, with an
-        error, and the page says so); a write that fails (a full disk) is a UserError unless quiet. A run that
-        ends whole replaces the earlier run's three files with its own (and removes a stopped run's)."""
+        """Writes counts.csv and detections.json whole from the record, in the order of the inputs, and report.html's
+        last page (quiet: the run ends early, with an error, and the page says so); a write that fails (a full disk)
+        is a UserError unless quiet. A run that ends whole moves its files onto an earlier run's (staged) and
+        removes the record; one that stops keeps it, for the next run to take up."""
         failed = None
-        for f, end in ((self.detections, "\n]\n"), (self.counts, "")):
+        for f in (self.journal, self.counts):
             try:
-                f.write(end)
                 f.close()
             except OSError as e:
                 failed = failed or e
+        try:
+            records = sorted(read_record(os.path.join(self.folder, JOURNAL))[1:],
+                             key=lambda r: self.order.get(r.get("image"), len(self.order)))
+            self._write_counts(records)
+            write_text_atomic("[" + ",".join("\n" + json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n",
+                              os.path.join(self.folder, self.names["detections.json"]))
+        except (OSError, UserError) as e:
+            failed = failed or e
         if self.report is not None:
             self.report.close(ended_early=quiet, quiet=quiet or failed is not None)  # failed: that error is said
         if failed and not quiet:
             raise UserError(f"--output-dir {self.folder}: cannot finish {self.names['detections.json']} "
-                            f"({failed.strerror or failed}); {self.names['counts.csv']} holds the {self.n} image(s)")
+                            f"({getattr(failed, 'strerror', None) or failed}); {JOURNAL} holds the images done")
         if quiet or failed:
             return
         try:
@@ -346,8 +463,41 @@ class Results:
                     path, partial = os.path.join(self.folder, name), os.path.join(self.folder, PARTIAL[name])
                     if os.path.lexists(partial):
                         os.replace(partial, path) if self.staged else os.remove(partial)  # else a stopped run's, older
+                os.remove(os.path.join(self.folder, JOURNAL))
         except OSError as e:
             raise UserError(f"--output-dir {self.folder}: cannot move {e.filename} into place ({e.strerror or e})") from None
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def json_line(value):
+    return json.dumps(value, ensure_ascii=False) + "\n"
+
+
+def read_record(path):
+    """The values of a JSON Lines file, up to the first line that is cut short or damaged (what a kill leaves)."""
+    values = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                values.append(json.loads(line))
+            except (ValueError, RecursionError):
+                break
+            if not line.endswith("\n"):  # whole as JSON, but its writing was cut short: taken, and ended
+                break
+    return values
+
+
+def thumbnail_size(folder, output):
+    """The size of an annotated image's thumbnail written by an earlier run (None: the image without one; False:
+    neither written), for report.Report."""
+    try:
+        with Image.open(os.path.join(folder, THUMBNAILS, thumbnail_name(output))) as im:
+            return im.size
+    except (OSError, ValueError):
+        return None if os.path.isfile(os.path.join(folder, output)) else False
 
 
 def report_settings(args, model, min_score, max_overlap, tiles, device, precision):

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -193,12 +194,21 @@ def test_interrupted_detect_keeps_the_images_it_finished(exception, code, says, 
                                  "cpu"])
     assert status == code and "Traceback" not in err
     assert err.strip().splitlines() == [f"detect.py: {says} after 2 of 4 image(s); counts.csv and detections.json in "
-                                        f"{out} hold those"]
+                                        f"{out} hold those; the same command takes the run up where it stopped"]
     rows, records = read_results(out)
     assert rows[0] == "image,RBC,WBC,Platelets" and [r.split(",")[0] for r in rows[1:]] == \
         [str(images / "smear0.jpg"), str(images / "smear1.jpg")]
     assert [r["image"] for r in records] == [str(images / "smear0.jpg"), str(images / "smear1.jpg")]
     assert "ended early, after 2 of 4 images" in (out / "report.html").read_text(encoding="utf-8")
+    monkeypatch.undo()
+    status, stdout, err = detect_cli([images, "--checkpoint", world / "checkpoint.pt", "--output-dir", out,
+                                      "--device", "cpu"])  # the same command: the two others are counted
+    assert status == 0 and f"taking up the run stopped in {out}: 2 of 4 image(s) were counted" in stdout, err
+    assert "2 image(s) (and 2 counted before) in" in stdout and stdout.count("smear") == 2
+    rows, records = read_results(out)
+    assert [r["image"] for r in records] == [str(images / f"smear{i}.jpg") for i in range(4)] and len(rows) == 1 + 4
+    assert "done: 4 images" in (out / "report.html").read_text(encoding="utf-8")
+    assert not (out / files.JOURNAL).exists()
 
 
 def test_a_stopped_detect_never_replaces_an_earlier_whole_run(world, images, tmp_path, detect_cli, monkeypatch):
@@ -213,14 +223,20 @@ def test_a_stopped_detect_never_replaces_an_earlier_whole_run(world, images, tmp
     status, _, err = detect_cli([images, *command, "--min-score", "0.5"])
     assert status == 143 and err.strip().splitlines() == [
         f"detect.py: terminated after 2 of 4 image(s); counts.partial.csv and detections.partial.json in {out} hold "
-        f"those (the earlier run's counts.csv, detections.json and report.html are kept)"]
+        f"those (the earlier run's counts.csv, detections.json and report.html are kept); the same command takes the "
+        f"run up where it stopped"]
     assert snapshot([out / "counts.csv", out / "detections.json", out / "report.html"]) == whole
     assert len((out / "counts.partial.csv").read_text().splitlines()) == 1 + 2
     assert len(json.loads((out / "detections.partial.json").read_text())) == 2
     assert "ended early, after 2 of 4 images" in (out / "report.partial.html").read_text(encoding="utf-8")
     monkeypatch.undo()
 
-    status, _, err = detect_cli([images, *command])  # whole: it replaces the earlier run's
+    stopped = snapshot([out / name for name in os.listdir(out) if os.path.isfile(out / name)])
+    status, _, err = detect_cli([images, *command])  # other settings: it is not taken up, and nothing changes
+    assert_one_line_error(status, err, "detect", [f"--output-dir {out}: the run stopped there counted 2 image(s) "
+                                                  f"with min_score [0.5, 0.5, 0.5], not [0.2, 0.2, 0.2]", "--no-resume"])
+    assert snapshot([out / name for name in os.listdir(out) if os.path.isfile(out / name)]) == stopped
+    status, _, err = detect_cli([images, *command, "--no-resume"])  # whole: it replaces the earlier run's
     assert status == 0, err
     rows, records = read_results(out)
     assert len(rows) == 1 + 4 and len(records) == 4
@@ -427,6 +443,96 @@ def test_sigterm_to_the_process_group_stops_detect_and_its_workers_in_one_line(w
     assert err.strip().splitlines()[-1].startswith("detect.py: terminated after ")
     rows, records = read_results(out)
     assert len(rows) - 1 == len(records) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# taking up a stopped run: kill -9 twice, a line cut short, other settings, other inputs
+# ---------------------------------------------------------------------------------------------
+
+SCRIPT = Path(__file__).resolve().parents[1] / "detect.py"
+
+
+@pytest.fixture(scope="module")
+def smears(tmp_path_factory):
+    """16 small images of the tiny dataset, each other."""
+    return make_voc(tmp_path_factory.mktemp("smears") / "voc", n_trainval=12, n_test=4) / "JPEGImages"
+
+
+def killed_after(argv, rows, folder):
+    """Run `python detect.py argv` and kill it (SIGKILL: no clean-up at all) once it has printed `rows` rows of
+    counts (of images in `folder`): the images of those rows."""
+    p = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    printed = []
+    try:
+        while len(printed) < rows:
+            line = p.stdout.readline()
+            assert line, "detect.py ended before it was killed"
+            printed += [line.split()[0]] if line.startswith(str(folder)) else []
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    return printed
+
+
+def image_table(page):
+    return page[page.index('<table id="images">'):page.index("</table>", page.index('<table id="images">'))]
+
+
+def test_a_run_killed_twice_is_taken_up_and_ends_as_one_that_never_stopped(world, smears, tmp_path, detect_cli):
+    command = [smears, "--checkpoint", world / "checkpoint.pt", "--device", "cpu", "--output-dir"]
+    code, _, err = detect_cli([*command, tmp_path / "straight"])
+    assert code == 0, err
+    out = tmp_path / "out"
+    first = killed_after([*command, out], 3, smears)
+    record = files.read_record(out / files.JOURNAL)  # every line whole; the files as valid as ever
+    assert 3 <= len(record) - 1 < 16 and [r["image"] for r in record[1:4]] == first
+    rows = (out / "counts.csv").read_text().splitlines()
+    assert rows[0] == "image,RBC,WBC,Platelets" and all(len(row.split(",")) == 4 for row in rows)
+    assert len({row.split(",")[0] for row in rows[1:]} - {r["image"] for r in record[1:]}) <= 1  # the image being
+    # written when killed: its row, and no line of the record yet (it is counted again)
+    assert not (out / "detections.json").exists() and "in progress" in (out / "report.html").read_text()
+    with open(out / files.JOURNAL, "a") as f:
+        f.write('{"image": "' + str(smears / "BloodImage_00015.jpg"))  # a line that a kill cut short
+    second = killed_after([*command, out], 3, smears)
+    taken = files.read_record(out / files.JOURNAL)
+    assert taken[:len(record)] == record and len(taken) - 1 >= len(record) - 1 + 3  # the first stop's kept, added to
+    assert not set(second) & set(r["image"] for r in record[1:])  # and not counted again
+    code, stdout, err = detect_cli([*command, out])
+    assert code == 0 and f"{len(taken) - 1} of 16 image(s) were counted" in stdout, err
+    assert not (out / files.JOURNAL).exists()
+    for name in ["counts.csv", "detections.json", *(p.name for p in smears.iterdir()),
+                 *(f"thumbnails/{p.name}.jpg" for p in smears.iterdir())]:
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    pages = [(folder / "report.html").read_text(encoding="utf-8") for folder in (out, tmp_path / "straight")]
+    assert image_table(pages[0]) == image_table(pages[1]) and "done: 16 images" in pages[0]
+
+
+def test_a_stopped_run_is_taken_up_only_with_its_inputs_and_settings(world, images, tmp_path, detect_cli,
+                                                                    monkeypatch):
+    out = tmp_path / "out"
+    command = ["--checkpoint", world / "checkpoint.pt", "--device", "cpu", "--output-dir", out]
+    stop_at_the_third_image(Terminated, monkeypatch)
+    assert detect_cli([images, *command])[0] == 143
+    monkeypatch.undo()
+    stopped = snapshot([out / name for name in os.listdir(out) if os.path.isfile(out / name)])
+    ckpt = torch.load(world / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "count_thresholds": {"min_score": dict.fromkeys(bccd_labels, 0.2), "max_overlap": 0.5}},
+               tmp_path / "same-thresholds.pt")  # another file: another model, though it counts the same
+    for argv, says in (([images / "smear2.jpg", images / "smear3.jpg", *command],
+                        [f"the run stopped there counted {images / 'smear0.jpg'}, which is not among this run's "
+                         f"inputs", "--no-resume"]),
+                       ([images, *command, "--checkpoint", tmp_path / "same-thresholds.pt"], ["with model_sha256"]),
+                       ([images, *command, "--top-k", "20"], ["with top_k 200, not 20"]),
+                       ([images, *command, "--tile", "off"], ["with tiling [[640, 480], 354, 8.0], not None"])):
+        code, _, err = detect_cli(argv)
+        assert_one_line_error(code, err, "detect", says)
+        assert snapshot([out / name for name in os.listdir(out) if os.path.isfile(out / name)]) == stopped
+    (out / files.JOURNAL).write_text('{"something": "else"}\n')
+    code, _, err = detect_cli([images, *command])
+    assert_one_line_error(code, err, "detect", [f"{files.JOURNAL} there is not detect.py's record", "--no-resume"])
+    code, _, err = detect_cli([images, *command, "--no-resume"])  # counted again, whole
+    assert code == 0 and len(read_results(out)[1]) == 4 and not (out / files.JOURNAL).exists(), err
 
 
 def test_a_process_that_exits_with_a_loader_still_open_does_not_wait_for_its_workers():
