@@ -1,8 +1,9 @@
 """Export a checkpoint for fast inference on a CPU: ONNX (run by ONNX Runtime) or OpenVINO, optionally int8.
 
     $ pip install -r requirements-export.txt                 # ONNX, ONNX Runtime, OpenVINO, NNCF (optional extras)
-    $ python export.py --int8 --data-folder data/lists-val   # the shipped model -> weights/ssd300_bccd-int8.xml, .bin
+    $ python export.py --int8 --calibrate my_fields/         # the shipped model -> weights/ssd300_bccd-int8.xml, .bin
     $ python detect.py --checkpoint weights/ssd300_bccd-int8.xml scan-4k.jpg   # as with the .pt, faster
+    $ python export.py --int8 --data-folder data/lists-val   # calibrated on the TRAIN images of the lists instead
     $ python export.py --checkpoint runs/ssd300/checkpoint.pt --format onnx --output exports/ssd300   # -> .onnx
 
 What is exported is the network alone, from normalized images (N, 3, 300, 300) to its raw (locs, scores): the
@@ -13,9 +14,11 @@ it came from (the checkpoint, its sha256 and provenance, the export command, the
 detect.load_model take the .onnx or .xml in place of a checkpoint (ExportedSSD300 runs it on the CPU).
 
 --int8 quantizes the network after training (NNCF's post-training quantization: per-tensor activation ranges
-measured on --calibration-images images of the TRAIN list of --data-folder, resized whole as TEST images are;
-never TEST's). Make the lists of the images the model was trained on: for the shipped model, trained on
-ImageSets' train.txt, `create_data_lists.py --train-split train --test-split val --output-folder data/lists-val`.
+measured on up to --calibration-images images, as detect.py feeds them to the model: resized whole, or cut into
+windows of the training field). --calibrate FOLDER takes them from any folder of images, without annotations:
+calibrate on the lab's own fields, like those the model will count. Without it, they are the TRAIN images of the
+lists in --data-folder (never TEST's): for the shipped model, trained on ImageSets' trainval.txt, the lists of
+`create_data_lists.py`.
 
 --output PATH writes PATH.onnx, or PATH.xml and PATH.bin (a PATH ending in .onnx or .xml is taken as it is);
 by default beside the checkpoint, named after it (-int8 for --int8). It is checked before the work, is never
@@ -33,9 +36,11 @@ from importlib import metadata as package_metadata
 
 import torch
 
-from detect import DEFAULT_CHECKPOINT, load_model, open_image, preprocess
-from exported import INSTALL, METADATA_KEY, METADATA_VERSION, first_line, load_export, need, sha256
+from detect import DEFAULT_CHECKPOINT, load_model
+from exported import METADATA_KEY, METADATA_VERSION, first_line, load_export, need, sha256
+from files import find_images, open_image
 from misc import UserError, check_not_an_input, check_writable, load_checkpoint, repo_relative, run_cli, run_info
+from tiling import prepare, tiling
 from utils import check_same_classes, normalize
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}  # an OpenVINO model is its .xml (the graph) and .bin (the weights)
@@ -51,11 +56,14 @@ def get_args_parser():
                    "shipped model)")
     p.add_argument("--format", default="openvino", choices=sorted(FORMATS), help="openvino: the fast path on a CPU "
                    "(README, 'Counting faster on a CPU'); onnx: the portable format, run by ONNX Runtime")
-    p.add_argument("--int8", action="store_true", help="quantize to int8 (NNCF), calibrated on TRAIN images")
-    p.add_argument("--data-folder", default="data/lists", help="--int8: lists from create_data_lists.py whose TRAIN "
-                   "images calibrate it (the images the model was trained on; never TEST's)")
-    p.add_argument("--calibration-images", type=int, default=64, help="--int8: how many TRAIN images, spread evenly "
-                   "over the list, calibrate it (more: slower, rarely better)")
+    p.add_argument("--int8", action="store_true", help="quantize to int8 (NNCF), calibrated on --calibrate's images, "
+                   "else the TRAIN images of --data-folder")
+    p.add_argument("--calibrate", default=None, metavar="FOLDER", help="--int8: calibrate on the images of this folder "
+                   "(any images, no annotations: best, the lab's own fields)")
+    p.add_argument("--data-folder", default="data/lists", help="--int8 without --calibrate: lists from "
+                   "create_data_lists.py whose TRAIN images calibrate it (the images the model was trained on)")
+    p.add_argument("--calibration-images", type=int, default=64, help="--int8: how many images, spread evenly over "
+                   "the folder or list, calibrate it (more: slower, rarely better)")
     p.add_argument("--output", default=None, help="PATH: writes PATH.onnx or PATH.xml + PATH.bin (default: beside "
                    "the checkpoint, named after it)")
     return p
@@ -95,17 +103,32 @@ def calibration_list(data_folder, n, label_map, checkpoint):
     return [train.images[i * len(train.images) // n] for i in range(n)]
 
 
-def calibration_images(paths):
-    """The images as the model sees them: normalized float32 arrays (1, 3, 300, 300), each resized whole as TEST
-    images are (detect.preprocess)."""
-    arrays = []
+def calibration_folder(folder, n):
+    """Up to n images of `folder` (searched as detect.py searches its inputs), evenly spread over them: their paths."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--calibrate {folder}: no such folder")
+    paths = find_images([folder])[0]
+    if not paths:
+        raise UserError(f"--calibrate {folder}: no images in it")
+    return [paths[i * len(paths) // min(n, len(paths))] for i in range(min(n, len(paths)))]
+
+
+def calibration_images(paths, tiles, n):
+    """The model's inputs of the images `paths` as detect.py makes them (tiling.prepare: an image resized whole, or
+    its windows), at most n, evenly spread: normalized float32 arrays (1, 3, 300, 300)."""
+    inputs, per_image = [], -(-n // len(paths))
     for path in paths:
         try:
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds
             raise UserError(f"{path}: cannot read the calibration image ({type(e).__name__})") from None
-        arrays.append(normalize(preprocess(image)[None]).numpy())
-    return arrays
+        try:
+            windows = prepare(image, tiles)[1]
+        except UserError as e:  # too many windows
+            raise UserError(f"{path}: {e}") from None
+        k = min(per_image, len(windows))
+        inputs += [windows[(2 * i + 1) * len(windows) // (2 * k)] for i in range(k)]  # spread, away from the edges
+    return [normalize(inputs[i * len(inputs) // min(n, len(inputs))][None]).numpy() for i in range(min(n, len(inputs)))]
 
 
 def to_onnx(model):
@@ -162,8 +185,9 @@ def versions(*packages):
 
 
 def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_folder="data/lists",
-                      calibration=64, quiet=False):
-    """Export a train.py checkpoint (see the module's docstring); returns the path of the .onnx or .xml."""
+                      calibration=64, quiet=False, calibrate=None):
+    """Export a train.py checkpoint (see the module's docstring); returns the path of the .onnx or .xml. int8:
+    calibrated on the images of the folder `calibrate`, else on the TRAIN list of `data_folder`."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -171,24 +195,30 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
         raise UserError(f"{checkpoint}: an export already; export.py takes a checkpoint.pt written by train.py")
     if int8 and not 1 <= calibration <= 10**5:
         raise UserError(f"--calibration-images must be 1 or more (up to the TRAIN images), not {calibration}")
+    if calibrate is not None and not int8:
+        raise UserError("--calibrate: it calibrates int8; give --int8 too")
     paths = output_paths(output, checkpoint, fmt, int8)
-    check_outputs(paths, checkpoint, data_folder if int8 else None)
+    check_outputs(paths, checkpoint, data_folder if int8 and calibrate is None else None)
     model = load_model(checkpoint, "cpu")  # checked as detect.py checks it; BatchNorm folded
     ckpt = load_checkpoint(checkpoint)
-    chosen = calibration_list(data_folder, calibration, model.label_map, checkpoint) if int8 else None
+    chosen = None if not int8 else calibration_folder(calibrate, calibration) if calibrate is not None else \
+        calibration_list(data_folder, calibration, model.label_map, checkpoint)
     need("onnx", "export.py")
     need("openvino" if fmt == "openvino" else "onnxruntime", f"export.py --format {fmt}")
     if int8:
         need("nncf", "export.py --int8")
     start = time.perf_counter()
-    arrays = calibration_images(chosen) if int8 else None
-    say(f"exporting {checkpoint} to {fmt}{' int8' if int8 else ''} ...")
+    arrays = calibration_images(chosen, tiling(model.field), calibration) if int8 else None
+    say(f"exporting {checkpoint} to {fmt}{' int8' if int8 else ''}"
+        f"{f', calibrated on {len(arrays)} input(s) of {len(chosen)} image(s)' if int8 else ''} ...")
     metadata = {"version": METADATA_VERSION, "precision": "int8" if int8 else "fp32",
                 **{key: ckpt[key] for key in CARRIED if key in ckpt},
                 "checkpoint": {"path": repo_relative(checkpoint), "sha256": sha256(checkpoint)},
-                "calibration": ({"images": len(arrays), "list": repo_relative(os.path.join(data_folder,
-                                 "TRAIN_images.json")), "preprocess": "resized whole, as TEST images"}
-                                if int8 else None),
+                "calibration": None if not int8 else {
+                    "images": len(chosen), "inputs": len(arrays), "preprocess": "as detect.py: resized whole, or cut "
+                    "into windows of the training field", **({"folder": repo_relative(calibrate)} if calibrate else
+                                                              {"list": repo_relative(os.path.join(data_folder,
+                                                                                                  "TRAIN_images.json"))})},
                 "exported": {**run_info(torch.device("cpu")), "format": fmt,
                              **versions("onnx", "onnxruntime", "openvino", "nncf")}}
     text = json.dumps(metadata)
@@ -236,7 +266,8 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
 
 
 def main(args):
-    export_checkpoint(args.checkpoint, args.format, args.int8, args.output, args.data_folder, args.calibration_images)
+    export_checkpoint(args.checkpoint, args.format, args.int8, args.output, args.data_folder, args.calibration_images,
+                      calibrate=args.calibrate)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,8 +23,10 @@ from PIL import Image
 import detect
 import export
 import exported
+import files
 from conftest import REPO
-from utils import create_data_lists
+from tiling import BCCD_FIELD, prepare, tiling
+from utils import create_data_lists, normalize
 
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 SAMPLES = sorted((REPO / "img").glob("*.jpg"))
@@ -421,6 +424,9 @@ EXPORT = [  # (case, command line, the error's words)
     ("calibration-huge", ["--int8", "--calibration-images", "99999999999999999999"], ["--calibration-images"]),
     ("calibration-more-than-train", ["--int8", "--calibration-images", "5"], ["give 1 to 4, the TRAIN images"]),
     ("calibration-lists-missing", ["--int8", "--data-folder", "{root}/none"], ["not found"]),
+    ("calibrate-without-int8", ["--calibrate", "{root}"], ["--calibrate: it calibrates int8; give --int8 too"]),
+    ("calibrate-folder-missing", ["--int8", "--calibrate", "{root}/none"], ["--calibrate {root}/none: no such folder"]),
+    ("calibrate-folder-without-images", ["--int8", "--calibrate", "{root}/dir.onnx"], ["no images in it"]),
 ]
 
 
@@ -461,3 +467,37 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_one_whole(world, tmp_
     with pytest.raises(detect.UserError, match="the export made does not load .*not SSD300's.*; nothing written"):
         export.export_checkpoint(str(world / "checkpoint.pt"), "onnx", output=str(target), quiet=True)
     assert target.read_bytes() == earlier and sorted(os.listdir(target.parent)) == ["model.onnx"]
+
+
+def test_int8_calibrates_on_any_folder_of_images_without_annotations(world, tiny_lists, tmp_path, monkeypatch,
+                                                                      run_main):
+    """export.py --int8 --calibrate FOLDER: the folder's images (searched as detect.py searches, evenly spread), as
+    detect.py feeds them to the model (a large one cut into windows), calibrate NNCF; the export counts through
+    detect.py. The network here is the tiny one, which NNCF leaves as it is: what is checked is what it is fed."""
+    needs("onnx", "openvino", "nncf")
+    fields = tmp_path / "fields"
+    (fields / "sub").mkdir(parents=True)
+    sources = json.loads((tiny_lists / "TRAIN_images.json").read_text())
+    for k, source in enumerate(sources):
+        Image.open(source).save(fields / ("sub" if k == 3 else ".") / f"field{k}.png")
+    big = Image.new("RGB", (1000, 480), (200, 150, 160))
+    big.paste(Image.open(sources[0]).resize((640, 480)), (360, 0))
+    big.save(fields / "scan.jpg", quality=95)  # three windows of the training field
+    (fields / "notes.txt").write_text("not an image\n")
+    seen, quantize = [], export.quantize
+    monkeypatch.setattr(export, "to_onnx", lambda model: tiny_network())
+    monkeypatch.setattr(export, "quantize", lambda network, arrays: (seen.extend(arrays), quantize(network, arrays))[1])
+    result = run_main("export.py", "--checkpoint", world / "checkpoint.pt", "--int8", "--calibrate", fields,
+                      "--calibration-images", 8, "--output", tmp_path / "int8")
+    assert result.returncode == 0 and "calibrated on 6 input(s) of 5 image(s)" in result.stdout, result.stderr
+    paths, _, _ = files.find_images([fields])  # field0-2, scan.jpg, sub/field3: at most 2 inputs an image (8 / 5)
+    assert [os.path.basename(p) for p in paths] == ["field0.png", "field1.png", "field2.png", "scan.jpg", "field3.png"]
+    inputs = [prepare(files.open_image(p), tiling(BCCD_FIELD))[1] for p in paths]
+    expected = [inputs[0][0], inputs[1][0], inputs[2][0], inputs[3][0], inputs[3][2], inputs[4][0]]  # scan: 2 of 3
+    assert len(inputs[3]) == 3 and len(seen) == 6
+    assert all(np.array_equal(s, normalize(x[None]).numpy()) for s, x in zip(seen, expected))
+    calibration = detect.load_model(tmp_path / "int8.xml").metadata["calibration"]
+    assert calibration == {"images": 5, "inputs": 6, "folder": str(fields),
+                           "preprocess": "as detect.py: resized whole, or cut into windows of the training field"}
+    result = run_main("detect.py", fields, "--checkpoint", tmp_path / "int8.xml", "--output-dir", tmp_path / "out")
+    assert result.returncode == 0 and "precision int8 (OpenVINO" in result.stdout, result.stderr
