@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from exported import device_flag, is_export, load_export, sha256
 from files import (ImageFiles, Results, check_writable_folder, find_images, open_image, printable,  # noqa: F401
                    report_settings)
+from labels import FORMATS
 from misc import (Terminated, UserError, bf16_choice, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
@@ -354,6 +355,8 @@ def get_args_parser():
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="take up a run that stopped "
                    "in --output-dir (Ctrl-C, a kill, a power loss) where it stopped, if its settings are these; "
                    "--no-resume counts every image again")
+    p.add_argument("--save-labels", choices=FORMATS, default=None, help="also write the boxes as pre-annotations to "
+                   "correct in LabelImg, CVAT or Label Studio, in labels/ of --output-dir (labels.py)")
     p.add_argument("--tta", choices=tuple(TTA_VIEWS), default=None, help="test-time augmentation: also run the model "
                    "on each image flipped horizontally (h: 2x the time), vertically too (hv: 4x), or transposed too "
                    "(d4: 8x), and average the predictions (default: the checkpoint's record, else off)")
@@ -378,8 +381,7 @@ def say_errors(errors):
 
 def detect_files(args):
     """The command line's run: every image of args.inputs counted, and the output folder written (files.Results), a
-    stopped run there taken up. Returns a summary: {"images": counted by this run, "seconds": of its loop,
-    "precision", "output_dir"} (bench.py reads it)."""
+    stopped run taken up. Returns {"images": counted by this run, "seconds", "precision", "output_dir"} (bench.py)."""
     check_args(args)
     check_writable_folder(args.output_dir)
     device = resolve_device(device_flag(args.device, args.checkpoint))
@@ -398,16 +400,16 @@ def detect_files(args):
     if not paths:
         raise UserError(f"{missing[0]}: no such file or folder" if missing else
                         f"no images found in {' '.join(map(printable, args.inputs))}")
-    settings = {"model_sha256": sha256(args.checkpoint), "classes": classes, "max_overlap": max_overlap,  # to take
-                "min_score": min_score if isinstance(min_score, list) else [min_score] * len(classes),  # up a stopped
-                "top_k": args.top_k, "tiling": tiles, "tta": model.tta, "precision": precision,  # run: the same
-                "device": device.type, "batch_size": batch_size}
+    settings = {"model_sha256": sha256(args.checkpoint), "classes": classes, "max_overlap": max_overlap,
+                "min_score": min_score if isinstance(min_score, list) else [min_score] * len(classes),
+                "top_k": args.top_k, "tiling": tiles, "tta": model.tta, "precision": precision, "device": device.type,
+                "batch_size": batch_size}  # a stopped run is taken up with the same only
     report = Report(args.output_dir, classes, min_score,
                     report_settings(args, model, min_score, max_overlap, tiles, device, (precision, why)), len(paths))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # any file name prints, whatever the terminal's encoding
     errors = [f"{printable(m)}: no such file or folder" for m in missing]  # all said at the end (or when interrupted)
-    with Results(args.output_dir, classes, model.rev_label_map, report, settings, args.resume) as results:
+    with Results(args.output_dir, classes, model.rev_label_map, report, settings, args.resume, args.save_labels) as results:
         names = results.start(paths)
         todo = [i for i, p in enumerate(paths) if printable(p) not in results.done]
         results.say_start(paths, repeats)

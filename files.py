@@ -17,6 +17,7 @@ The output folder:
     scores, and the precision they were computed in (bf16, fp32, or an export's). It is written whole (a temporary
     file moved into place) when the run ends or stops, so it is valid JSON at every moment;
   * report.html (report.py), rewritten whole as the run goes;
+  * labels/ with --save-labels: the boxes as pre-annotations for labelling tools (labels.py), when the run ends whole;
   * detections.partial.jsonl (JOURNAL), while a run goes on and after one that stopped: its settings on the first
     line, then each image's record, a line each, flushed as the image is done (JSON Lines). It is what a stopped
     run is taken up from, and is removed when the run ends whole.
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from misc import (UserError, check_writable, format_min_score, ignore_stop_signals, lock_folder,
                   remove_stale_temporaries, save_image_atomic, stop_signals_held, write_text_atomic)
+from labels import write_labels
 from report import REPORT, THUMBNAILS, thumbnail_name
 from tiling import TILE_ABOVE, prepare
 from utils import class_names, image_extensions, pil_to_tensor
@@ -257,8 +259,9 @@ class Results:
     model, thresholds, tiling, precision, ...); a stopped run is taken up only with the same, unless resume is
     False, which counts every image again."""
 
-    def __init__(self, folder, classes, rev_label_map, report=None, settings=None, resume=True):
+    def __init__(self, folder, classes, rev_label_map, report=None, settings=None, resume=True, labels=None):
         self.folder, self.classes, self.rev_label_map, self.report = folder, classes, rev_label_map, report
+        self.labels, self.paths = labels, []  # pre-annotations to write (labels.FORMATS) when the run ends whole
         self.settings, self.resume = json.loads(json.dumps(settings or {})), resume  # as JSON holds them
         self.n, self.done, self.order = 0, {}, {}  # images counted by this run; a stopped run's records, by image
         self.width = len("image")  # of the printed table's first column
@@ -339,7 +342,7 @@ class Results:
         """The annotated images' names for the inputs `paths` (a stopped run's images keep theirs), checked
         (check_names); taking up a stopped run, its files are opened at once. Images the stopped run counted must be
         among the inputs."""
-        self.order = {printable(p): i for i, p in enumerate(paths)}
+        self.paths, self.order = paths, {printable(p): i for i, p in enumerate(paths)}
         gone = next((image for image in self.done if image not in self.order), None)
         if gone:
             raise UserError(f"--output-dir {self.folder}: the run stopped there counted {gone}, which is not among "
@@ -448,6 +451,10 @@ class Results:
             self._write_counts(records)
             write_text_atomic("[" + ",".join("\n" + json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n",
                               os.path.join(self.folder, self.names["detections.json"]))
+            if self.labels and not quiet:
+                write_labels(self.labels, self.folder, [(printable(os.path.basename(self.paths[self.order[r["image"]]])),
+                                                         os.path.splitext(r["output"])[0], r) for r in records],
+                             self.classes)
         except (OSError, UserError) as e:
             failed = failed or e
         if self.report is not None:
