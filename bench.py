@@ -45,13 +45,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
-from detect import BCCD_FIELD, DEFAULT_CHECKPOINT, detect_image, load_model, predict, tile_windows, tiling
-from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
-                  load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
+from detect import DEFAULT_CHECKPOINT, MAP_MAX_OVERLAP, MAP_MIN_SCORE, TOP_K, detect_image, load_model, predict
+from misc import (UserError, available_cpus, bf16_choice, bf16_is_fast, check_not_an_input, check_workers,
+                  check_writable, load_checkpoint, repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
 from model import SSD300, MultiBoxLoss
+from tiling import BCCD_FIELD, tile_windows, tiling
 from utils import calculate_mAP, image_extensions, label_map, load_image, normalize
-
-import torchvision  # after misc, which says in one line when it does not fit torch
 
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
@@ -73,7 +72,7 @@ def get_args_parser():
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default: 20 on CUDA, 2 on CPU)")
     p.add_argument("--workers", type=int, default=available_cpus(), help="DataLoader workers for the data measurement")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for both models (default: on with CUDA, and on CPUs where it is faster: misc.bf16_is_fast)")
+                   help="bf16 autocast for both models (default: detect.py's, by the device: misc.bf16_choice)")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="time our model without BatchNorm (the tutorial's), like torchvision's")
     p.add_argument("--folder", default=None, help="images for the folder measurement (default: the TEST images)")
@@ -124,9 +123,10 @@ def to_torchvision_inputs(images, boxes=None, labels=None):
 
 
 def make_models(args, device, channels_last):
+    import torchvision  # here: misc checks first that torchvision fits torch
     ours = SSD300(n_classes=len(label_map), base_weights=None, batch_norm=args.batch_norm)
     tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(label_map))
-    tv.score_thresh, tv.nms_thresh, tv.detections_per_img, tv.topk_candidates = 0.01, 0.45, 200, 400
+    tv.score_thresh, tv.nms_thresh, tv.detections_per_img, tv.topk_candidates = MAP_MIN_SCORE, MAP_MAX_OVERLAP, TOP_K, 400
     ours = ours.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return ours, tv.to(device)
 
@@ -209,7 +209,7 @@ def bench_infer(args, device, amp, channels_last, out):
         tv_images = to_torchvision_inputs(images)
 
         def run_ours(model=ours):
-            return predict(model, x, min_score=0.01, max_overlap=0.45, top_k=200, amp=amp, channels_last=channels_last)
+            return predict(model, x, MAP_MIN_SCORE, MAP_MAX_OVERLAP, TOP_K, amp=amp, channels_last=channels_last)
 
         @torch.no_grad()
         def run_tv():
@@ -293,6 +293,7 @@ def bench_data(args, device, out):
 
 def bench_parts(args, device, amp, out):
     """Post-processing, loss and mAP on their own (random predictions, real BCCD boxes)."""
+    import torchvision  # here: misc checks first that torchvision fits torch
     ours, tv = make_models(args, device, False)
     n = 8
     _, boxes, labels = fixed_batch(args.data_folder, n)
@@ -320,10 +321,11 @@ def bench_parts(args, device, amp, out):
     res = {}
     res["multibox_loss_ms"] = {"ours": timeit(lambda: criterion(locs, scores, boxes, labels), device, 10),
                                "torchvision": timeit(tv_loss, device, 10)}
-    res["detect_objects_ms"] = {"ours": timeit(lambda: ours.detect_objects(locs, scores, 0.01, 0.45, 200), device, 5),
+    res["detect_objects_ms"] = {"ours": timeit(lambda: ours.detect_objects(locs, scores, MAP_MIN_SCORE, MAP_MAX_OVERLAP,
+                                                                            TOP_K), device, 5),
                                 "torchvision": timeit(lambda: tv.postprocess_detections(head, anchors, [(300, 300)] * n), device, 5)}
 
-    # calculate_mAP on 72 images x 200 detections against the real TEST objects
+    # calculate_mAP on 72 images x TOP_K detections against the real TEST objects
     test_set = BCCDDataset(args.data_folder, "test", keep_difficult=True)
     true_boxes, true_labels, true_diff = [], [], []
     for objects in test_set.objects[:72]:
@@ -332,10 +334,10 @@ def bench_parts(args, device, amp, out):
         true_labels.append(torch.tensor(objects["labels"]))
         true_diff.append(torch.tensor(objects["difficulties"], dtype=torch.uint8))
     k = len(true_boxes)
-    xy = torch.rand(k, 200, 2, generator=g) * 0.8
-    det_boxes = list(torch.cat([xy, xy + 0.05 + 0.2 * torch.rand(k, 200, 2, generator=g)], -1))
-    det_labels = list(torch.randint(1, 4, (k, 200), generator=g))
-    det_scores = list(torch.rand(k, 200, generator=g))
+    xy = torch.rand(k, TOP_K, 2, generator=g) * 0.8
+    det_boxes = list(torch.cat([xy, xy + 0.05 + 0.2 * torch.rand(k, TOP_K, 2, generator=g)], -1))
+    det_labels = list(torch.randint(1, 4, (k, TOP_K), generator=g))
+    det_scores = list(torch.rand(k, TOP_K, generator=g))
     res["calculate_mAP_ms"] = {"ours": timeit(lambda: calculate_mAP(det_boxes, det_labels, det_scores, true_boxes,
                                                                     true_labels, true_diff), torch.device("cpu"), 5)}
     for key, v in res.items():
@@ -350,8 +352,8 @@ def bench_parts(args, device, amp, out):
     locs_big = torch.randn(big, 8732, 4, generator=g).to(device)
     scores_big = torch.randn(big, 8732, len(label_map), generator=g).to(device)
     out["detect_objects_ms_by_nms_chunk"] = {"batch": big, **{
-        str(chunk): round(1000 * timeit(lambda: ours.detect_objects(locs_big, scores_big, 0.01, 0.45, 200,
-                                                                    nms_chunk=chunk), device, 5), 2)
+        str(chunk): round(1000 * timeit(lambda: ours.detect_objects(locs_big, scores_big, MAP_MIN_SCORE, MAP_MAX_OVERLAP,
+                                                                    TOP_K, nms_chunk=chunk), device, 5), 2)
         for chunk in (1, 5000, 25_000, 10 ** 9)}}
 
 
@@ -362,6 +364,19 @@ def run_or_say(cmd, what):
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise UserError(f"--only folder: {what} failed (exit status {done.returncode}): {last}")
     return done.stdout
+
+
+def run_detect(argv, summary, what):
+    """detect.py's command line in a fresh process, as a user runs it (Python's and torch's start-up and the model's
+    loading included), its summary (detect.detect_files' return: the images, the seconds of its loop) written as
+    JSON to `summary`: (the command's seconds, the summary)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv.pop(1)); import detect, misc; path = sys.argv.pop(1); "
+            "summary = misc.run_cli(detect.main, detect.get_args_parser()); json.dump(summary, open(path, 'w'))")
+    start = time.perf_counter()
+    run_or_say([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), summary, *argv], what)
+    seconds = time.perf_counter() - start
+    with open(summary, encoding="utf-8") as f:
+        return seconds, json.load(f)
 
 
 def bench_folder(args, device, out):
@@ -386,12 +401,9 @@ def bench_folder(args, device, out):
         os.makedirs(listing)
         for p in images:
             os.symlink(os.path.abspath(p), os.path.join(listing, os.path.basename(p)))
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), "--checkpoint",
-               args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"), "--device", str(device)]
-        start = time.perf_counter()
-        printed = run_or_say(cmd, "detect.py")
-        t_ours = time.perf_counter() - start
-        loop_ours = float(printed.rsplit(" image(s) in ", 1)[1].split(" s")[0])  # detect.py's own timing of its loop
+        t_ours, summary = run_detect(["--checkpoint", args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"),
+                                      "--device", str(device)], os.path.join(tmp, "summary.json"), "detect.py")
+        loop_ours = summary["seconds"]  # detect.py's own timing of its loop
 
         # torchvision: the plain loop, fp32, one image at a time, also in a fresh process
         code = f"""
@@ -429,6 +441,7 @@ print(time.perf_counter() - start)
 
 def source_images(data_folder, n):
     """The lists' first n TEST images, RGB PIL images (one that cannot be read is a UserError naming it)."""
+    import torchvision  # here: misc checks first that torchvision fits torch
     return [torchvision.transforms.functional.to_pil_image(load_image(p))
             for p in BCCDDataset(data_folder, "test").images[:n]]
 
@@ -499,7 +512,7 @@ def bench_export(args, device, out):
                 for p in paths:
                     m = models[p]
                     start = time.perf_counter()
-                    predict(m, images, m.min_score, m.max_overlap, 200, amp[p])
+                    predict(m, images, m.min_score, m.max_overlap, TOP_K, amp[p])
                     if i:
                         times[p].append(time.perf_counter() - start)
             for p in paths:
@@ -513,13 +526,9 @@ def bench_export(args, device, out):
             mosaic(sources, *EXPORT_MOSAIC, 12 * i).save(os.path.join(folder, f"mosaic{i}.jpg"), quality=95)
         for p in paths:  # detect.py as a user runs it, in a fresh process: start-up and model load included
             output = os.path.join(tmp, "out-" + p.replace(" ", "-"))
-            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "detect.py"), folder,
-                   "--checkpoint", files[p], "--output-dir", output, "--device", "cpu",
-                   "--amp" if amp[p] else "--no-amp"]
-            start = time.perf_counter()
-            printed = run_or_say(cmd, f"detect.py with {p}")
-            result[p]["mosaics_seconds"] = round(time.perf_counter() - start, 2)
-            result[p]["mosaics_loop_seconds"] = float(printed.rsplit(" image(s) in ", 1)[1].split(" s")[0])
+            seconds, summary = run_detect([folder, "--checkpoint", files[p], "--output-dir", output, "--device", "cpu",
+                                           "--amp" if amp[p] else "--no-amp"], output + ".json", f"detect.py with {p}")
+            result[p]["mosaics_seconds"], result[p]["mosaics_loop_seconds"] = round(seconds, 2), round(summary["seconds"], 2)
             with open(os.path.join(output, "counts.csv"), newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
             result[p]["mosaics_counts"] = {k: sum(int(r[k]) for r in rows) for k in rows[0] if k != "image"}
@@ -588,7 +597,7 @@ def print_table(out):
                   f"{r['speedup_batch_8']:>6}{r['mosaics_seconds']:>13}{r['mosaics_over_default']:>10}  "
                   + " ".join(f"{k} {v}" for k, v in r["mosaics_counts"].items()))
         if not e["eager_default_bf16"]:
-            print("eager default: bf16 is not fast on this CPU (utils.bf16_is_fast), so detect.py's default is eager fp32")
+            print("eager default: bf16 is not detect.py's default on this CPU (misc.bf16_choice), so it is eager fp32")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
         for size, t in out["tiling_seconds_per_megapixel"].items():
@@ -638,10 +647,10 @@ def main(args):
     check_args(args)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    amp = bf16_is_fast(device) if args.amp is None else args.amp
-    if amp and not bf16_is_fast(device):
-        print("warning: bf16 is slower than fp32 on this CPU (emulated, or slow kernels); timings with --amp will be "
-              "slow", file=sys.stderr)
+    default, why = bf16_choice(device)
+    amp = default if args.amp is None else args.amp
+    if amp and not default:
+        print(f"warning: bf16 is not the default on this CPU ({why}); timings with --amp may be slow", file=sys.stderr)
     channels_last = True
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, TTA_VIEWS, load_model, run_model
-from export import device_flag, is_export
+from detect import DEFAULT_CHECKPOINT, MAP_MAX_OVERLAP, MAP_MIN_SCORE, TOP_K, TTA_VIEWS, load_model, run_model
+from exported import device_flag, is_export
 from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
                   format_min_score, ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score,
                   repo_relative, run_cli, run_info, write_json_atomic)
@@ -101,8 +101,8 @@ class Detections(NamedTuple):
 
 
 @torch.no_grad()
-def detect_dataset(model, loader, amp=False, channels_last=False, min_score=0.01, max_overlap=0.45, top_k=200,
-                   progress=False, count_at=()):
+def detect_dataset(model, loader, amp=False, channels_last=False, min_score=MAP_MIN_SCORE,
+                   max_overlap=MAP_MAX_OVERLAP, top_k=TOP_K, progress=False, count_at=()):
     """Run the model over a loader of BCCDDataset('test') items: its Detections.
 
     count_at: settings (min_score, max_overlap) at which the same network outputs are also decoded, for counting
@@ -315,7 +315,8 @@ def run(args, rank, world, device):
           f"bf16 autocast {'on' if amp else 'off'}{', test-time augmentation ' + model.tta if model.tta != 'off' else ''})")
     if args.output is not None:
         write_json_atomic({"classes": names, **metrics, "checkpoint": repo_relative(args.checkpoint), "images": len(test_set),
-                           "min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "tta": model.tta, "ema": args.ema,
+                           "min_score": MAP_MIN_SCORE, "max_overlap": MAP_MAX_OVERLAP, "top_k": TOP_K,
+                           "tta": model.tta, "ema": args.ema,
                            "counts": {"min_score": count_min_score, "max_overlap": count_max_overlap, **counts},
                            **({"count_sweep": sweep} if sweep else {}), **({"by_source": sources} if sources else {}),
                            "device": str(device),

@@ -1,8 +1,9 @@
 """Export a checkpoint for fast inference on a CPU: ONNX (run by ONNX Runtime) or OpenVINO, optionally int8.
 
     $ pip install -r requirements-export.txt                 # ONNX, ONNX Runtime, OpenVINO, NNCF (optional extras)
-    $ python export.py --int8 --data-folder data/lists-val   # the shipped model -> weights/ssd300_bccd-int8.xml, .bin
+    $ python export.py --int8 --calibrate my_fields/         # the shipped model -> weights/ssd300_bccd-int8.xml, .bin
     $ python detect.py --checkpoint weights/ssd300_bccd-int8.xml scan-4k.jpg   # as with the .pt, faster
+    $ python export.py --int8 --data-folder data/lists-val   # calibrated on the TRAIN images of the lists instead
     $ python export.py --checkpoint runs/ssd300/checkpoint.pt --format onnx --output exports/ssd300   # -> .onnx
 
 What is exported is the network alone, from normalized images (N, 3, 300, 300) to its raw (locs, scores): the
@@ -13,16 +14,17 @@ it came from (the checkpoint, its sha256 and provenance, the export command, the
 detect.load_model take the .onnx or .xml in place of a checkpoint (ExportedSSD300 runs it on the CPU).
 
 --int8 quantizes the network after training (NNCF's post-training quantization: per-tensor activation ranges
-measured on --calibration-images images of the TRAIN list of --data-folder, resized whole as TEST images are;
-never TEST's). Make the lists of the images the model was trained on: for the shipped model, trained on
-ImageSets' train.txt, `create_data_lists.py --train-split train --test-split val --output-folder data/lists-val`.
+measured on up to --calibration-images images, as detect.py feeds them to the model: resized whole, or cut into
+windows of the training field). --calibrate FOLDER takes them from any folder of images, without annotations:
+calibrate on the lab's own fields, like those the model will count. Without it, they are the TRAIN images of the
+lists in --data-folder (never TEST's): for the shipped model, trained on ImageSets' trainval.txt, the lists of
+`create_data_lists.py`.
 
 --output PATH writes PATH.onnx, or PATH.xml and PATH.bin (a PATH ending in .onnx or .xml is taken as it is);
 by default beside the checkpoint, named after it (-int8 for --int8). It is checked before the work, is never
 one of the inputs, and is written atomically: a failed or interrupted export leaves an earlier one whole.
 """
 import argparse
-import hashlib
 import inspect
 import io
 import json
@@ -32,21 +34,17 @@ import time
 import warnings
 from importlib import metadata as package_metadata
 
-import numpy as np
 import torch
-import torch.nn as nn
 
+from detect import DEFAULT_CHECKPOINT, load_model
+from exported import METADATA_KEY, METADATA_VERSION, first_line, load_export, need, sha256
+from files import find_images, open_image
 from misc import UserError, check_not_an_input, check_writable, load_checkpoint, repo_relative, run_cli, run_info
-from model import SSD300, create_prior_boxes, valid_prior_scales  # after misc, which says in one line when
-# torchvision does not fit torch
-from utils import check_label_map, check_same_classes, normalize
+from tiling import prepare, tiling
+from utils import check_same_classes, normalize
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}  # an OpenVINO model is its .xml (the graph) and .bin (the weights)
-METADATA_KEY = "ssd300"  # ONNX metadata_props key / OpenVINO rt_info key of the JSON metadata
-METADATA_VERSION = 1
-MAX_METADATA = 1 << 20  # bytes: the label map and provenance take a few KB; a larger text is not ours
 OPSET = 17  # ONNX opset: ONNX Runtime >= 1.12 and OpenVINO >= 2022.1 read it
-INSTALL = "pip install -r requirements-export.txt"
 # checkpoint keys that the export carries as they are (detect.load_model reads them as from a checkpoint)
 CARRIED = ("label_map", "model_args", "count_thresholds", "tta", "field", "args", "provenance")
 
@@ -54,31 +52,21 @@ CARRIED = ("label_map", "model_args", "count_thresholds", "tta", "field", "args"
 def get_args_parser():
     p = argparse.ArgumentParser("export.py", description="Export SSD300 to ONNX or OpenVINO for fast CPU inference.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from detect import DEFAULT_CHECKPOINT
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint.pt written by train.py (default: the "
                    "shipped model)")
     p.add_argument("--format", default="openvino", choices=sorted(FORMATS), help="openvino: the fast path on a CPU "
                    "(README, 'Counting faster on a CPU'); onnx: the portable format, run by ONNX Runtime")
-    p.add_argument("--int8", action="store_true", help="quantize to int8 (NNCF), calibrated on TRAIN images")
-    p.add_argument("--data-folder", default="data/lists", help="--int8: lists from create_data_lists.py whose TRAIN "
-                   "images calibrate it (the images the model was trained on; never TEST's)")
-    p.add_argument("--calibration-images", type=int, default=64, help="--int8: how many TRAIN images, spread evenly "
-                   "over the list, calibrate it (more: slower, rarely better)")
+    p.add_argument("--int8", action="store_true", help="quantize to int8 (NNCF), calibrated on --calibrate's images, "
+                   "else the TRAIN images of --data-folder")
+    p.add_argument("--calibrate", default=None, metavar="FOLDER", help="--int8: calibrate on the images of this folder "
+                   "(any images, no annotations: best, the lab's own fields)")
+    p.add_argument("--data-folder", default="data/lists", help="--int8 without --calibrate: lists from "
+                   "create_data_lists.py whose TRAIN images calibrate it (the images the model was trained on)")
+    p.add_argument("--calibration-images", type=int, default=64, help="--int8: how many images, spread evenly over "
+                   "the folder or list, calibrate it (more: slower, rarely better)")
     p.add_argument("--output", default=None, help="PATH: writes PATH.onnx or PATH.xml + PATH.bin (default: beside "
                    "the checkpoint, named after it)")
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# writing an export
-# ---------------------------------------------------------------------------------------------
-
-def need(module, what):
-    """Import an optional runtime, or a one-line UserError naming the pip command."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise UserError(f"{what} needs the package {module}, which is not installed: {INSTALL}") from None
 
 
 def output_paths(output, checkpoint, fmt, int8):
@@ -115,18 +103,32 @@ def calibration_list(data_folder, n, label_map, checkpoint):
     return [train.images[i * len(train.images) // n] for i in range(n)]
 
 
-def calibration_images(paths):
-    """The images as the model sees them: normalized float32 arrays (1, 3, 300, 300), each resized whole as TEST
-    images are (detect.preprocess)."""
-    from detect import open_image, preprocess
-    arrays = []
+def calibration_folder(folder, n):
+    """Up to n images of `folder` (searched as detect.py searches its inputs), evenly spread over them: their paths."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--calibrate {folder}: no such folder")
+    paths = find_images([folder])[0]
+    if not paths:
+        raise UserError(f"--calibrate {folder}: no images in it")
+    return [paths[i * len(paths) // min(n, len(paths))] for i in range(min(n, len(paths)))]
+
+
+def calibration_images(paths, tiles, n):
+    """The model's inputs of the images `paths` as detect.py makes them (tiling.prepare: an image resized whole, or
+    its windows), at most n, evenly spread: normalized float32 arrays (1, 3, 300, 300)."""
+    inputs, per_image = [], -(-n // len(paths))
     for path in paths:
         try:
             image = open_image(path)
         except Exception as e:  # PIL raises many kinds
             raise UserError(f"{path}: cannot read the calibration image ({type(e).__name__})") from None
-        arrays.append(normalize(preprocess(image)[None]).numpy())
-    return arrays
+        try:
+            windows = prepare(image, tiles)[1]
+        except UserError as e:  # too many windows
+            raise UserError(f"{path}: {e}") from None
+        k = min(per_image, len(windows))
+        inputs += [windows[(2 * i + 1) * len(windows) // (2 * k)] for i in range(k)]  # spread, away from the edges
+    return [normalize(inputs[i * len(inputs) // min(n, len(inputs))][None]).numpy() for i in range(min(n, len(inputs)))]
 
 
 def to_onnx(model):
@@ -172,14 +174,6 @@ def write_bytes(path, data):
         f.write(data)
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def versions(*packages):
     found = {}
     for name in packages:
@@ -191,9 +185,9 @@ def versions(*packages):
 
 
 def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_folder="data/lists",
-                      calibration=64, quiet=False):
-    """Export a train.py checkpoint (see the module's docstring); returns the path of the .onnx or .xml."""
-    from detect import load_model
+                      calibration=64, quiet=False, calibrate=None):
+    """Export a train.py checkpoint (see the module's docstring); returns the path of the .onnx or .xml. int8:
+    calibrated on the images of the folder `calibrate`, else on the TRAIN list of `data_folder`."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -201,24 +195,30 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
         raise UserError(f"{checkpoint}: an export already; export.py takes a checkpoint.pt written by train.py")
     if int8 and not 1 <= calibration <= 10**5:
         raise UserError(f"--calibration-images must be 1 or more (up to the TRAIN images), not {calibration}")
+    if calibrate is not None and not int8:
+        raise UserError("--calibrate: it calibrates int8; give --int8 too")
     paths = output_paths(output, checkpoint, fmt, int8)
-    check_outputs(paths, checkpoint, data_folder if int8 else None)
+    check_outputs(paths, checkpoint, data_folder if int8 and calibrate is None else None)
     model = load_model(checkpoint, "cpu")  # checked as detect.py checks it; BatchNorm folded
     ckpt = load_checkpoint(checkpoint)
-    chosen = calibration_list(data_folder, calibration, model.label_map, checkpoint) if int8 else None
+    chosen = None if not int8 else calibration_folder(calibrate, calibration) if calibrate is not None else \
+        calibration_list(data_folder, calibration, model.label_map, checkpoint)
     need("onnx", "export.py")
     need("openvino" if fmt == "openvino" else "onnxruntime", f"export.py --format {fmt}")
     if int8:
         need("nncf", "export.py --int8")
     start = time.perf_counter()
-    arrays = calibration_images(chosen) if int8 else None
-    say(f"exporting {checkpoint} to {fmt}{' int8' if int8 else ''} ...")
+    arrays = calibration_images(chosen, tiling(model.field), calibration) if int8 else None
+    say(f"exporting {checkpoint} to {fmt}{' int8' if int8 else ''}"
+        f"{f', calibrated on {len(arrays)} input(s) of {len(chosen)} image(s)' if int8 else ''} ...")
     metadata = {"version": METADATA_VERSION, "precision": "int8" if int8 else "fp32",
                 **{key: ckpt[key] for key in CARRIED if key in ckpt},
                 "checkpoint": {"path": repo_relative(checkpoint), "sha256": sha256(checkpoint)},
-                "calibration": ({"images": len(arrays), "list": repo_relative(os.path.join(data_folder,
-                                 "TRAIN_images.json")), "preprocess": "resized whole, as TEST images"}
-                                if int8 else None),
+                "calibration": None if not int8 else {
+                    "images": len(chosen), "inputs": len(arrays), "preprocess": "as detect.py: resized whole, or cut "
+                    "into windows of the training field", **({"folder": repo_relative(calibrate)} if calibrate else
+                                                              {"list": repo_relative(os.path.join(data_folder,
+                                                                                                  "TRAIN_images.json"))})},
                 "exported": {**run_info(torch.device("cpu")), "format": fmt,
                              **versions("onnx", "onnxruntime", "openvino", "nncf")}}
     text = json.dumps(metadata)
@@ -265,177 +265,9 @@ def export_checkpoint(checkpoint, fmt="openvino", int8=False, output=None, data_
     return paths[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# running an export: ExportedSSD300, in SSD300's place
-# ---------------------------------------------------------------------------------------------
-
-def is_export(path):
-    """Whether detect.py and eval.py take `path` for an export (by its name: .onnx, or .xml for OpenVINO)."""
-    return os.path.splitext(str(path))[1].lower() in (".onnx", ".xml")
-
-
-def device_flag(flag, checkpoint):
-    """The --device of a run of `checkpoint`: "auto" is the CPU for an export, which runs there only."""
-    return "cpu" if flag == "auto" and is_export(checkpoint) else flag
-
-
-class ExportedSSD300(nn.Module):
-    """An exported network run by ONNX Runtime or OpenVINO on the CPU, in place of SSD300: forward maps normalized
-    images (N, 3, 300, 300) to (locs (N, P, 4), scores (N, P, C)) as SSD300's does, and the priors, detect_objects
-    and label maps are SSD300's own, so that detect.py's tiling and counting, eval.py and the Python API use it
-    unchanged. `metadata` holds what the checkpoint held beside its weights (see export_checkpoint)."""
-    detect_objects = SSD300.detect_objects  # the same decoding and NMS as the PyTorch path
-    rev_label_map = SSD300.rev_label_map
-    label_color_map = SSD300.label_color_map
-
-    def __init__(self, run, metadata, runtime, source):
-        super().__init__()
-        self.run, self.metadata, self.runtime, self.source = run, metadata, runtime, source
-        self.label_map = dict(metadata["label_map"])
-        self.n_classes = len(self.label_map)
-        self.prior_scales = tuple(float(s) for s in metadata["model_args"]["prior_scales"])
-        self.register_buffer("priors_cxcy", create_prior_boxes(self.prior_scales), persistent=False)
-        # the runtime takes its inputs on the CPU: detect.py and eval.py find the device as an SSD300's,
-        # next(model.parameters()).device, here of this empty parameter
-        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, images):  # (N, 3, 300, 300) normalized -> (N, P, 4), (N, P, C)
-        try:
-            locs, scores = self.run(np.ascontiguousarray(images.detach().float().cpu().numpy()))
-        except Exception as e:  # a network that declared SSD300's shapes and cannot make them
-            raise UserError(f"{self.source}: {self.runtime} failed to run it ({first_line(e)})") from None
-        expected = ((len(images), len(self.priors_cxcy), 4), (len(images), len(self.priors_cxcy), self.n_classes))
-        if (locs.shape, scores.shape) != expected or locs.dtype != np.float32 or scores.dtype != np.float32:
-            raise UserError(f"{self.source}: the network gave outputs of {locs.shape} and {scores.shape}, not SSD300's "
-                            f"float32 {expected[0]} and {expected[1]}")
-        if not (np.isfinite(locs).all() and np.isfinite(scores).all()):  # nan weights would count nothing, silently
-            raise UserError(f"{self.source}: the network gave nan or inf outputs: its weights are damaged (export the "
-                            f"checkpoint again)")
-        return torch.from_numpy(locs).to(images.device), torch.from_numpy(scores).to(images.device)
-
-    def fuse_batch_norm(self):
-        return self  # folded before the export
-
-    def extra_repr(self):
-        return f"{self.runtime}, {self.metadata.get('precision')}, classes {list(self.label_map)[1:]}"
-
-
-def read_metadata(text, source):
-    """The export's JSON metadata, checked as a checkpoint's plain data is: a dict with a label map and model_args
-    (prior_scales) that fit each other. Further keys (count_thresholds, field) detect.load_model checks."""
-    if text is None:
-        raise UserError(f"{source}: not an export of this project (no '{METADATA_KEY}' metadata; export.py writes it)")
-    if not isinstance(text, str) or len(text) > MAX_METADATA:  # False: not a text
-        raise UserError(f"{source}: its '{METADATA_KEY}' metadata is not the JSON text export.py writes")
-    try:
-        metadata = json.loads(text)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
-        raise UserError(f"{source}: its '{METADATA_KEY}' metadata is not valid JSON ({first_line(e)[:80]})") from None
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("model_args"), dict):
-        raise UserError(f"{source}: its '{METADATA_KEY}' metadata is not export.py's (a dict with model_args expected)")
-    if metadata.get("version") != METADATA_VERSION:
-        raise UserError(f"{source}: metadata version {metadata.get('version')!r:.40}, not {METADATA_VERSION}; export "
-                        f"the checkpoint again with this export.py")
-    classes = check_label_map(metadata.get("label_map"), f"{source}: label_map")
-    model_args = metadata["model_args"]
-    if model_args.get("n_classes") != len(classes):
-        raise UserError(f"{source}: a model of {model_args.get('n_classes')!r:.40} classes with a label map of "
-                        f"{len(classes)}")
-    if not valid_prior_scales(model_args.get("prior_scales")):
-        raise UserError(f"{source}: its model_args' prior_scales must be six numbers in (0, 1], not "
-                        f"{model_args.get('prior_scales')!r:.120}")
-    return metadata
-
-
-def check_shapes(inputs, outputs, metadata, source):
-    """The network's declared inputs and outputs ({name: [dims]}, None for a free one, "float32" last) are SSD300's
-    of the metadata's classes: images (N, 3, 300, 300) in, locs (N, P, 4) and scores (N, P, C) out."""
-    priors, classes = len(create_prior_boxes(metadata["model_args"]["prior_scales"])), len(metadata["label_map"])
-    expected = ({"images": [None, 3, 300, 300, "float32"]},
-                {"locs": [None, priors, 4, "float32"], "scores": [None, priors, classes, "float32"]})
-    if (inputs, outputs) != expected:
-        raise UserError(f"{source}: a network of inputs {inputs} and outputs {outputs}, not SSD300's of {classes} "
-                        f"classes (images [N, 3, 300, 300] -> locs [N, {priors}, 4], scores [N, {priors}, {classes}])")
-
-
-def load_export(path):
-    """An ExportedSSD300 from a .onnx (ONNX Runtime) or .xml + .bin (OpenVINO) written by export.py, checked:
-    a damaged file, another network, a missing .bin, missing or unusable metadata, a missing runtime are one-line
-    UserErrors naming the file. Both runtimes use torch's thread count (torch.get_num_threads: OMP_NUM_THREADS)."""
-    path = str(path)
-    if not path.strip():
-        raise UserError("the checkpoint's name is empty: name a checkpoint file")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such export file" if not os.path.exists(path) else
-                        f"{path}: {'a folder' if os.path.isdir(path) else 'not a regular file'}, not an export file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: an empty file, not an export; write it again with export.py")
-    threads = torch.get_num_threads()
-    if path.lower().endswith(".onnx"):
-        ort = need("onnxruntime", f"{path}: running an ONNX export")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3  # errors only: they come back as exceptions
-        try:
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise UserError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
-        metadata = read_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)
-        shape = lambda p: [d if isinstance(d, int) else None for d in p.shape] + [
-            "float32" if p.type == "tensor(float)" else p.type]
-        check_shapes({i.name: shape(i) for i in session.get_inputs()},
-                     {o.name: shape(o) for o in session.get_outputs()}, metadata, path)
-
-        def run(x):
-            return session.run(["locs", "scores"], {"images": x})
-        return ExportedSSD300(run, metadata, f"ONNX Runtime {ort.__version__}", path)
-
-    ov = need("openvino", f"{path}: running an OpenVINO export")
-    weights = os.path.splitext(path)[0] + ".bin"
-    if not os.path.isfile(weights):
-        raise UserError(f"{path}: its weights {weights} are missing (an OpenVINO export is the .xml and the .bin "
-                        f"beside it)")
-    core = ov.Core()
-    try:
-        network = core.read_model(path, weights)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable OpenVINO model ({first_line(e)})") from None
-    try:
-        text = network.get_rt_info([METADATA_KEY]).astype(str) if network.has_rt_info([METADATA_KEY]) else None
-    except Exception:  # not a text (a map, say)
-        text = False
-    metadata = read_metadata(text, path)
-    if "weights_sha256" in metadata and metadata["weights_sha256"] != sha256(weights):  # older exports have none
-        raise UserError(f"{path}: its weights {weights} are not the ones exported with it (a replacement stopped "
-                        f"between the two files?); export the checkpoint again")
-    shape = lambda p: ([d.get_length() if d.is_static else None for d in p.get_partial_shape()]
-                       if p.get_partial_shape().rank.is_static else ["any rank"]) + [
-        "float32" if p.get_element_type() == ov.Type.f32 else str(p.get_element_type())]
-    name = lambda p: next((n for n in ("images", "locs", "scores") if n in p.get_names()), p.get_any_name()) \
-        if p.get_names() else "(unnamed)"
-    check_shapes({name(i): shape(i) for i in network.inputs}, {name(o): shape(o) for o in network.outputs},
-                 metadata, path)
-    try:  # fp32 as eager even on a CPU with bf16, where OpenVINO would otherwise run in bf16 (outputs off by 0.1)
-        compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                       "INFERENCE_NUM_THREADS": threads})
-    except Exception as e:
-        raise UserError(f"{path}: OpenVINO cannot compile it ({first_line(e)})") from None
-    request = compiled.create_infer_request()
-    locs, scores = compiled.output("locs"), compiled.output("scores")
-
-    def run(x):
-        request.infer({"images": x})
-        return request.get_tensor(locs).data.copy(), request.get_tensor(scores).data.copy()
-    return ExportedSSD300(run, metadata, f"OpenVINO {ov.__version__}", path)
-
-
-def first_line(error):
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:200]
-
-
 def main(args):
-    export_checkpoint(args.checkpoint, args.format, args.int8, args.output, args.data_folder, args.calibration_images)
+    export_checkpoint(args.checkpoint, args.format, args.int8, args.output, args.data_folder, args.calibration_images,
+                      calibrate=args.calibrate)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
   * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), Terminated,
                                 ignore_stop_signals, one_line
   * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
-                                run_info, repo_relative
+                                bf16_choice, cpu_features, run_info, repo_relative
   * Files                     -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
                                 check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
@@ -17,7 +17,6 @@ import errno
 import functools
 import io
 import json
-import math
 import numbers
 import os
 import pickle
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import zipfile
 
 try:
@@ -189,38 +187,57 @@ def repo_relative(path):
 
 
 def bf16_is_fast(device):
-    """Whether bf16 autocast speeds up convolutions on `device`: on CUDA, yes; on a CPU, only where it has native
-    bf16 (AVX512-BF16, AMX) and a VGG-sized convolution runs at least BF16_GAIN times as fast in bf16 as in fp32,
-    timed once per process (about 0.1 s): on one AVX512-BF16 CPU we measured bf16 2.2x faster, on another 1.75x
-    slower (README, "Results")."""
+    """Whether bf16 autocast is the default on `device` (train.py, eval.py, detect.py and bench.py without --amp or
+    --no-amp): bf16_choice's rule, which follows from what the device is and never from a timing, so that the same
+    command on the same machine counts the same whether the machine is idle or busy."""
+    return bf16_choice(device)[0]
+
+
+def bf16_choice(device):
+    """(bf16 autocast by default on `device`?, why, in words). The rule, and the measurements it rests on:
+      * CUDA: bf16 (tensor cores).
+      * a CPU with AMX (amx_bf16: Intel Xeon of the 4th generation and later): bf16. A 2-core Xeon with AMX ran
+        SSD300 2.3x (batch 1) to 2.6x (batch 8) as fast per window in bf16 as in fp32 (2026-12-05).
+      * an AMD CPU with AVX512-BF16 (Zen 4 and later): bf16. A 2-core AMD EPYC trained about 2x and counted 1.7x
+        as fast in bf16 (11.1 against 6.5 images/s through detect.py; 2026-11-26 and later).
+      * any other CPU: fp32. An Intel CPU with AVX512-BF16 but no AMX ran bf16 slower than fp32 (a 2-core Xeon of
+        2026-11-27: eval.py 33.2 s against 24.7 s, a convolution 1.75x slower); without AVX512-BF16 bf16 is emulated.
+    The CPU's features are read from /proc/cpuinfo (cpu_features), never timed: a timing at start-up chose fp32
+    on 2 of 12 start-ups of a busy machine, and the counts then differed."""
     if device.type == "cuda":
-        return True
+        return True, "CUDA"
+    vendor, flags = cpu_features()
+    if "amx_bf16" in flags:
+        fast, why = True, "the CPU has AMX (amx_bf16)"
+    elif "avx512_bf16" in flags and vendor == "AuthenticAMD":
+        fast, why = True, "an AMD CPU with AVX512-BF16"
+    elif "avx512_bf16" in flags:
+        fast, why = False, "AVX512-BF16 without AMX: bf16 was slower than fp32 on such a CPU"
+    else:
+        fast, why = False, "the CPU has neither AMX nor AVX512-BF16"
     try:
-        native = device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return native and _cpu_bf16_speedup(torch.get_num_threads()) >= BF16_GAIN
-
-
-BF16_GAIN = 1.3  # below this, fp32: the same speed, and results that do not depend on the CPU's bf16 kernels
+        kernels = False
+    if fast and not kernels:  # a torch built without oneDNN's bf16
+        return False, "this torch has no bf16 kernels for the CPU"
+    return fast, why
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_bf16_speedup(threads):
-    """fp32 time / bf16-autocast time of a 3x3 convolution of 128 channels at 75x75 (conv3 of VGG at 300x300)."""
-    conv = torch.nn.Conv2d(128, 128, 3, padding=1).eval()
-    x = torch.randn(1, 128, 75, 75).contiguous(memory_format=torch.channels_last)
-    conv = conv.to(memory_format=torch.channels_last)
-    times = {}
-    with torch.no_grad():
-        for amp in (False, True, False, True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                conv(x)  # warm-up (kernel choice, packing)
-                start = time.perf_counter()
-                for _ in range(3):
-                    conv(x)
-                times[amp] = min(times.get(amp, math.inf), time.perf_counter() - start)
-    return times[False] / times[True]
+def cpu_features():
+    """(vendor, flags) of this machine's CPU: /proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD") and flags
+    ("avx512_bf16", "amx_bf16", ...) on Linux; elsewhere no vendor, and the bf16 features torch reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    vendor, flags = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M), re.search(r"^flags\s*:(.*)$", text, re.M)
+    if flags:
+        return (vendor[1] if vendor else ""), frozenset(flags[1].split())
+    checks = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}  # torch's own
+    return "", frozenset(flag for flag, check in checks.items() if getattr(torch.cpu, check, lambda: False)())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """bench.py end to end on CPU, with tiny settings: every measurement runs, its table prints the JSON's figures and
 its JSON holds, for ours and torchvision, timings that are real (finite, positive) and ratios that are those of
 the timings. The figures themselves are not checked (they depend on the machine); that the code paths behind them
-run and report what they measured is."""
+run and report what they measured is. Bad flags and files are one line each, before any measurement."""
 import json
 import math
+import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
 import bench
+from test_detect_cli import assert_one_line_error, fill, snapshot
 
 
 def real(x):
@@ -62,3 +66,62 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(tiny_lists, 
     assert rows["train.py images/s (1 workers)"] == [str(pipeline["ours"]), str(pipeline["fraction_of_fixed_batch"])]
     assert re.search(r"^detect_image, s per megapixel", result.stdout, re.M)
     assert res["device_name"].startswith("CPU") and "commit" in res
+
+
+# ---------------------------------------------------------------------------------------------
+# bad flags and files: one line, before any measurement, and an earlier --json kept
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tiny_lists, untrained_checkpoint, tmp_path_factory):
+    """Tiny lists, copies of them whose first TEST image is a truncated JPEG, a checkpoint, a file, a pipe, a
+    folder without images and an earlier bench.json."""
+    root = tmp_path_factory.mktemp("bench")
+    shutil.copytree(tiny_lists, root / "lists")
+    shutil.copytree(tiny_lists, root / "bad-image")
+    images = json.loads((root / "lists" / "TEST_images.json").read_text())
+    (root / "truncated.jpg").write_bytes(Path(images[0]).read_bytes()[:400])
+    (root / "bad-image" / "TEST_images.json").write_text(json.dumps([str(root / "truncated.jpg"), *images[1:]]))
+    shutil.copy(untrained_checkpoint, root / "checkpoint.pt")
+    (root / "file").write_text("a file where a folder should be\n")
+    os.mkfifo(root / "fifo")
+    (root / "blocked").mkdir()
+    (root / "blocked" / "label_map.json").write_text("{}\n")  # files, but no image
+    (root / "bench.json").write_text('{"earlier": true}\n')
+    return root
+
+
+BENCH_BASE = ["--device", "cpu", "--data-folder", "{root}/lists", "--only", "parts", "--json", "{root}/bench.json"]
+
+
+BENCH = [
+    ("train-batch-0", ["--train-batch", "0"], ["--train-batch must be 1 to 1,024, not 0"]),
+    ("train-batch-huge", ["--train-batch", "5000"], ["--train-batch must be 1 to 1,024, not 5000"]),
+    ("train-batch-1-batch-norm", ["--train-batch", "1"], ["BatchNorm"]),
+    ("infer-batches-0", ["--infer-batches", "1", "0"], ["--infer-batches"]),
+    ("infer-batches-huge", ["--infer-batches", "10000000"], ["--infer-batches must be 1 to 1,024"]),
+    ("iters-0", ["--iters", "0"], ["--iters"]),
+    ("calibration-images-0", ["--only", "export", "--calibration-images", "0"],
+     ["--calibration-images must be 1 to 10,000, not 0"]),
+    ("workers-1000", ["--workers", "1000"], ["--workers 1000"]),
+    ("json-under-a-file", ["--json", "{root}/file/bench.json"], ["--json", "cannot write there"]),
+    ("json-is-a-pipe", ["--json", "{root}/fifo"], ["--json", "not a regular file"]),
+    ("tiling-sizes-negative", ["--tiling-sizes=-5x3"], ["--tiling-sizes", "1 to 16384"]),
+    ("tiling-sizes-huge", ["--tiling-sizes", "99999x99999"], ["--tiling-sizes", "1 to 16384"]),
+    ("tiling-image-unreadable", ["--only", "tiling", "--data-folder", "{root}/bad-image", "--tiling-sizes", "640x480"],
+     ["truncated.jpg", "cannot read image"]),
+    ("checkpoint-missing", ["--checkpoint", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
+    ("folder-missing", ["--folder", "{root}/none"], ["--folder", "no such folder"]),
+    ("folder-without-images", ["--only", "folder", "--checkpoint", "{root}/checkpoint.pt", "--folder",
+                               "{root}/blocked"], ["--folder", "no image files in it"]),
+    ("json-is-the-checkpoint", ["--checkpoint", "{root}/checkpoint.pt", "--json", "{root}/checkpoint.pt"],
+     ["--json", "which this run reads"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, says", BENCH, ids=[c[0] for c in BENCH])
+def test_bench_refuses(case, argv, says, world, run_main):
+    kept = snapshot([world / "bench.json"])
+    result = run_main("bench.py", *fill(BENCH_BASE + argv, world))
+    assert_one_line_error(result.returncode, result.stderr, "bench", says)
+    assert snapshot([world / "bench.json"]) == kept

@@ -15,14 +15,19 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import detect
 import export
+import exported
+import files
 from conftest import REPO
 from create_data_lists import create_data_lists
+from tiling import BCCD_FIELD, prepare, tiling
+from utils import normalize
 
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 SAMPLES = sorted((REPO / "img").glob("*.jpg"))
@@ -37,7 +42,7 @@ CALIBRATION_IMAGES = 4
 
 def needs(*modules):
     for module in modules:
-        pytest.importorskip(module, reason=f"{module} is not installed: {export.INSTALL}")
+        pytest.importorskip(module, reason=f"{module} is not installed: {exported.INSTALL}")
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +120,9 @@ def eager_outputs(eager, samples):
 @pytest.mark.parametrize("which", ["onnx_model", "openvino_model"])
 def test_fp32_exports_give_eager_raw_outputs(which, request, samples, eager_outputs):
     model = request.getfixturevalue(which)
-    assert isinstance(model, export.ExportedSSD300) and model.metadata["precision"] == "fp32"
+    assert isinstance(model, exported.ExportedSSD300) and model.metadata["precision"] == "fp32"
     if which == "openvino_model":  # the .xml names its .bin by hash
-        assert model.metadata["weights_sha256"] == export.sha256(model.source.removesuffix(".xml") + ".bin")
+        assert model.metadata["weights_sha256"] == exported.sha256(model.source.removesuffix(".xml") + ".bin")
     got = detect.run_model(model, samples, amp=False)
     for e, g in zip(eager_outputs, got):
         assert g.shape == e.shape and g.dtype == torch.float32
@@ -213,7 +218,7 @@ def test_int8_is_calibrated_on_train_images_only(int8_model, lists_val):
 
 def metadata(**changes):
     """Valid export metadata of the shipped model's classes (as export.py writes it), with changes."""
-    m = {"version": export.METADATA_VERSION, "precision": "fp32",
+    m = {"version": exported.METADATA_VERSION, "precision": "fp32",
          "label_map": {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3},
          "model_args": {"n_classes": 4, "batch_norm": True, "prior_scales": [0.06, 0.15, 0.33, 0.51, 0.69, 0.87]},
          "count_thresholds": {"min_score": {"RBC": 0.35, "WBC": 0.25, "Platelets": 0.3}, "max_overlap": 0.3}}
@@ -249,7 +254,7 @@ def tiny_network(classes=4, priors=8732, made=None, input_type="FLOAT", value=0.
 def tiny_onnx(path, text=None, **network):
     proto = tiny_network(**network)
     if text is not None:
-        proto.metadata_props.add(key=export.METADATA_KEY, value=text)
+        proto.metadata_props.add(key=exported.METADATA_KEY, value=text)
     path.write_bytes(proto.SerializeToString())
     return path
 
@@ -326,8 +331,8 @@ def test_a_tiny_onnx_export_runs_through_detect(tmp_path):
 def test_an_export_runs_on_the_cpu_only_and_has_no_weight_average(tmp_path, run_main):
     needs("onnx", "onnxruntime")
     path = str(tiny_onnx(tmp_path / "model.onnx", metadata()))
-    assert export.device_flag("auto", path) == "cpu" and export.device_flag("auto", "checkpoint.pt") == "auto"
-    assert export.device_flag("cuda", path) == "cuda"  # asked for: refused by load_model
+    assert exported.device_flag("auto", path) == "cpu" and exported.device_flag("auto", "checkpoint.pt") == "auto"
+    assert exported.device_flag("cuda", path) == "cuda"  # asked for: refused by load_model
     with pytest.raises(detect.UserError, match=r"model.onnx: an export runs on the CPU .*use --device cpu"):
         detect.load_model(path, torch.device("cuda"))
     result = run_main("eval.py", "--checkpoint", path, "--ema", "--data-folder", tmp_path / "lists")
@@ -350,7 +355,7 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     needs("onnx", "openvino")
     import openvino as ov
     network = ov.convert_model(str(tiny_onnx(tmp_path / "tiny.onnx")))
-    network.set_rt_info(metadata(), [export.METADATA_KEY])  # where export.py puts it
+    network.set_rt_info(metadata(), [exported.METADATA_KEY])  # where export.py puts it
     ov.save_model(network, str(tmp_path / "model.xml"))
     assert detect.load_model(str(tmp_path / "model.xml")).runtime.startswith("OpenVINO")
     (tmp_path / "model.bin").rename(tmp_path / "elsewhere.bin")
@@ -360,11 +365,11 @@ def test_openvino_files_missing_bin_or_damaged_are_one_line(tmp_path):
     (tmp_path / "model.xml").write_text("<net name='x'><layers>")
     with pytest.raises(detect.UserError, match=r"model.xml: not a readable OpenVINO model"):
         detect.load_model(str(tmp_path / "model.xml"))
-    network.set_rt_info(metadata(label_map=[1, 2]), [export.METADATA_KEY])  # hostile metadata there too
+    network.set_rt_info(metadata(label_map=[1, 2]), [exported.METADATA_KEY])  # hostile metadata there too
     ov.save_model(network, str(tmp_path / "model.xml"))
     with pytest.raises(detect.UserError, match=r"model.xml: label_map: not a label map"):
         detect.load_model(str(tmp_path / "model.xml"))
-    network.set_rt_info(metadata(weights_sha256="0" * 64), [export.METADATA_KEY])  # another .bin's: a mixed pair
+    network.set_rt_info(metadata(weights_sha256="0" * 64), [exported.METADATA_KEY])  # another .bin's: a mixed pair
     ov.save_model(network, str(tmp_path / "model.xml"))
     with pytest.raises(detect.UserError, match=r"model.xml: its weights .*model.bin are not the ones exported with it"):
         detect.load_model(str(tmp_path / "model.xml"))
@@ -420,6 +425,9 @@ EXPORT = [  # (case, command line, the error's words)
     ("calibration-huge", ["--int8", "--calibration-images", "99999999999999999999"], ["--calibration-images"]),
     ("calibration-more-than-train", ["--int8", "--calibration-images", "5"], ["give 1 to 4, the TRAIN images"]),
     ("calibration-lists-missing", ["--int8", "--data-folder", "{root}/none"], ["not found"]),
+    ("calibrate-without-int8", ["--calibrate", "{root}"], ["--calibrate: it calibrates int8; give --int8 too"]),
+    ("calibrate-folder-missing", ["--int8", "--calibrate", "{root}/none"], ["--calibrate {root}/none: no such folder"]),
+    ("calibrate-folder-without-images", ["--int8", "--calibrate", "{root}/dir.onnx"], ["no images in it"]),
 ]
 
 
@@ -460,3 +468,37 @@ def test_an_export_that_fails_its_check_leaves_the_earlier_one_whole(world, tmp_
     with pytest.raises(detect.UserError, match="the export made does not load .*not SSD300's.*; nothing written"):
         export.export_checkpoint(str(world / "checkpoint.pt"), "onnx", output=str(target), quiet=True)
     assert target.read_bytes() == earlier and sorted(os.listdir(target.parent)) == ["model.onnx"]
+
+
+def test_int8_calibrates_on_any_folder_of_images_without_annotations(world, tiny_lists, tmp_path, monkeypatch,
+                                                                      run_main):
+    """export.py --int8 --calibrate FOLDER: the folder's images (searched as detect.py searches, evenly spread), as
+    detect.py feeds them to the model (a large one cut into windows), calibrate NNCF; the export counts through
+    detect.py. The network here is the tiny one, which NNCF leaves as it is: what is checked is what it is fed."""
+    needs("onnx", "openvino", "nncf")
+    fields = tmp_path / "fields"
+    (fields / "sub").mkdir(parents=True)
+    sources = json.loads((tiny_lists / "TRAIN_images.json").read_text())
+    for k, source in enumerate(sources):
+        Image.open(source).save(fields / ("sub" if k == 3 else ".") / f"field{k}.png")
+    big = Image.new("RGB", (1000, 480), (200, 150, 160))
+    big.paste(Image.open(sources[0]).resize((640, 480)), (360, 0))
+    big.save(fields / "scan.jpg", quality=95)  # three windows of the training field
+    (fields / "notes.txt").write_text("not an image\n")
+    seen, quantize = [], export.quantize
+    monkeypatch.setattr(export, "to_onnx", lambda model: tiny_network())
+    monkeypatch.setattr(export, "quantize", lambda network, arrays: (seen.extend(arrays), quantize(network, arrays))[1])
+    result = run_main("export.py", "--checkpoint", world / "checkpoint.pt", "--int8", "--calibrate", fields,
+                      "--calibration-images", 8, "--output", tmp_path / "int8")
+    assert result.returncode == 0 and "calibrated on 6 input(s) of 5 image(s)" in result.stdout, result.stderr
+    paths, _, _ = files.find_images([fields])  # field0-2, scan.jpg, sub/field3: at most 2 inputs an image (8 / 5)
+    assert [os.path.basename(p) for p in paths] == ["field0.png", "field1.png", "field2.png", "scan.jpg", "field3.png"]
+    inputs = [prepare(files.open_image(p), tiling(BCCD_FIELD))[1] for p in paths]
+    expected = [inputs[0][0], inputs[1][0], inputs[2][0], inputs[3][0], inputs[3][2], inputs[4][0]]  # scan: 2 of 3
+    assert len(inputs[3]) == 3 and len(seen) == 6
+    assert all(np.array_equal(s, normalize(x[None]).numpy()) for s, x in zip(seen, expected))
+    calibration = detect.load_model(tmp_path / "int8.xml").metadata["calibration"]
+    assert calibration == {"images": 5, "inputs": 6, "folder": str(fields),
+                           "preprocess": "as detect.py: resized whole, or cut into windows of the training field"}
+    result = run_main("detect.py", fields, "--checkpoint", tmp_path / "int8.xml", "--output-dir", tmp_path / "out")
+    assert result.returncode == 0 and "precision int8 (OpenVINO" in result.stdout, result.stderr

@@ -16,6 +16,7 @@ from PIL import Image
 
 import detect
 import eval as eval_script
+import files
 import plots
 import report
 from chromium import Chromium, find_chromium
@@ -144,7 +145,7 @@ def test_report_escapes_quotes_flags_and_writes_each_thumbnail_once(run_detect, 
 
 
 def test_an_interrupted_detect_leaves_a_page_of_what_it_finished(run_detect, tmp_path, monkeypatch):
-    out, real = tmp_path / "out", detect.save_image_atomic
+    out, real = tmp_path / "out", files.save_image_atomic
     done = []
 
     def save_then_stop(image, path, **kw):
@@ -153,7 +154,7 @@ def test_an_interrupted_detect_leaves_a_page_of_what_it_finished(run_detect, tmp
         done.append(path)
         real(image, path, **kw)
 
-    monkeypatch.setattr(detect, "save_image_atomic", save_then_stop)
+    monkeypatch.setattr(files, "save_image_atomic", save_then_stop)
     with pytest.raises(KeyboardInterrupt, match="interrupted after 1 of 4"):
         run_detect(out)
     page = (out / "report.html").read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Tiled detection of large images (detect.py, issue 13): its geometry, checked without a trained model.
+"""Tiled detection of large images (tiling.py, used by detect.py): its geometry, checked without a trained model.
 
     python -m pytest tests/test_tiling.py -q
 
@@ -26,8 +26,8 @@ from PIL import Image
 from torchvision.ops import box_area, box_iou
 
 import detect
-from detect import (BCCD_FIELD, EDGE_MARGIN, LARGEST_CELL, OVERLAP, TILE_ABOVE, Tiling, merge_windows, owned_regions,
-                    tile_windows, tiling, window_starts)
+from tiling import (BCCD_FIELD, EDGE_MARGIN, LARGEST_CELL, OVERLAP, TILE_ABOVE, Tiling, flag_tiling, merge_windows,
+                    owned_regions, tile_windows, tiling, window_boxes_to_image, window_starts)
 from datasets import median_image_size
 from misc import UserError
 from utils import find_intersection, label_map, resize, resize_placement
@@ -127,7 +127,7 @@ def test_boxes_map_back_exactly_to_pixels_of_the_image(width, height, scale):
         originals.append(boxes)
         counts.append(len(boxes))
     visible, placed = placements(windows, (width, height), counts)
-    back = detect.window_boxes_to_image(torch.cat(fractions), visible, placed)
+    back = window_boxes_to_image(torch.cat(fractions), visible, placed)
     assert torch.allclose(back, torch.cat(originals), atol=1e-3, rtol=0)
     # a window inside the image is a plain affine map: pixel = window corner + fraction x window size
     inner = [k for k, (x0, y0, x1, y1) in enumerate(windows) if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height]
@@ -434,8 +434,7 @@ def test_tiling_flags_are_checked_with_one_line_errors(flags, message, tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_rbc_width_and_scale_give_the_same_windows(tmp_path):
-    parse = detect.get_args_parser().parse_args
-    by_width = detect.tile_settings(parse(["x", "--checkpoint", "c", "--rbc-width", "212"]), BCCD_FIELD)
-    by_scale = detect.tile_settings(parse(["x", "--checkpoint", "c", "--scale", "2"]), BCCD_FIELD)
+def test_rbc_width_and_scale_give_the_same_windows():
+    by_width = flag_tiling(BCCD_FIELD, "auto", rbc_width=212)
+    by_scale = flag_tiling(BCCD_FIELD, "auto", scale=2)
     assert by_width == by_scale == tiling(BCCD_FIELD, "auto", 2)

@@ -30,7 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/tiling_mosaics.py`)
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import RBC_WIDTH, detect_image, load_model, tile_windows, tiling  # noqa: E402
+from detect import detect_image, load_model  # noqa: E402
+from tiling import RBC_WIDTH, tile_windows, tiling  # noqa: E402
 from misc import (UserError, bf16_is_fast, format_min_score, parse_max_overlap, parse_min_score,  # noqa: E402
                   repo_relative, resolve_device, run_cli, run_info, write_json_atomic)
 from utils import bccd_labels, calculate_mAP, class_names  # noqa: E402

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/tiling_scatter.py`)
 
 from datasets import BCCDDataset  # noqa: E402
-from detect import BCCD_FIELD, merge_windows, tile_windows, tiling  # noqa: E402
+from tiling import BCCD_FIELD, merge_windows, tile_windows, tiling  # noqa: E402
 from misc import UserError, run_cli, run_info, write_json_atomic  # noqa: E402
 from utils import resize  # noqa: E402
 
