@@ -1,9 +1,9 @@
 """The plumbing of the scripts, kept apart from the tutorial's helpers (utils.py), as DETR keeps its util/misc.py.
 
-  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), Terminated,
-                                ignore_stop_signals, one_line
+  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback),
+                                Terminated, ignore_stop_signals, StopRequest, one_line
   * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
-                                run_info, repo_relative
+                                run_info, repo_relative, RunningLoss
   * Files                     -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
                                 check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
@@ -39,6 +39,7 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 
 def torch_pair_message(error):
@@ -103,6 +104,70 @@ def ignore_stop_signals(worker_id=None):
     process, and ignoring it would make the exit, where multiprocessing terminates and joins workers, hang."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training (train.py): noted in .signal, so that the step in progress
+    finishes and the run saves, says how to resume and exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
+
+    def exit(self, checkpoint, iteration, where):
+        """After saving `checkpoint`: say where the run stopped and how to resume it, and exit (status 130 / 143)."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            launcher = "torchrun ... train.py" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "python train.py"
+            print(f"stopped at iteration {iteration} ({where}); saved {checkpoint}. Resume with:\n"
+                  f"  {launcher} --resume {checkpoint}", file=sys.stderr)
+        sys.exit(128 + (self.signal or signal.SIGINT))
+
+    def anywhere(self, world, device):
+        """Whether any process got a signal: the processes of a distributed run agree (between epochs, not in a step)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class RunningLoss:
+    """The loss of every step, for a progress bar, without a host sync: on CUDA each step's loss is copied
+    to pinned memory asynchronously and shown once the copy has landed (a step later); on a CPU at once."""
+
+    def __init__(self, device):
+        self.cuda, self.value, self.step = device.type == "cuda", None, 0
+        if self.cuda:
+            self.buffers = [torch.zeros((), pin_memory=True) for _ in range(2)]
+            self.events = [None, None]
+
+    def update(self, loss):
+        if not self.cuda:
+            self.value = loss.item()
+            return self.value
+        b = self.step % 2
+        if self.events[1 - b] is not None and self.events[1 - b].query():  # the previous step's copy is here
+            self.value = self.buffers[1 - b].item()
+        self.buffers[b].copy_(loss.detach(), non_blocking=True)
+        self.events[b] = torch.cuda.Event()
+        self.events[b].record()
+        self.step += 1
+        return self.value
 
 
 def one_line(error):

@@ -36,6 +36,7 @@ import torch
 import torchvision.transforms.functional as FT
 from PIL import Image, ImageOps
 
+import checkpoints
 import detect
 import eval as eval_script
 import misc
@@ -150,14 +151,14 @@ def lists2(lists4, tmp_path_factory):
 def straight_run(lists4, tmp_path_factory):
     """--iterations 3 on 4 images at batch 2: 2 epochs (2 steps, then 1). Records every checkpoint save."""
     out = tmp_path_factory.mktemp("straight")
-    saves, real_save = [], train.save_atomic
+    saves, real_save = [], checkpoints.save_atomic
 
     def spy(obj, path):
         saves.append((obj["epoch"], obj["iteration"], Path(path)))
         real_save(obj, path)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_atomic", spy)
+        mp.setattr(checkpoints, "save_atomic", spy)
         train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1))
     return SimpleNamespace(out=out, checkpoint=out / "checkpoint.pt", saves=saves, log=read_log(out))
 
@@ -850,7 +851,7 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
     (folder / "notes.txt").write_text("not a checkpoint\n")
     five = SSD300(n_classes=5, base_weights=None, batch_norm=True, prior_scales=train.BCCD_PRIOR_SCALES)
     torch.save({"model": five.state_dict(), "model_args": {**five.model_args, "n_classes": 4}}, folder / "wrong_shape.pt")
-    optimizer = train.make_optimizer(five, train.resolve_args(train.get_args_parser().parse_args([]), None))
+    optimizer = train.make_optimizer(five, train.get_args_parser().parse_args([]))
     torch.save({"model": five.state_dict(), "model_args": five.model_args, "optimizer": optimizer.state_dict(),
                 "epoch": 0, "iteration": 2, "args": {}, "label_map": {**label_map, "Lymphocyte": 4}},
                folder / "five_classes.pt")
