@@ -1,6 +1,6 @@
 """The plumbing of the scripts, kept apart from the tutorial's helpers (utils.py), as DETR keeps its util/misc.py.
 
-  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback),
+  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), check_torch_pair,
                                 Terminated, ignore_stop_signals, StopRequest, one_line
   * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
                                 run_info, repo_relative, RunningLoss
@@ -8,8 +8,8 @@
                                 check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
 
-Nothing here does work at import time, but for one check: a torchvision that does not work with the installed torch
-stops the import in one line naming both and the command that installs a matching pair (torch_pair_message).
+Nothing here does work at import time. run_cli first checks that torchvision works with the installed torch, and says
+in one line, naming both and the command that installs a matching pair, where it does not (check_torch_pair).
 """
 import contextlib
 import datetime
@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from importlib import metadata
 
 try:
     import fcntl  # locks an output folder against a second process (POSIX)
@@ -46,7 +47,6 @@ def torch_pair_message(error):
     """One line for a torchvision that does not import with this torch (a CPU torch beside a CUDA torchvision, or
     builds of different releases: "operator torchvision::nms does not exist"): both versions, and the install
     command of a matching pair (torchvision's wheel names the torch release it needs)."""
-    from importlib import metadata
     try:
         version = metadata.version("torchvision")
         built_for = next((m[1] for r in metadata.requires("torchvision") or []
@@ -59,10 +59,14 @@ def torch_pair_message(error):
             f" do not work together ({cause}); install a matching pair: pip install --force-reinstall {pair}")
 
 
-try:  # here, before any other module of the project imports torchvision: a mismatch is one line, not a traceback
-    import torchvision
-except (ImportError, OSError, RuntimeError) as error:
-    raise SystemExit(f"error: {torch_pair_message(error)}") from None
+def check_torch_pair():
+    """Import torchvision, which fails when it does not fit the installed torch: then exit with one line
+    (torch_pair_message). run_cli calls it before a script's main; no module of the project imports torchvision
+    at its top, so that a mismatch, whatever the order of the imports, is this line and not a traceback."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as error:
+        raise SystemExit(f"error: {torch_pair_message(error)}") from None
 
 # ---------------------------------------------------------------------------------------------
 # Errors and the command line, devices and processes
@@ -82,7 +86,9 @@ def _terminate(signum, frame):
 
 def run_cli(main, parser):
     """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1; Ctrl-C and
-    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first)."""
+    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first). A torchvision
+    that does not fit torch is one line too (check_torch_pair), before anything else, --help included."""
+    check_torch_pair()
     args = parser.parse_args()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -228,6 +234,7 @@ def init_distributed(device_flag):
 
 def run_info(device):
     """Where and when a result was made: date, command, git commit, versions and device name (for results JSON)."""
+    import torchvision  # here, not at the top: see check_torch_pair
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None

@@ -18,9 +18,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.ops import batched_nms
 
 from misc import UserError, all_finite
 from utils import (check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
@@ -256,6 +254,7 @@ class SSD300(nn.Module):
         base_weights: "imagenet" to download through torchvision's weights API, or a path to a
         torchvision vgg16 (vgg16_bn with batch_norm) state_dict saved with torch.save.
         """
+        import torchvision  # here, not at the top: misc.check_torch_pair
         if base_weights == "imagenet":
             weights = (torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1 if self.batch_norm
                        else torchvision.models.VGG16_Weights.IMAGENET1K_V1)
@@ -370,6 +369,7 @@ class SSD300(nn.Module):
         # batched_nms in runs of whole images of at most nms_chunk boxes: torchvision does a run that size in one
         # NMS call (its coordinate trick), but a larger one class by class and image by image (a call each, each
         # with a host sync: 192 for 64 images)
+        from torchvision.ops import batched_nms  # here, not at the top: misc.check_torch_pair
         if nms_chunk is None:
             nms_chunk = 25_000 if device.type == "cuda" else 1000  # torchvision's own cut-offs (since 0.22 on CUDA)
         kept, start, end = [], 0, 0
