@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from misc import UserError, all_finite, check_writable, lock_folder, remove_stale_temporaries, save_atomic, write_text_atomic
+from misc import (UserError, all_finite, check_writable, lock_folder, remove_stale_temporaries, save_atomic,
+                  write_text_atomic)
 from plots import TRAINING_PNG
 
 
@@ -135,8 +136,9 @@ def resume_state(ckpt, path, optimizer, ema, steps_per_epoch):
 
 
 def recorded_flags(ckpt, path, parser, leave_out=()):
-    """The flags a checkpoint's run had (its args), each checked as train.py's command line (`parser`) checks it: a
-    value no flag takes (a damaged or hand-edited checkpoint) is a UserError. Left out: those recorded as None (not
+    """The flags a checkpoint's run had (its args), each checked as train.py's command line (`parser`) checks it, a
+    boolean as --flag or --no-flag (BooleanOptionalAction): a value no flag takes (a damaged or hand-edited checkpoint)
+    is a UserError. Left out: those recorded as None (not
     given), those no flag of `parser` has (another version's), and those named in `leave_out`."""
     flags, wrong, names = {}, [], vars(parser.parse_args([]))
     for name, value in ckpt["args"].items():

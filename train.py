@@ -10,12 +10,11 @@ The tutorial's setting, with ImageNet weights (needs internet once), no BatchNor
 On several GPUs (--batch-size is per process):
     $ torchrun --nproc_per_node=4 train.py --out-dir runs/ssd300-4gpu
 
-Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data,
-written to a temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line
-per epoch) and, with --val-every, <out-dir>/training.png (loss, lr and validation mAP against epoch,
-redrawn after each validation; needs matplotlib, else a note: pip install -r requirements-plots.txt).
-The lists in --data-folder are made with create_data_lists when missing. The model has the classes of
-the lists (their label_map.json), and the checkpoint carries that label map.
+Writes <out-dir>/checkpoint.pt (after every --checkpoint-every epochs and at the end; plain data, written to a
+temporary file and then moved into place), <out-dir>/log.jsonl (one JSON line per epoch) and, with --val-every,
+<out-dir>/training.png (loss, lr and validation mAP against epoch, redrawn after each validation; needs matplotlib,
+else a note: pip install -r requirements-plots.txt).
+The lists in --data-folder are made when missing (create_data_lists); the model, and its checkpoint, get their classes.
 """
 import argparse
 import contextlib
@@ -68,8 +67,7 @@ def get_args_parser():
                    "none (default: %(default)s)")
     p.add_argument("--out-dir", default="runs/ssd300", help="where checkpoint.pt and log.jsonl go (default: "
                    "%(default)s; with --resume, the checkpoint's folder)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step and per process (paper and default: "
-                   "%(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step and process (paper, default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.004, help="peak learning rate; biases get twice it (paper: 1e-3 "
                    "with an ImageNet base; from scratch with BatchNorm, 0.02 diverged on BCCD; default: %(default)s)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper and default: %(default)s)")
@@ -81,18 +79,15 @@ def get_args_parser():
                    f"when neither is given: {DEFAULT_EPOCHS})")
     p.add_argument("--schedule", choices=("cosine", "step"), default="cosine", help="cosine decay to zero, or step: "
                    "x0.1 at each --decay-at (the paper's) (default: %(default)s)")
-    p.add_argument("--decay-at", type=float, nargs="*", default=[2 / 3, 5 / 6], help="step schedule: where the lr is "
-                   "divided by 10, as fractions of training (< 1) or iteration numbers (paper: 80000 100000 of 120000; "
-                   "default: 2/3 5/6)")
-    p.add_argument("--warmup", type=int, default=300, help="iterations of linear lr warm-up from 1/10 of --lr "
-                   "(default: %(default)s)")
+    p.add_argument("--decay-at", type=float, nargs="*", default=[2 / 3, 5 / 6], help="step schedule: lr / 10 at these "
+                   "fractions of training (< 1) or iterations (paper: 80000 100000 of 120000; default: 2/3 5/6)")
+    p.add_argument("--warmup", type=int, default=300, help="linear warm-up from --lr / 10, in steps (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=20., help="clip the gradient norm to this (the tutorial's "
                    "remedy for exploding gradients; norms start near 100 from scratch); 0 = off (default: %(default)s)")
     p.add_argument("--workers", type=int, default=max(0, min(4, available_cpus() - 1)), help="DataLoader worker "
                    "processes (default: one core fewer than this machine has, left to training, at most 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seeds initialization, shuffling and augmentation (default: "
-                   "%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, shuffles, augmentation (default: %(default)s)")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint (model, optimizer, "
                    "epoch, flags): `python train.py --resume runs/ssd300/checkpoint.pt` continues exactly")
     p.add_argument("--base-weights", default="none", help="imagenet (torchvision's VGG-16, downloaded), none (from "
@@ -104,12 +99,10 @@ def get_args_parser():
                    f"{' '.join(map(str, PRIOR_SCALES))}; default: {' '.join(map(str, BCCD_PRIOR_SCALES))})")
     p.add_argument("--max-zoom", type=float, default=4., help="largest zoom-out of the augmentation, as a multiple of "
                    "the image (paper and default: %(default)g; 1 turns zoom-out off)")
-    p.add_argument("--flips", choices=FLIPS, default="h", help="geometric augmentation: h, the tutorial's horizontal "
-                   "flip; d4, also vertical flips and transposes, so every rotation by 90 degrees and mirror image (a "
-                   "smear has no up) (default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=0., help="keep an exponential moving average of the weights, "
-                   "updated every step with this decay (e.g. 0.995: an average over about the last 200 steps), saved in "
-                   "the checkpoint beside the raw weights and validated with them; 0 = none (default: %(default)g)")
+    p.add_argument("--flips", choices=FLIPS, default="h", help="h: the tutorial's horizontal flip; d4: also vertical "
+                   "flips and transposes, every rotation by 90 degrees and mirror image (a smear has no up) (default: h)")
+    p.add_argument("--ema-decay", type=float, default=0., help="keep a moving average of the weights with this decay "
+                   "(0.995: over about 200 steps), saved and validated beside them; 0 = none (default: %(default)g)")
     p.add_argument("--init-weights", default=None, metavar="PATH", help="start from the weights of this SSD300 "
                    "checkpoint (a train.py checkpoint or the shipped model, with its architecture) with a new schedule "
                    "and optimizer: a warm start (default: initialized afresh)")
@@ -121,8 +114,7 @@ def get_args_parser():
                    help="decode TRAIN once and keep it in memory (BCCD: 270 MB) (default: on)")
     p.add_argument("--val-every", type=int, default=0, help="evaluate TEST every N epochs, log its mAP and redraw "
                    "training.png, for monitoring only (0 = never, the default); report results from the final checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="save the checkpoint every N epochs and at the end "
-                   "(default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="save every N epochs and at the end (default: 1)")
     return p
 
 
@@ -290,8 +282,7 @@ def train_one_epoch(model, criterion, optimizer, batches, device, epoch, args, i
     model.train()
     partial, running = partial or {}, RunningLoss(device)
     start = time.perf_counter() - partial.get("seconds", 0.)
-    loss_sum = partial["loss_sum"].to(device) if partial else torch.zeros((), device=device)
-    n_steps = partial.get("steps", 0)
+    n_steps, loss_sum = partial.get("steps", 0), partial.get("loss_sum", torch.zeros(())).to(device)
     for _ in range(n_steps, steps_per_epoch):
         if iteration >= total_iterations or (stop is not None and stop.signal and world == 1):
             break
@@ -319,8 +310,7 @@ def train_one_epoch(model, criterion, optimizer, batches, device, epoch, args, i
         if ema is not None:
             ema.update(model.module if world > 1 else model)  # DDP's wrapped model
         loss_sum += loss.detach()
-        n_steps += 1
-        iteration += 1
+        n_steps, iteration = n_steps + 1, iteration + 1
         if bar is not None:
             shown = running.update(loss)
             if shown is not None:
@@ -331,20 +321,17 @@ def train_one_epoch(model, criterion, optimizer, batches, device, epoch, args, i
 
 def validate(model, ema, loader, args, record):
     """TEST's mAP into the epoch's log record (--val-every), of the weights and of their average; returns the mAP."""
-    aps, mean_ap = evaluate(model, loader, amp=args.amp, channels_last=args.channels_last)
-    record.update(mAP=round(mean_ap, 5), AP={k: round(v, 5) for k, v in aps.items()})
-    if ema is not None:
-        aps, ema_map = evaluate(ema.module, loader, amp=args.amp, channels_last=args.channels_last)
-        record.update(mAP_ema=round(ema_map, 5), AP_ema={k: round(v, 5) for k, v in aps.items()})
-    return mean_ap
+    for weights, key in [(model, "")] + ([(ema.module, "_ema")] if ema is not None else []):
+        aps, mean_ap = evaluate(weights, loader, amp=args.amp, channels_last=args.channels_last)
+        record.update({f"mAP{key}": round(mean_ap, 5), f"AP{key}": {k: round(v, 5) for k, v in aps.items()}})
+    return record["mAP"]
 
 
 def train(args, rank, world, device, cleanup):
-    """The tutorial's training loop. The set-up: the flags (resolve_args), the data (load_data), the model
-    (build_model) on the device with its optimizer and weight average, where the run resumes (resume_state), the
-    lock on --out-dir; every check before anything is written. Then for each epoch train_one_epoch, the epoch's loss
-    (stop if it is not finite), --val-every's validation, a line of log.jsonl, the checkpoint and training.png.
-    Ctrl-C or SIGTERM saves where the run stopped and exits with the command that resumes it."""
+    """The tutorial's training loop. The set-up, every check before anything is written: the flags (resolve_args),
+    the data (load_data), the model (build_model) with its optimizer and weight average, where the run resumes
+    (resume_state). Then for each epoch train_one_epoch, the epoch's loss (stop if it is not finite), --val-every's
+    validation, a line of log.jsonl, the checkpoint, training.png. A signal saves and says how to resume."""
     is_main, cuda = rank == 0, device.type == "cuda"
     ckpt = check_resumable(load_checkpoint(args.resume), args.resume) if args.resume else None
     if args.resume and args.init_weights:
