@@ -20,7 +20,8 @@ from conftest import REPO, child_env
 # a command line of each script: the check comes before the flags are parsed, so they need not be valid here
 SCRIPTS = {"create_data_lists.py": ["--data-folder", "data/BCCD"], "train.py": ["--epochs", "1"],
            "eval.py": ["--device", "cpu"], "detect.py": ["img"], "export.py": ["--format", "onnx"],
-           "bench.py": ["--only", "parts"], "plots.py": ["--output", "curves.png"]}
+           "bench.py": ["--only", "parts"], "plots.py": ["--output", "curves.png"],
+           "set_thresholds.py": ["--checkpoint", "runs/mine/checkpoint.pt", "--data-folder", "data/mine"]}
 
 
 def project_modules():

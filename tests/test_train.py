@@ -253,3 +253,20 @@ def test_recorded_flags_are_checked_as_the_command_line_checks_them():
                         ("val_every", "2"), ("decay_at", [0.5, "a"])):
         with pytest.raises(train.UserError, match=f"its args hold values no flag takes: --{name.replace('_', '-')} "):
             train.recorded_flags({"args": {name: value}}, "c.pt", parser)
+
+
+def test_fine_tune_is_a_preset_for_the_flags_not_given():
+    shipped = {"batch_norm": True, "prior_scales": list(train.BCCD_PRIOR_SCALES)}
+    parse = train.get_args_parser().parse_args
+    args = train.resolve_args(parse(["--fine-tune", "--init-weights", "w.pt"]), None, shipped)
+    assert {k: getattr(args, k) for k in train.FINE_TUNE} == train.FINE_TUNE and args.epochs is None
+    args = train.resolve_args(parse(["--fine-tune", "--init-weights", "w.pt", "--lr", "0.004", "--epochs", "3"]), None,
+                              shipped)
+    assert (args.lr, args.epochs, args.iterations, args.batch_size) == (0.004, 3, None, 8)  # --epochs: the length
+    assert train.resolve_args(parse(["--init-weights", "w.pt"]), None, shipped).batch_size == 32  # no preset
+
+
+def test_fine_tune_needs_a_model_to_start_from(world, run_main):
+    assert_one_line_error(run_main("train.py", *fill(TRAIN_BASE, world), "--fine-tune"), "train.py",
+                          "--fine-tune starts from a trained model: give --init-weights")
+    assert not (world / "run").exists()
