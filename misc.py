@@ -1,15 +1,15 @@
 """The plumbing of the scripts, kept apart from the tutorial's helpers (utils.py), as DETR keeps its util/misc.py.
 
-  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), Terminated,
-                                ignore_stop_signals, one_line
+  * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), check_torch_pair,
+                                Terminated, ignore_stop_signals, StopRequest, one_line
   * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
-                                bf16_choice, cpu_features, run_info, repo_relative
+                                bf16_choice, cpu_features, run_info, repo_relative, RunningLoss
   * Files                     -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
                                 check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
 
-Nothing here does work at import time, but for one check: a torchvision that does not work with the installed torch
-stops the import in one line naming both and the command that installs a matching pair (torch_pair_message).
+Nothing here does work at import time. run_cli first checks that torchvision works with the installed torch, and says
+in one line, naming both and the command that installs a matching pair, where it does not (check_torch_pair).
 """
 import contextlib
 import datetime
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import zipfile
+from importlib import metadata
 
 try:
     import fcntl  # locks an output folder against a second process (POSIX)
@@ -37,13 +38,13 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 
 def torch_pair_message(error):
     """One line for a torchvision that does not import with this torch (a CPU torch beside a CUDA torchvision, or
     builds of different releases: "operator torchvision::nms does not exist"): both versions, and the install
     command of a matching pair (torchvision's wheel names the torch release it needs)."""
-    from importlib import metadata
     try:
         version = metadata.version("torchvision")
         built_for = next((m[1] for r in metadata.requires("torchvision") or []
@@ -56,10 +57,14 @@ def torch_pair_message(error):
             f" do not work together ({cause}); install a matching pair: pip install --force-reinstall {pair}")
 
 
-try:  # here, before any other module of the project imports torchvision: a mismatch is one line, not a traceback
-    import torchvision
-except (ImportError, OSError, RuntimeError) as error:
-    raise SystemExit(f"error: {torch_pair_message(error)}") from None
+def check_torch_pair():
+    """Import torchvision, which fails when it does not fit the installed torch: then exit with one line
+    (torch_pair_message). run_cli calls it before a script's main; no module of the project imports torchvision
+    at its top, so that a mismatch, whatever the order of the imports, is this line and not a traceback."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as error:
+        raise SystemExit(f"error: {torch_pair_message(error)}") from None
 
 # ---------------------------------------------------------------------------------------------
 # Errors and the command line, devices and processes
@@ -79,7 +84,9 @@ def _terminate(signum, frame):
 
 def run_cli(main, parser):
     """Parse the command line, run `main(args)`, and turn a UserError into one line and exit status 1; Ctrl-C and
-    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first)."""
+    SIGTERM end in one line too (status 130 / 143), after the script's cleanup (train.py saves first). A torchvision
+    that does not fit torch is one line too (check_torch_pair), before anything else, --help included."""
+    check_torch_pair()
     args = parser.parse_args()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
@@ -101,6 +108,70 @@ def ignore_stop_signals(worker_id=None):
     process, and ignoring it would make the exit, where multiprocessing terminates and joins workers, hang."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training (train.py): noted in .signal, so that the step in progress
+    finishes and the run saves, says how to resume and exits. A second signal stops at once."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
+
+    def exit(self, checkpoint, iteration, where):
+        """After saving `checkpoint`: say where the run stopped and how to resume it, and exit (status 130 / 143)."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            launcher = "torchrun ... train.py" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "python train.py"
+            print(f"stopped at iteration {iteration} ({where}); saved {checkpoint}. Resume with:\n"
+                  f"  {launcher} --resume {checkpoint}", file=sys.stderr)
+        sys.exit(128 + (self.signal or signal.SIGINT))
+
+    def anywhere(self, world, device):
+        """Whether any process got a signal: the processes of a distributed run agree (between epochs, not in a step)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class RunningLoss:
+    """The loss of every step, for a progress bar, without a host sync: on CUDA each step's loss is copied
+    to pinned memory asynchronously and shown once the copy has landed (a step later); on a CPU at once."""
+
+    def __init__(self, device):
+        self.cuda, self.value, self.step = device.type == "cuda", None, 0
+        if self.cuda:
+            self.buffers = [torch.zeros((), pin_memory=True) for _ in range(2)]
+            self.events = [None, None]
+
+    def update(self, loss):
+        if not self.cuda:
+            self.value = loss.item()
+            return self.value
+        b = self.step % 2
+        if self.events[1 - b] is not None and self.events[1 - b].query():  # the previous step's copy is here
+            self.value = self.buffers[1 - b].item()
+        self.buffers[b].copy_(loss.detach(), non_blocking=True)
+        self.events[b] = torch.cuda.Event()
+        self.events[b].record()
+        self.step += 1
+        return self.value
 
 
 def one_line(error):
@@ -161,6 +232,7 @@ def init_distributed(device_flag):
 
 def run_info(device):
     """Where and when a result was made: date, command, git commit, versions and device name (for results JSON)."""
+    import torchvision  # here, not at the top: see check_torch_pair
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None

@@ -1,4 +1,5 @@
-"""SSD300 with a VGG-16 base, its priors, MultiBoxLoss and detect_objects.
+"""SSD300 with a VGG-16 base, its priors, MultiBoxLoss and detect_objects; ModelEMA, the average of its weights that
+train.py --ema-decay keeps.
 
 Follows the tutorial's sections "Base Convolutions", "Auxiliary Convolutions", "Prediction
 Convolutions", "Putting it all together", "Priors" and "Multibox Loss"
@@ -10,15 +11,14 @@ Shape notation used in comments:
     M  objects in an image (padded to the largest in the batch)
 Boxes are fractional (x_min, y_min, x_max, y_max) unless the name says cxcy / gcxgcy.
 """
+import copy
 import math
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.ops import batched_nms
 
 from misc import UserError, all_finite
 from utils import (check_label_map, class_colors, class_names, cxcy_to_gcxgcy, cxcy_to_xy, decimate,
@@ -254,6 +254,7 @@ class SSD300(nn.Module):
         base_weights: "imagenet" to download through torchvision's weights API, or a path to a
         torchvision vgg16 (vgg16_bn with batch_norm) state_dict saved with torch.save.
         """
+        import torchvision  # here, not at the top: misc.check_torch_pair
         if base_weights == "imagenet":
             weights = (torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1 if self.batch_norm
                        else torchvision.models.VGG16_Weights.IMAGENET1K_V1)
@@ -368,6 +369,7 @@ class SSD300(nn.Module):
         # batched_nms in runs of whole images of at most nms_chunk boxes: torchvision does a run that size in one
         # NMS call (its coordinate trick), but a larger one class by class and image by image (a call each, each
         # with a host sync: 192 for 64 images)
+        from torchvision.ops import batched_nms  # here, not at the top: misc.check_torch_pair
         if nms_chunk is None:
             nms_chunk = 25_000 if device.type == "cuda" else 1000  # torchvision's own cut-offs (since 0.22 on CUDA)
         kept, start, end = [], 0, 0
@@ -519,3 +521,26 @@ class MultiBoxLoss(nn.Module):
         conf_loss_hard_neg = (conf_loss_neg * hard).sum()
 
         return conf_loss_pos + conf_loss_hard_neg + self.alpha * loc_loss, n_positives.sum()
+
+
+class ModelEMA:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step:
+    ema = d * ema + (1 - d) * weights, with d = min(decay, (1 + t) / (10 + t)) at update t (TensorFlow's
+    ExponentialMovingAverage), so that early on the average follows the weights closely. The step count is kept
+    on the host: torch.optim.swa_utils.AveragedModel keeps it on the device and reads it back every step (a host
+    sync on CUDA). A no-grad copy in eval mode; `.module` is an SSD300 to validate or save."""
+
+    def __init__(self, model, decay, updates=0):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        mine, theirs = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in mine.items() if v.is_floating_point()]
+        torch._foreach_lerp_([mine[k] for k in floats], [theirs[k] for k in floats], 1 - d)
+        for k, v in mine.items():
+            if not v.is_floating_point():  # BatchNorm's num_batches_tracked
+                v.copy_(theirs[k])

@@ -21,8 +21,6 @@ import torch
 from misc import UserError, check_not_an_input, run_cli, write_bytes_atomic
 from utils import match_detections
 
-from torchvision.ops import box_iou  # after misc, which says in one line when it does not fit torch
-
 PIP_COMMAND = "pip install matplotlib"  # or: pip install -r requirements-plots.txt
 DPI = 100
 TRAINING_PNG = "training.png"  # train.py's, in its --out-dir
@@ -165,6 +163,7 @@ def confusion_matrix(det_boxes, det_labels, true_boxes, true_labels, n_classes, 
     class pair up when their IoU > iou_threshold, the pairs taken by decreasing IoU, each detection and each
     object at most once (a detection keeps its best object, then an object its best detection: as Ultralytics's
     ConfusionMatrix does)."""
+    from torchvision.ops import box_iou  # here, not at the top: misc.check_torch_pair
     matrix = torch.zeros(n_classes + 1, n_classes + 1, dtype=torch.long)
     background = n_classes
     for boxes, labels, objects, object_labels in zip(det_boxes, det_labels, true_boxes, true_labels):

@@ -28,7 +28,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as FT
 from PIL import Image
 
 from misc import UserError
@@ -359,6 +358,7 @@ def pil_to_tensor(image):
             arr = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0., posinf=0., neginf=0.)
             image = Image.fromarray((arr * (255.0 / max(float(arr.max()), 1.0))).clip(0, 255).astype(np.uint8))
         image = image.convert("RGB")
+    import torchvision.transforms.functional as FT  # here, not at the top: misc.check_torch_pair
     return FT.pil_to_tensor(image)
 
 
@@ -478,6 +478,7 @@ def adjust_hue(image, hue_factor):
     augmentation. RGB -> HSV, h shifted by hue_factor (in [-0.5, 0.5]) modulo 1, HSV -> RGB. Other dtypes and
     shapes go to torchvision's."""
     if image.dtype != torch.float32 or image.shape[0] != 3 or image.dim() != 3 or not -0.5 <= hue_factor <= 0.5:
+        import torchvision.transforms.functional as FT  # here, not at the top: misc.check_torch_pair
         return FT.adjust_hue(image, hue_factor)
     r, g, b = image.unbind(0)
     maxc = torch.maximum(torch.maximum(r, g), b)  # = v
@@ -510,6 +511,7 @@ def photometric_distort(image, g=None):
     of the original visible in the output (see the note above), so contrast blends towards its
     mean grey rather than the whole original image's.
     """
+    import torchvision.transforms.functional as FT  # here, not at the top: misc.check_torch_pair
     distortions = [FT.adjust_brightness, FT.adjust_contrast, FT.adjust_saturation, adjust_hue]
     for i in torch.randperm(4, generator=g).tolist():
         if torch.rand((), generator=g) < 0.5:

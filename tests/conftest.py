@@ -20,9 +20,15 @@ Fixtures:
     without the seconds a fresh Python and torch cost. Returns an object with returncode, stdout and stderr.
   * run_script (function): the same in a fresh Python, as a user would (a subprocess.CompletedProcess): for what
     only a separate process shows (a traceback at import, signals to a process group, torchrun).
+
+Helpers: train_argv (train.py's command line for the tiny runs, with SCHEDULE), truncate_lists,
+assert_one_line_error (a command that failed as a user error should).
 """
 import importlib.util
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +267,46 @@ def run_script():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# A schedule that does not depend on the length of the run, so that a run stopped early and resumed
+# can be compared with one run straight through: 2 iterations of linear warm-up from lr/10, then lr
+# (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
+# that restarted the schedule would show.
+LR = 1e-3
+SCHEDULE = ["--lr", str(LR), "--schedule", "step", "--warmup", "2", "--ema-decay", "0.9", "--flips", "d4", "--decay-at"]
+
+
+def train_argv(data_folder, out_dir, *extra):
+    """train.py's command line for the tiny runs of the tests: batch 2, CPU, no workers, SCHEDULE."""
+    return ["--data-folder", str(data_folder), "--out-dir", str(out_dir), "--batch-size", "2", "--workers", "0",
+            "--device", "cpu", "--no-cache-images", *SCHEDULE, *map(str, extra)]
+
+
+def truncate_lists(src, dst, n_train, n_test):
+    """Copy the lists of `src` to `dst`, keeping the first n_train TRAIN and n_test TEST images."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for split, n in (("TRAIN", n_train), ("TEST", n_test)):
+        for kind in ("images", "objects"):
+            items = json.loads((Path(src) / f"{split}_{kind}.json").read_text())
+            (dst / f"{split}_{kind}.json").write_text(json.dumps(items[:n]))
+    shutil.copy(Path(src) / "label_map.json", dst / "label_map.json")
+    return dst
+
+
+def error_lines(stderr):
+    """The lines a script printed as errors ("<script>: error: ..."); tqdm's bars are not among them."""
+    return [line for line in stderr.splitlines() if re.match(r"\w+\.py: error: ", line)]
+
+
+def assert_one_line_error(result, script, says):
+    """A finished command (run_main, run_script) failed as a user error should: status 1, one error line, the last
+    thing on stderr, saying `says` (words: a string or a list of them), no traceback. Returns the line."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), result.stderr
+    assert result.stderr[result.stderr.index(lines[0]):].strip() == lines[0], result.stderr
+    assert all(w in lines[0] for w in ([says] if isinstance(says, str) else says)), lines[0]
+    return lines[0]

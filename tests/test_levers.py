@@ -1,4 +1,4 @@
-"""The accuracy levers: utils.transform's flips, train.py's weight average (ModelEMA) and warm start
+"""The accuracy levers: utils.transform's flips, train.py's weight average (model.ModelEMA) and warm start
 (--init-weights), and detect.py's test-time augmentation, each checked against a plain reference."""
 import itertools
 import json
@@ -9,7 +9,7 @@ import torch
 import detect
 import train
 import utils
-from model import PRIOR_SCALES, SSD300, create_prior_boxes
+from model import PRIOR_SCALES, SSD300, ModelEMA, create_prior_boxes
 
 def box_masks(boxes, size):
     """(n, size, size) masks of boxes given in whole pixels (x_min, y_min, x_max, y_max)."""
@@ -61,7 +61,7 @@ def test_d4_flips_are_the_tutorials_transform_then_one_of_the_square_symmetries(
 def test_model_ema_is_the_moving_average_with_its_warm_up():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
-    ema = train.ModelEMA(model, decay=0.8)
+    ema = ModelEMA(model, decay=0.8)
     expected = {k: v.clone().double() for k, v in model.state_dict().items()}
     for t in range(6):
         with torch.no_grad():

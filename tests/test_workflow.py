@@ -10,22 +10,16 @@ the point. Each script's `__main__` is `run_cli(main, parser)`, which prints a U
 and exits with status 1: the command tests check that once per script; the in-process tests check
 that each user error raises a one-line UserError (anything else would be a traceback).
 
-Shared runs and checkpoints (module fixtures, made once):
-  * straight_run: 3 iterations on 4 TRAIN images at batch 2 (2 epochs), --val-every 1.
-  * resumed_run: the same flags stopped after iteration 2 (one epoch), then resumed to iteration 3.
+train.py's own runs are tests/test_train_runs.py's.
+
+Shared checkpoints and images (module fixtures, made once):
   * random_checkpoint: an untrained SSD300 (seed 0); its detections depend on the image.
   * smear_images: images of every PIL mode, size and orientation, each with one bright rectangle
     at a known place, plus an unreadable file.
 """
 import csv
-import errno
-import hashlib
 import json
-import math
-import os
 import re
-import shutil
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,38 +30,17 @@ from PIL import Image
 
 import detect
 import eval as eval_script
-import misc
-import plots
 import train
-from conftest import CURVE
+from conftest import assert_one_line_error, train_argv, truncate_lists
 from misc import UserError
-from model import SSD300, create_prior_boxes
+from model import SSD300
 from utils import IMAGENET_MEAN, IMAGENET_STD, bccd_labels, calculate_mAP, label_map
 from datasets import BCCDDataset
-
-CHECKPOINT_KEYS = {"model", "model_args", "optimizer", "epoch", "iteration", "args", "label_map", "field",
-                   "run_info", "ema", "ema_updates"}  # the last two: SCHEDULE has --ema-decay
-# A schedule that does not depend on the length of the run, so that a run stopped early and resumed
-# can be compared with one run straight through: 2 iterations of linear warm-up from lr/10, then lr
-# (no decay: --decay-at with no value). Iterations 0, 1, 2 get 0.1, 0.55 and 1 times LR, so a resume
-# that restarted the schedule would show.
-LR = 1e-3
-SCHEDULE = ["--lr", str(LR), "--schedule", "step", "--warmup", "2", "--ema-decay", "0.9", "--flips", "d4", "--decay-at"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-def train_argv(data_folder, out_dir, *extra):
-    """train.py's command line for the tiny runs here: batch 2, CPU, no workers, SCHEDULE."""
-    return ["--data-folder", str(data_folder), "--out-dir", str(out_dir), "--batch-size", "2", "--workers", "0",
-            "--device", "cpu", "--no-cache-images", *SCHEDULE, *map(str, extra)]
-
-
-def train_args(data_folder, out_dir, *extra):
-    return train.get_args_parser().parse_args(train_argv(data_folder, out_dir, *extra))
-
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -77,55 +50,8 @@ def read_log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
 
 
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def assert_same(a, b, where="checkpoint"):
-    """a and b are equal, tensors bit for bit (same dtype, same values), recursively through dicts and lists."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def truncate_lists(src, dst, n_train, n_test):
-    """Copy the lists of `src` to `dst`, keeping the first n_train TRAIN and n_test TEST images."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for split, n in (("TRAIN", n_train), ("TEST", n_test)):
-        for kind in ("images", "objects"):
-            items = json.loads((Path(src) / f"{split}_{kind}.json").read_text())
-            (dst / f"{split}_{kind}.json").write_text(json.dumps(items[:n]))
-    shutil.copy(Path(src) / "label_map.json", dst / "label_map.json")
-    return dst
-
-
 def list_test_images(data_folder):
     return json.loads((Path(data_folder) / "TEST_images.json").read_text())
-
-
-def error_lines(stderr):
-    """The lines a script printed as errors ("<script>: error: ..."); tqdm's bars are not among them."""
-    return [line for line in stderr.splitlines() if re.match(r"\w+\.py: error: ", line)]
-
-
-def assert_one_line_error(result, script, says):
-    """A finished command failed as a user error should: status 1, one error line saying `says`, no traceback."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), result.stderr
-    assert says in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,298 +65,9 @@ def lists4(tiny_lists):
 
 
 @pytest.fixture(scope="module")
-def lists2(lists4, tmp_path_factory):
-    """The first 2 TRAIN and 1 TEST image of lists4: one step an epoch at batch 2."""
-    return truncate_lists(lists4, tmp_path_factory.mktemp("lists2"), 2, 1)
-
-
-@pytest.fixture(scope="module")
-def straight_run(lists4, tmp_path_factory):
-    """--iterations 3 on 4 images at batch 2: 2 epochs (2 steps, then 1). Records every checkpoint save."""
-    out = tmp_path_factory.mktemp("straight")
-    saves, real_save = [], train.save_atomic
-
-    def spy(obj, path):
-        saves.append((obj["epoch"], obj["iteration"], Path(path)))
-        real_save(obj, path)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_atomic", spy)
-        train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1))
-    return SimpleNamespace(out=out, checkpoint=out / "checkpoint.pt", saves=saves, log=read_log(out))
-
-
-@pytest.fixture(scope="module")
-def resumed_run(lists4, tmp_path_factory):
-    """straight_run's flags stopped after iteration 2 (end of epoch 1) in `first`, resumed to iteration 3 in `second`."""
-    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("resumed")
-    train.main(train_args(lists4, first, "--iterations", 2, "--val-every", 1))
-    train.main(train_args(lists4, second, "--iterations", 3, "--val-every", 1, "--resume", first / "checkpoint.pt"))
-    return SimpleNamespace(first=first, second=second)
-
-
-@pytest.fixture(scope="module")
 def random_checkpoint(untrained_checkpoint):
     """conftest's untrained SSD300 (BatchNorm, BCCD priors, seed 0); its detections depend on the image."""
     return untrained_checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# train.py: outputs, checkpoints, --iterations, --resume
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_checkpoint_after_every_epoch_and_a_log_line_each(straight_run):
-    ckpt = straight_run.checkpoint
-    assert straight_run.saves == [(0, 2, ckpt), (1, 3, ckpt)]  # (epoch, iteration, path) of each save
-    assert sorted(os.listdir(straight_run.out)) == ["checkpoint.pt", "log.jsonl", *CURVE]  # no temporary file left
-    log = straight_run.log
-    assert [(r["epoch"], r["iteration"]) for r in log] == [(1, 2), (2, 3)]
-    # lr of each epoch's last step: iteration 1 (half-way through the warm-up), iteration 2 (warm-up done)
-    assert [r["lr"] for r in log] == [pytest.approx(0.55 * LR), pytest.approx(LR)]
-    for record, n_images in zip(log, (4, 2)):  # epoch 2 stops after its first step: 2 images
-        assert math.isfinite(record["loss"]) and record["loss"] > 0
-        assert record["seconds"] > 0
-        assert record["images_per_s"] == pytest.approx(n_images / record["seconds"], abs=0.06 + 0.01 * record["images_per_s"])
-        assert set(record["AP"]) == set(bccd_labels)  # --val-every 1
-        assert record["mAP"] == pytest.approx(sum(record["AP"].values()) / 3, abs=2e-5)
-
-
-@pytest.mark.slow
-def test_iterations_convert_to_epochs_with_the_batch_size(straight_run):
-    ckpt = load(straight_run.checkpoint)
-    # 4 images at batch 2 = 2 steps an epoch: --iterations 3 = 2 epochs, the second cut after 1 step
-    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 3)
-    assert len(straight_run.log) == 2
-
-
-@pytest.mark.slow
-def test_checkpoint_is_plain_data_that_rebuilds_the_model(straight_run):
-    ckpt = load(straight_run.checkpoint)  # weights_only=True: tensors and plain data, or it raises
-    assert set(ckpt) == CHECKPOINT_KEYS
-    json.dumps({k: ckpt[k] for k in ("model_args", "epoch", "iteration", "args", "label_map")})  # plain data
-    assert ckpt["label_map"] == label_map
-    assert ckpt["args"]["batch_size"] == 2 and ckpt["args"]["lr"] == LR
-    assert ckpt["field"] == [64, 48]  # the median size of the TRAIN images, for detect.py's tiling
-
-    model = SSD300.from_checkpoint(ckpt)  # nothing else needed
-    assert_same(model.state_dict(), ckpt["model"], "model")
-    # the non-default BCCD priors and BatchNorm came from model_args, not from SSD300's defaults
-    assert model.batch_norm
-    assert torch.equal(model.priors_cxcy, create_prior_boxes(train.BCCD_PRIOR_SCALES))
-    assert not torch.equal(model.priors_cxcy, create_prior_boxes())
-
-
-@pytest.mark.slow
-def test_a_new_run_refuses_an_out_dir_that_holds_a_run(straight_run, lists4, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(straight_run.out, out)
-    before = sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()
-    with pytest.raises(UserError) as e:
-        train.main(train_args(lists4, out, "--iterations", 1))
-    assert "\n" not in str(e.value) and f"--resume {out / 'checkpoint.pt'}" in str(e.value), str(e.value)
-    with pytest.raises(UserError, match="already holds a training run"):  # resuming another run into it
-        train.main(train_args(lists4, out, "--iterations", 4, "--resume", straight_run.checkpoint))
-    assert (sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()) == before  # untouched
-
-
-def test_resume_gives_the_same_weights_as_a_straight_run(straight_run, resumed_run):
-    straight = load(straight_run.checkpoint)
-    first = load(resumed_run.first / "checkpoint.pt")
-    resumed = load(resumed_run.second / "checkpoint.pt")
-    assert (first["epoch"], first["iteration"]) == (0, 2)
-    assert (resumed["epoch"], resumed["iteration"]) == (straight["epoch"], straight["iteration"]) == (1, 3)
-    assert not torch.equal(first["model"]["pred_convs.cl_conv4_3.weight"],
-                           resumed["model"]["pred_convs.cl_conv4_3.weight"])  # the resumed epoch trained
-    assert_same(resumed["model"], straight["model"], "model")  # bit for bit, BatchNorm statistics included
-    assert_same(resumed["optimizer"], straight["optimizer"], "optimizer")  # momentum buffers and lr
-    assert_same(resumed["ema"], straight["ema"], "ema")  # the weight average (--ema-decay) and its step count
-    assert resumed["ema_updates"] == straight["ema_updates"] == 3
-
-    # same losses, same lr (the schedule went on at iteration 2, not from 0), same validation
-    assert [untimed(r) for r in read_log(resumed_run.first) + read_log(resumed_run.second)] == \
-           [untimed(r) for r in straight_run.log]
-
-
-@pytest.mark.slow
-def test_resume_from_the_middle_of_an_epoch_trains_the_remaining_iterations(straight_run, lists4, tmp_path):
-    # straight_run stopped after 3 iterations, in the middle of its 2nd epoch; ask for one more
-    shutil.copy(straight_run.checkpoint, tmp_path / "checkpoint.pt")
-    train.main(train_args(lists4, tmp_path, "--iterations", 4, "--resume", tmp_path / "checkpoint.pt"))
-    ckpt = load(tmp_path / "checkpoint.pt")
-    assert ckpt["iteration"] == 4, (f"resumed at iteration 3 with --iterations 4, but the checkpoint is at "
-                                    f"iteration {ckpt['iteration']}: the remaining iteration was not trained")
-
-
-@pytest.mark.slow
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(resumed_run, lists4, tmp_path,
-                                                                                 run_main):
-    out = tmp_path / "run"
-    shutil.copytree(resumed_run.first, out)  # one good epoch: checkpoint.pt and log.jsonl
-    checkpoint_before, log_before = sha256(out / "checkpoint.pt"), (out / "log.jsonl").read_text()
-    # the first step of epoch 2 still has a finite loss; its update at lr 1e30 makes the second one nan/inf
-    result = run_main("train.py", *train_argv(lists4, out, "--iterations", 4, "--lr", "1e30",
-                                              "--resume", out / "checkpoint.pt"))
-    line = assert_one_line_error(result, "train.py", "epoch 2")
-    assert re.search(r"loss is -?(nan|inf)", line), line
-    assert sha256(out / "checkpoint.pt") == checkpoint_before
-    assert (out / "log.jsonl").read_text() == log_before  # no line for the failed epoch
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", *CURVE]
-
-
-@pytest.mark.slow
-def test_failed_checkpoint_save_keeps_the_old_checkpoint(resumed_run, lists2, tmp_path, monkeypatch):
-    shutil.copy(resumed_run.first / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    before = sha256(tmp_path / "checkpoint.pt")
-    written = []
-
-    real_open = open
-
-    def open_that_fails_half_way(path, mode="r", **kwargs):  # what a full disk leaves while the checkpoint is written
-        if "w" in mode and os.path.basename(path).startswith("checkpoint.pt"):
-            written.append(Path(path))
-            Path(path).write_bytes(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, mode, **kwargs)
-
-    monkeypatch.setattr(misc, "open", open_that_fails_half_way, raising=False)  # the files misc writes
-    with pytest.raises(UserError) as e:  # lists2: 1 step an epoch, so one step, then the save
-        train.main(train_args(lists2, tmp_path, "--iterations", 3, "--resume", tmp_path / "checkpoint.pt"))
-    assert str(e.value) == f"{tmp_path / 'checkpoint.pt'}: cannot write (No space left on device); the earlier file is kept"
-    assert len(written) == 1
-    assert written[0].parent == tmp_path and written[0].name != "checkpoint.pt"  # a temporary file beside it
-    assert sha256(tmp_path / "checkpoint.pt") == before
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # the temporary file is removed
-
-
-@pytest.mark.slow
-def test_missing_lists_are_made_from_the_bccd_folder(tiny_voc, tmp_path, capsys):
-    voc = tiny_voc(n_trainval=2, n_test=1)
-    lists = tmp_path / "lists"  # does not exist
-    train.main(train_args(lists, tmp_path / "run", "--bccd-folder", voc, "--epochs", 1))
-    assert f"making the lists in {lists} from {voc}" in capsys.readouterr().out
-    assert {p.name for p in lists.iterdir()} == {"TRAIN_images.json", "TRAIN_objects.json", "TEST_images.json",
-                                                 "TEST_objects.json", "label_map.json"}
-    images = json.loads((lists / "TRAIN_images.json").read_text())
-    assert [Path(p).name for p in images] == ["BloodImage_00000.jpg", "BloodImage_00001.jpg"]
-    assert load(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
-
-
-def interrupt_at_step(monkeypatch, step, sig=signal.SIGINT):
-    """Make train.py receive `sig` during its `step`-th training step (1-based), as a Ctrl-C or a kill would."""
-    calls, compute_loss = [], train.compute_loss
-
-    def compute_loss_then_signal(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            os.kill(os.getpid(), sig)  # the handler runs in this (the main) thread, in the middle of the step
-        return compute_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "compute_loss", compute_loss_then_signal)
-
-
-def untimed(record):
-    return {k: v for k, v in record.items() if k not in ("seconds", "images_per_s")}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, step", [(signal.SIGINT, 1), (signal.SIGTERM, 2)], ids=["sigint-mid-epoch",
-                                                                                         "sigterm-end-of-epoch"])
-def test_interrupted_run_saves_says_how_to_resume_and_resumes_exactly(straight_run, lists4, tmp_path, monkeypatch,
-                                                                      capsys, sig, step):
-    """Ctrl-C (SIGINT) or a kill (SIGTERM) finishes the step, saves where it stopped and exits 130 / 143; the
-    printed command then continues bit for bit as the uninterrupted run, and the log holds each epoch once."""
-    out = tmp_path / "run"
-    interrupt_at_step(monkeypatch, step, sig)
-    with pytest.raises(SystemExit) as e:
-        train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1))
-    assert e.value.code == 128 + sig
-    err = capsys.readouterr().err
-    assert f"stopped at iteration {step} (" in err and f"python train.py --resume {out / 'checkpoint.pt'}" in err
-    ckpt = load(out / "checkpoint.pt")
-    assert ckpt["iteration"] == step
-    assert (ckpt["epoch"], "partial_epoch" in ckpt) == ((-1, True) if step == 1 else (0, False))
-    assert sorted(os.listdir(out)) == (["checkpoint.pt"] if step == 1 else ["checkpoint.pt", "log.jsonl", *CURVE])
-    monkeypatch.undo()
-    # resumed with the command it printed: every other flag comes from the checkpoint
-    train.main(train.get_args_parser().parse_args(["--resume", str(out / "checkpoint.pt"), "--workers", "0"]))
-    resumed = load(out / "checkpoint.pt")
-    straight = load(straight_run.checkpoint)
-    assert (resumed["epoch"], resumed["iteration"]) == (straight["epoch"], straight["iteration"]) == (1, 3)
-    assert_same(resumed["model"], straight["model"], "model")
-    assert_same(resumed["optimizer"], straight["optimizer"], "optimizer")
-    assert [untimed(r) for r in read_log(out)] == [untimed(r) for r in straight_run.log]
-    assert "partial_epoch" not in resumed
-
-
-def test_validation_redraws_the_training_curve_a_resumed_run_one_curve(resumed_run, tmp_path):
-    """--val-every 1: training.png after each validated epoch, drawn from the whole log (plots.read_log), which
-    holds the epochs before the resume too, each once."""
-    if not CURVE:
-        pytest.skip("matplotlib is not installed: no training.png (pip install matplotlib)")
-    first, second = resumed_run.first, resumed_run.second  # second: resumed from first's checkpoint after epoch 1
-    assert [r["epoch"] for r in plots.read_log(second / "log.jsonl")] == [2]
-    records = plots.run_records(second / "log.jsonl", first / "log.jsonl", 1)
-    assert [r["epoch"] for r in records] == [1, 2]
-    for out, drawn in ((first, plots.read_log(first / "log.jsonl")), (second, records)):
-        again = plots.plot_training({None: drawn}, tmp_path / f"{out.name}.png", f"train.py --out-dir {out}")
-        assert (out / "training.png").read_bytes() == Path(again).read_bytes()  # what train.py drew: all epochs
-
-
-@pytest.mark.slow
-def test_resume_removes_what_a_killed_run_left(resumed_run, lists4, tmp_path):
-    """A run killed (SIGKILL) after logging epoch 2 but before saving it, and in the middle of a save: on resume
-    the temporary file is removed and the log holds epochs 1 and 2 once each (2 trained again)."""
-    out = tmp_path / "run"
-    shutil.copytree(resumed_run.first, out)  # checkpoint after epoch 1, log of epoch 1
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 2, "iteration": 3, "loss": 1.0}) + "\n" + '{"epoch": 3, "itera')
-    (out / "checkpoint.pt.12345.tmp").write_bytes(b"half a checkpoint")
-    train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1, "--resume", out / "checkpoint.pt"))
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", *CURVE]
-    assert [r["epoch"] for r in read_log(out)] == [1, 2] and read_log(out)[1]["loss"] != 1.0
-
-
-def test_a_split_too_small_for_batch_norm_is_refused_up_front_and_trains_without_it(lists4, tmp_path, capsys):
-    one = truncate_lists(lists4, tmp_path / "one", 1, 1)
-    with pytest.raises(UserError, match=r"TRAIN \(.*\) holds 1 image per process: with BatchNorm every step needs at "
-                                        "least 2 images; use --batch-size 2 or more and more TRAIN images or train "
-                                        "with --no-batch-norm"):
-        train.main(train_args(one, tmp_path / "run", "--iterations", 1))
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
-    train.main(train_args(one, tmp_path / "run", "--iterations", 1, "--no-batch-norm", "--batch-size", 1))
-    assert load(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
-
-
-def test_a_second_run_into_a_locked_out_dir_is_refused(lists4, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    import fcntl
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
-        with pytest.raises(UserError, match=f"--out-dir {out}: another train.py is writing there"):
-            train.main(train_args(lists4, out, "--iterations", 1))
-    finally:
-        os.close(fd)
-    assert os.listdir(out) == []
-
-
-@pytest.mark.slow
-def test_resume_takes_the_runs_flags_refuses_other_architecture_and_notes_other_settings(resumed_run, lists4,
-                                                                                         tmp_path, capsys):
-    ckpt_path = resumed_run.first / "checkpoint.pt"
-    for flag, says in ((["--no-batch-norm"], "its model has batch norm True, not False"),
-                       (["--prior-scales", "0.1", "0.2", "0.375", "0.55", "0.725", "0.9"], "its model has prior scales")):
-        with pytest.raises(UserError, match=says):
-            train.main(train.get_args_parser().parse_args(["--resume", str(ckpt_path), "--out-dir", str(tmp_path / "x"),
-                                                           *flag]))
-    args = train.get_args_parser().parse_args(["--resume", str(ckpt_path), "--out-dir", str(tmp_path / "y"),
-                                               "--iterations", "3", "--lr", "0.002", "--workers", "0"])
-    train.main(args)
-    assert "note: resuming with other flags than the run's: --lr 0.002 (the run's: 0.001)" in capsys.readouterr().out
-    assert (args.batch_size, args.warmup, args.schedule, args.decay_at) == (2, 2, "step", [])  # the run's
-    assert (args.data_folder, args.cache_images) == (str(lists4), False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,7 +277,7 @@ def bad_checkpoints(random_checkpoint, tmp_path_factory):
     (folder / "notes.txt").write_text("not a checkpoint\n")
     five = SSD300(n_classes=5, base_weights=None, batch_norm=True, prior_scales=train.BCCD_PRIOR_SCALES)
     torch.save({"model": five.state_dict(), "model_args": {**five.model_args, "n_classes": 4}}, folder / "wrong_shape.pt")
-    optimizer = train.make_optimizer(five, train.resolve_args(train.get_args_parser().parse_args([]), None))
+    optimizer = train.make_optimizer(five, train.get_args_parser().parse_args([]))
     torch.save({"model": five.state_dict(), "model_args": five.model_args, "optimizer": optimizer.state_dict(),
                 "epoch": 0, "iteration": 2, "args": {}, "label_map": {**label_map, "Lymphocyte": 4}},
                folder / "five_classes.pt")
