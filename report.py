@@ -14,7 +14,7 @@ Thumbnails are written once per image, as the images are done, into thumbnails/ 
 THUMBNAIL_SIZE), and loaded lazily by the browser; each row is rendered once, and the page is rewritten
 whole (atomically: a temporary file moved into place) at most every REWRITE_SECONDS, or less often when
 the page is large, and once at the end. A page for 5,000 images is 1.7 MB: headless Chromium had it
-interactive in 1.6 s and sorted it in 2.9 s on a 2-core CPU busy with a training (results/report_scale.py).
+interactive in 1.6 s and sorted it in 2.9 s on a 2-core CPU busy with a training (tools/report_scale.py).
 Every text from a file name is HTML-escaped and every link URL-quoted (from the name's bytes), so a file
 named `<script>.jpg` is shown as text.
 """

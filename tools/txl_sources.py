@@ -12,7 +12,7 @@ The lists then hold TXL-PBC's images and labels (the lists point at TXL-PBC's ow
 With --samples 10 25 50 --held-out 50, each source also gets splits train-10, train-25 and train-50 (the first 10, 25
 and 50 of a seeded shuffle of its train images: each sample holds the smaller ones) and held-out (the last 50 of the
 shuffle, in no sample): the corrected images and the lab's own held-out images of a fine-tune from another
-microscope's model (docs/your-own-microscope.md).
+microscope's model (tools/adaptation.py).
 """
 import random
 import argparse
