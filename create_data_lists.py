@@ -45,7 +45,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from formats import ALL, NONE, READERS, find_dataset, list_images, yaml_module
+from formats import ALL, NONE, READERS, find_dataset, list_images, with_images, yaml_module
 from misc import UserError, check_writable, run_cli, write_json_files_atomic, write_text_atomic
 from utils import bccd_labels, check_classes, class_names, make_label_map
 
@@ -68,6 +68,10 @@ def get_args_parser():
                         help="class names in label order (label 1, 2, ...); an annotated object of another class is an "
                         "error. Default: the annotations' classes, in BCCD's order when they are BCCD's, else sorted by "
                         "name ignoring case")
+    parser.add_argument("--images", default=None, metavar="FOLDER",
+                        help="the folder of the images, where a folder of label files (VOC .xml, YOLO .txt with "
+                        "classes.txt) or a COCO file is kept apart from them: LabelImg's Change Save Dir, detect.py "
+                        "--save-labels")
     parser.add_argument("--guard", nargs="+", default=[], metavar="TEST_SET",
                         help="test sets that no TRAIN or TEST image may duplicate (resized, flipped, rotated, renamed): "
                         "DATASET:SPLIT, a dataset (its test split) or a folder of images, e.g. data/BCCD:test")
@@ -265,7 +269,7 @@ def default_split(split):
 
 
 def create_data_lists(data_folders, output_folder, train_split=None, test_split=None, classes=None, verbose=True,
-                      guard=(), drop_duplicates=False, test_fraction=None, seed=0):
+                      guard=(), drop_duplicates=False, test_fraction=None, seed=0, images=None):
     """Parse one dataset or several (Pascal VOC, YOLO or COCO; BCCD by default) and write the JSON lists the Dataset
     reads (tutorial, "Parse raw data").
 
@@ -277,6 +281,8 @@ def create_data_lists(data_folders, output_folder, train_split=None, test_split=
     train_split, test_split: the split of each dataset for TRAIN and TEST: one name for all or one per dataset;
         "all" is every image a dataset has, "none" nothing. Default: VOC's trainval and test (BCCD: 292 and 72
         images), YOLO's and COCO's train and test.
+    images: the folder of the images of label files kept apart from them (find_dataset's folder of VOC .xml or YOLO
+        .txt files, or a COCO file): LabelImg's Change Save Dir, detect.py --save-labels.
     test_fraction: instead, a seeded `test_fraction` of each dataset's images (all of them) is TEST, the rest TRAIN.
     classes: the class names in label order (label 1, 2, ...): an object of another class is an error.
         None: the classes of the annotations of both splits; in BCCD's order when they are all BCCD's (the label
@@ -293,6 +299,7 @@ def create_data_lists(data_folders, output_folder, train_split=None, test_split=
     """
     folders = [data_folders] if isinstance(data_folders, (str, os.PathLike)) else list(data_folders)
     datasets = [find_dataset(str(folder)) for folder in folders]
+    datasets = [with_images(d, str(images)) for d in datasets] if images is not None else datasets
     if any(d.format == "yolo" and d.where for d in datasets):
         yaml_module()  # one line now, rather than one per split
     given = None if classes is None else make_label_map(check_classes(classes))
@@ -432,7 +439,7 @@ def main(args):
         fraction = None
     create_data_lists(folders, args.output_folder, train_split=args.train_split, test_split=args.test_split,
                       classes=args.classes, guard=args.guard, drop_duplicates=args.drop_duplicates,
-                      test_fraction=fraction, seed=args.seed)
+                      test_fraction=fraction, seed=args.seed, images=args.images)
 
 
 if __name__ == "__main__":

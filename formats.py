@@ -27,6 +27,7 @@ class Dataset(NamedTuple):
     format: str
     root: str
     where: object
+    images: str = None  # the folder of the images, where they are not beside their labels (with_images)
 
 
 ALL = "all"  # the split name of every image a dataset has
@@ -65,6 +66,19 @@ def find_dataset(path):
         return Dataset("voc", root, root)
     raise UserError(f"{path}: no dataset found: no Annotations/ (Pascal VOC), data.yaml or labels/ (YOLO) or .json "
                     f"(COCO) in it")
+
+
+def with_images(dataset, folder):
+    """The dataset with its images in `folder` (create_data_lists --images), as a labelling tool leaves label files
+    apart from their images (LabelImg's Change Save Dir; detect.py --save-labels): a folder of VOC .xml files, a
+    folder of YOLO .txt files with classes.txt, or a COCO file."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--images {folder}: no such folder")
+    if (dataset.format == "voc" and dataset.where != dataset.root) or (dataset.format == "yolo" and dataset.where):
+        raise UserError(f"--images {folder}: {dataset.where} says where its images are; --images is for a folder "
+                        f"of label files without their images (detect.py --save-labels: labels/voc, "
+                        f"labels/yolo/obj_train_data or labels/coco.json)")
+    return dataset._replace(images=os.path.abspath(folder))
 
 
 def list_images(folder):
@@ -106,8 +120,8 @@ def read_voc(dataset, split, label_map):
             if not os.path.isfile(xml_path):
                 raise UserError(f"{xml_path}: no annotation for id {image_id!r} of {split}.txt")
             root = read_annotation(xml_path)
-            img_path = find_image(dataset.root if flat else os.path.join(dataset.root, "JPEGImages"), image_id,
-                                  (root.findtext("filename") or "").strip(), listings)
+            img_path = find_image(dataset.images or (dataset.root if flat else os.path.join(dataset.root, "JPEGImages")),
+                                  image_id, (root.findtext("filename") or "").strip(), listings)
             other = owners.setdefault(os.path.realpath(img_path), image_id)
             if other != image_id:  # a <filename> naming another id's image
                 raise UserError(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each "
@@ -230,7 +244,7 @@ def yolo_split_images(dataset, split):
                             f"(one name a line, in class-id order)")
         with open(classes[0], encoding="utf-8-sig") as f:
             names = check_classes([line.strip() for line in f if line.strip()], classes[0])
-        images = os.path.join(dataset.root, "images")
+        images = dataset.images or os.path.join(dataset.root, "images")
         if split == ALL:
             sources = [images if os.path.isdir(images) else dataset.root]
         elif os.path.isdir(os.path.join(images, split)):
@@ -254,9 +268,16 @@ def read_yolo(dataset, split, label_map):
     """[(image path, objects)], warnings, errors and the class names of a YOLO dataset's split."""
     names, paths = yolo_split_images(dataset, split)
     entries, warnings, errors = [], [], []
+    if dataset.images:  # the label files in root, named after their images
+        labels = {os.path.splitext(os.path.basename(p))[0]: os.path.join(dataset.root, os.path.splitext(
+            os.path.basename(p))[0] + ".txt") for p in paths}
+        errors = [f"{os.path.join(dataset.root, f)}: no image {f[:-4]}.<image extension> in {dataset.images}"
+                  for f in sorted(os.listdir(dataset.root)) if f.endswith(".txt") and f != "classes.txt"
+                  and f[:-4] not in labels]
     for path in paths:
         try:
-            objects, warns = parse_yolo_labels(label_path(path), image_size(path), names, label_map)
+            labels_file = labels[os.path.splitext(os.path.basename(path))[0]] if dataset.images else label_path(path)
+            objects, warns = parse_yolo_labels(labels_file, image_size(path), names, label_map)
             entries.append((path, objects))
             warnings += warns
         except UserError as e:
@@ -264,13 +285,14 @@ def read_yolo(dataset, split, label_map):
     return entries, warnings, errors, names
 
 
-def coco_image(coco_path, file_name):
-    """The image a COCO file's file_name names: beside the file, in its images/ folder, or in ../images/ (CVAT's
-    and Label Studio's exports), by that relative path or its base name; None if none."""
+def coco_image(coco_path, file_name, images=None):
+    """The image a COCO file's file_name names: in the folder `images` when given, else beside the file, in its
+    images/ folder, or in ../images/ (CVAT's and Label Studio's exports), by that relative path or its base name;
+    None if none."""
     base = os.path.dirname(coco_path)
     names = [file_name] if not os.path.isabs(file_name) and ".." not in re.split(r"[\\/]", file_name) else []
     names.append(os.path.basename(file_name.replace("\\", "/")))
-    for folder in (base, os.path.join(base, "images"), os.path.join(os.path.dirname(base), "images")):
+    for folder in [images] if images else (base, os.path.join(base, "images"), os.path.join(os.path.dirname(base), "images")):
         for name in names:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
@@ -285,10 +307,11 @@ def read_coco(dataset, split, label_map):
     images, warnings, names = parse_coco(coco_path, label_map)
     entries, errors = [], []
     for file_name, (size, objects) in images.items():
-        path = coco_image(coco_path, file_name)
+        path = coco_image(coco_path, file_name, dataset.images)
         try:
             if path is None:
-                raise UserError(f"{coco_path}: image {file_name!r} not found beside it, in images/ or in ../images/")
+                raise UserError(f"{coco_path}: image {file_name!r} not found " + (
+                    f"in {dataset.images}" if dataset.images else "beside it, in images/ or in ../images/"))
             if tuple(image_size(path)) != tuple(size):
                 raise UserError(f"{path}: {'x'.join(map(str, image_size(path)))} pixels, but {coco_path} says "
                                 f"{size[0]}x{size[1]}")

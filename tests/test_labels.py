@@ -5,6 +5,7 @@ them, and read back, each with a parser of its own format, as the boxes, classes
 """
 import json
 import os
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -72,3 +73,53 @@ def test_pre_annotations_read_back_as_the_boxes_counted(fmt, fields, untrained_c
         assert [label for label, _ in boxes] == record["labels"]
         for (_, box), counted in zip(boxes, record["boxes"]):
             assert max(abs(a - b) for a, b in zip(box, counted)) <= (0 if fmt == "voc" else TOLERANCE), (box, counted)
+
+
+LABEL_FILES = {"voc": "labels/voc", "yolo": "labels/yolo/obj_train_data", "coco": "labels/coco.json"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pre_annotations_come_back_through_create_data_lists_as_counted(fmt, fields, untrained_checkpoint, tmp_path,
+                                                                         run_main):
+    """The lab's loop: detect.py --save-labels, the files corrected (here: unchanged), create_data_lists.py --images
+    reads them back into lists: the same images, boxes, classes and sizes detect.py counted."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for image in fields.iterdir():
+        if image.is_file():  # names that are distinct: one folder of images beside one folder of label files
+            shutil.copyfile(image, folder / image.name)
+    out, lists = tmp_path / "out", tmp_path / "lists"
+    result = run_main("detect.py", folder, "--checkpoint", untrained_checkpoint, "--output-dir", out, "--device", "cpu",
+                      "--min-score", "0.2", "--top-k", "20", "--save-labels", fmt)
+    assert result.returncode == 0, result.stderr
+    result = run_main("create_data_lists.py", "--data-folder", out / LABEL_FILES[fmt], "--images", folder,
+                      "--train-split", "all", "--test-split", "none", "--output-folder", lists,
+                      "--classes", *bccd_labels)
+    assert result.returncode == 0, result.stderr
+    records = {os.path.realpath(r["image"]): r for r in json.loads((out / "detections.json").read_text())}
+    images = [os.path.realpath(p) for p in json.loads((lists / "TRAIN_images.json").read_text())]
+    objects = json.loads((lists / "TRAIN_objects.json").read_text())
+    assert sorted(images) == sorted(records) and len(images) == 5
+    names = {v: k for k, v in json.loads((lists / "label_map.json").read_text()).items()}
+    assert sum(len(o["boxes"]) for o in objects) > 0
+    for image, o in zip(images, objects):
+        record = records[image]
+        assert Image.open(image).size == (record["width"], record["height"])
+        assert [names[label] for label in o["labels"]] == record["labels"]
+        for box, counted in zip(o["boxes"], record["boxes"]):
+            assert max(abs(a - b) for a, b in zip(box, counted)) <= (0 if fmt == "voc" else TOLERANCE), (box, counted)
+
+
+def test_label_files_without_their_images_are_one_line_each(fields, tmp_path, run_main):
+    (tmp_path / "yolo").mkdir()
+    (tmp_path / "yolo" / "classes.txt").write_text("RBC\nWBC\nPlatelets\n")
+    (tmp_path / "yolo" / "BloodImage_00000.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "yolo" / "elsewhere.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    result = run_main("create_data_lists.py", "--data-folder", tmp_path / "yolo", "--images", fields,
+                      "--train-split", "all", "--test-split", "none", "--output-folder", tmp_path / "lists")
+    assert result.returncode == 1 and "elsewhere.txt: no image elsewhere.<image extension> in" in result.stderr
+    assert not (tmp_path / "lists").exists()
+    result = run_main("create_data_lists.py", "--data-folder", tmp_path / "yolo", "--images", tmp_path / "none",
+                      "--train-split", "all", "--output-folder", tmp_path / "lists")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith("--images " + str(
+        tmp_path / "none") + ": no such folder")
