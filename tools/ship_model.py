@@ -3,13 +3,13 @@
     $ python tools/ship_model.py runs/trainval6/checkpoint.pt --sweep results/shipped/eval-val-sweep.json \
           --train-split trainval --twin-val results/shipped/eval-val-sweep.json --log runs/trainval6/log.jsonl
 
-Writes the fp16 state_dict, model_args and label_map, the counting thresholds chosen on a validation
-split (--sweep: the JSON of `eval.py --count-sweep` on val.txt) and the model's provenance as plain
+Writes the fp16 state_dict, model_args and label_map, the counting thresholds chosen on a validation split
+(--sweep: the JSON of `eval.py --count-sweep` there: val.txt, or TXL-PBC's val) and the model's provenance as plain
 data: training command, commit, data split, epochs, seed, hardware, date, wall time; then runs eval.py
-on exactly that file (TEST, and val.txt), and detect.py on img/, both in fp32 on this machine, and
+on exactly that file (TEST, and the validation split), and detect.py on img/, both in fp32 on this machine, and
 records their figures in the file (the regression test, tests/test_shipped_model.py, checks them).
 Weights are never changed by the second save. Every replacement of the shipped file stays in git
-history for good (48 MB): replace it only with a model that is better on val.txt.
+history for good (48 MB): replace it only with a model that is better on the validation split.
 """
 import argparse
 import csv
@@ -31,7 +31,8 @@ def get_args_parser():
     p = argparse.ArgumentParser("ship_model.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the train.py checkpoint to ship (its last epoch)")
     p.add_argument("--sweep", required=True, help="eval.py --count-sweep --output JSON, made on a validation split")
-    p.add_argument("--train-split", required=True, help="the ImageSets split it was trained on (train or trainval)")
+    p.add_argument("--train-split", required=True, help="what it was trained on: BCCD's ImageSets split (train or "
+                   "trainval), or the lists' folder (say, data/txl-lists: TXL-PBC's train split)")
     p.add_argument("--log", default=None, help="its log.jsonl, for the training wall time")
     p.add_argument("--trained-on", default=None, help="hardware, when the checkpoint does not record it")
     p.add_argument("--train-commit", default=None, help="commit trained, when the checkpoint does not record it")
@@ -46,7 +47,8 @@ def get_args_parser():
     p.add_argument("--twin-val", default=None, help="eval.py --output JSON of the train.txt model of the same recipe "
                    "on val.txt, for a model trained on trainval (where val.txt was seen in training)")
     p.add_argument("--test-lists", default="data/lists", help="lists whose TEST is test.txt")
-    p.add_argument("--val-lists", default="data/lists-val", help="lists whose TEST is val.txt")
+    p.add_argument("--val-lists", default="data/lists-val", help="lists whose TEST is the validation split (val.txt, "
+                   "or TXL-PBC's val: data/lists-txl-sources)")
     p.add_argument("--eval-dir", default="results/shipped", help="where the eval JSONs and the figure go")
     p.add_argument("--bccd-folder", default="data/BCCD", help="BCCD, for the figure's annotations")
     p.add_argument("--figure-image", default="BloodImage_00019", help="a TEST image: annotated vs detected")
@@ -124,7 +126,8 @@ def main(args):
         "provenance": {
             "train_command": args.train_command or f"python train.py {flags}",
             "train_args": {k: v for k, v in train_args.items() if k != "resume"}, "note": args.note,
-            "train_split": f"ImageSets/Main/{args.train_split}.txt",
+            "train_split": f"ImageSets/Main/{args.train_split}.txt" if args.train_split in ("train", "trainval")
+                           else args.train_split,
             "epochs": ckpt["epoch"] + 1, "iterations": ckpt["iteration"], "seed": train_args["seed"],
             "commit": info.get("commit") or args.train_commit, "hardware": info.get("device_name") or args.trained_on,
             "date": info.get("date") or args.train_date, "train_seconds": seconds,
