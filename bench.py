@@ -215,7 +215,7 @@ def bench_pipeline(args, device, amp, out):
     res = {"ours": rate, "batch": args.train_batch, "workers": args.workers, "epochs": epochs}
     if "train_images_per_s" in out:
         res["fixed_batch"] = out["train_images_per_s"]["ours"]
-        res["fraction_of_fixed_batch"] = round(rate / res["fixed_batch"], 3)
+        res["fraction_of_fixed_batch"] = round(rate / res["fixed_batch"], 3) if res["fixed_batch"] else None
     out["train_pipeline_images_per_s"] = res
 
 
