@@ -16,7 +16,7 @@ from conftest import REPO
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 # The tests run in fp32: another x86 CPU gives the same detections but for float rounding in the convolutions.
 # detect.py's boxes on img/ must be those it recorded (results/shipped/detections-img.json, made by
-# `python detect.py img --no-amp --device cpu` on 2026-12-06, 2-core Xeon) within BOX_TOLERANCE pixels and scores
+# `python detect.py img --no-amp --device cpu` on 2026-12-07, 2-core AMD EPYC) within BOX_TOLERANCE pixels and scores
 # within SCORE_TOLERANCE; a detection that close to its class's threshold may appear or drop out on another CPU.
 # Measured: either decode variance 10 % off (centre 9 or 11, size 4.5 or 5.5) moved boxes of the first image by more
 # than BOX_TOLERANCE (results/shipped/README.md).
