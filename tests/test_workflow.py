@@ -166,7 +166,8 @@ def test_eval_reports_the_maps_of_calculate_mAP_on_independent_detections(eval_l
         errors = [p - t for p, t in zip(predicted, true)]
         assert result["counts"][name] == pytest.approx(
             {"true_mean": sum(true) / 2, "predicted_mean": sum(predicted) / 2, "mae": sum(map(abs, errors)) / 2,
-             "bias": sum(errors) / 2, "relative_error": sum(map(abs, errors)) / max(sum(true), 1)})
+             "bias": sum(errors) / 2, "relative_error": sum(map(abs, errors)) / max(sum(true), 1),
+             "relative_bias": sum(errors) / max(sum(true), 1)})
         assert count_table.count(f"\n{name} ") == 1
     assert sum(result["counts"][name]["mae"] for name in bccd_labels) > 0  # the random model miscounts
 
