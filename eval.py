@@ -289,8 +289,8 @@ def run(args, rank, world, device):
         relative = "-" if c["relative_error"] is None else f"{c['relative_error']:.1%}"
         bias = "-" if c["relative_bias"] is None else f"{c['relative_bias']:+.0%}"
         print(f"{name:<{w}}{c['true_mean']:>10.2f}{c['predicted_mean']:>10.2f}{c['mae']:>17.2f}{relative:>19}{bias:>8}")
-    sources = by_source(results, [test_set.objects[i].get("source", "?") for i in range(len(test_set))], names,
-                        label_names(model))
+    tags = [test_set.objects[i].get("source") for i in range(len(test_set))]  # a list's "source": the dataset's
+    sources = by_source(results, [t if isinstance(t, str) else "?" for t in tags], names, label_names(model))
     if sources:
         print("\nby source (create_data_lists' datasets): VOC07 AP, and counting error / annotated (bias)")
         print(f"{'source':<24}{'images':>7}{'mAP':>8}" + "".join(f"{name:>{max(len(name), 6) + 2}}" for name in names)

@@ -96,8 +96,8 @@ def test_a_class_absent_from_the_held_out_images_keeps_its_threshold(fine_tuned,
     lists = truncate_lists(lab / "lists", tmp_path / "lists", 7, 3)
     objects = json.loads((lists / "TEST_objects.json").read_text())
     platelets = [[label == 3 for label in o["labels"]] for o in objects]  # BCCD's label 3
-    (lists / "TEST_objects.json").write_text(json.dumps([{k: [v for v, p in zip(o[k], drop) if not p] for k in o}
-                                                         for o, drop in zip(objects, platelets)]))
+    (lists / "TEST_objects.json").write_text(json.dumps([{k: [v for v, p in zip(o[k], drop) if not p] if isinstance(
+        o[k], list) else o[k] for k in o} for o, drop in zip(objects, platelets)]))
     result = run_main("set_thresholds.py", "--checkpoint", fine_tuned.checkpoint, "--data-folder", lists,
                       "--output", tmp_path / "checkpoint.pt", "--device", "cpu")
     assert result.returncode == 0, result.stderr

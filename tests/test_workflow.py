@@ -178,12 +178,12 @@ def test_count_errors_by_hand():
     counts = eval_script.count_errors(det, true)
     # RBC: counted 3, 0, 1 of 2, 1, 0 -> errors +1, -1, +1
     assert counts["RBC"] == pytest.approx({"true_mean": 1, "predicted_mean": 4 / 3, "mae": 1, "bias": 1 / 3,
-                                           "relative_error": 1})
+                                           "relative_error": 1, "relative_bias": 1 / 3})
     assert counts["WBC"] == pytest.approx({"true_mean": 1 / 3, "predicted_mean": 1 / 3, "mae": 0, "bias": 0,
-                                           "relative_error": 0})
+                                           "relative_error": 0, "relative_bias": 0})
     # Platelets: counted 1, 0, 0 of 2, 0, 0
     assert counts["Platelets"] == pytest.approx({"true_mean": 2 / 3, "predicted_mean": 1 / 3, "mae": 1 / 3,
-                                                 "bias": -1 / 3, "relative_error": 1 / 2})
+                                                 "bias": -1 / 3, "relative_error": 1 / 2, "relative_bias": -1 / 2})
 
 
 def test_count_sweep_chooses_per_class_the_min_score_that_counts_best():
