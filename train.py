@@ -47,8 +47,8 @@ DEFAULT_EPOCHS = 200  # when neither --epochs nor --iterations is given
 BCCD_PRIOR_SCALES = (0.06, 0.15, 0.33, 0.51, 0.69, 0.87)
 ARCHITECTURE = ("batch_norm", "prior_scales")  # a resumed or warm-started run has its checkpoint's
 THIS_PROCESS = ("out_dir", "device", "workers")  # flags of a process, not of a run: never taken from a checkpoint
-# --fine-tune: a few dozen images from a trained model, 60 steps of 8 images (about 14 minutes on a 2-core CPU without
-# fast bf16, results/2026-12-07-cpu/adaptation.md), half the lr of the warm start that made the shipped model
+# --fine-tune: a few dozen images from a trained model, 60 steps of 8 images (13 to 19 minutes on a 2-core CPU without
+# fast bf16, results/2026-12-07-cpu/README.md), half the lr of the warm start that made the shipped model
 FINE_TUNE = dict(batch_size=8, iterations=60, lr=0.001, warmup=10, flips="d4", max_zoom=2., checkpoint_every=50)
 
 
