@@ -274,6 +274,10 @@ def read_yolo(dataset, split, label_map):
         errors = [f"{os.path.join(dataset.root, f)}: no image {f[:-4]}.<image extension> in {dataset.images}"
                   for f in sorted(os.listdir(dataset.root)) if f.endswith(".txt") and f != "classes.txt"
                   and f[:-4] not in labels]
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        errors += [f"{dataset.images}: {stems.count(stem)} images named {stem}.*: a label file names its image by name "
+                   f"alone; give a folder where each name is once" for stem in dict.fromkeys(stems)
+                   if stems.count(stem) > 1]
     for path in paths:
         try:
             labels_file = labels[os.path.splitext(os.path.basename(path))[0]] if dataset.images else label_path(path)

@@ -119,6 +119,9 @@ def test_label_files_without_their_images_are_one_line_each(fields, tmp_path, ru
                       "--train-split", "all", "--test-split", "none", "--output-folder", tmp_path / "lists")
     assert result.returncode == 1 and "elsewhere.txt: no image elsewhere.<image extension> in" in result.stderr
     assert not (tmp_path / "lists").exists()
+    result = run_main("create_data_lists.py", "--data-folder", tmp_path / "yolo", "--images", fields.parent,
+                      "--train-split", "all", "--test-split", "none", "--output-folder", tmp_path / "lists")
+    assert result.returncode == 1 and "2 images named BloodImage_00000.*: a label file names its image" in result.stderr
     result = run_main("create_data_lists.py", "--data-folder", tmp_path / "yolo", "--images", tmp_path / "none",
                       "--train-split", "all", "--output-folder", tmp_path / "lists")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith("--images " + str(
