@@ -429,9 +429,8 @@ def write_lists(lists, output_folder, given, declared, verbose):
 
 def main(args):
     folders, fraction = args.data_folder, args.test_fraction
-    if args.download and len(folders) == 1 and os.path.lexists(folders[0]) and not os.path.isdir(folders[0]):
-        raise UserError(f"--data-folder {folders[0]}: a file is already there; --download needs a folder to fill")
-    if len(folders) == 1 and not os.path.lexists(folders[0]):
+    # --download onto a file: download_bccd refuses it in one line
+    if len(folders) == 1 and not os.path.isdir(folders[0]) and (args.download or not os.path.lexists(folders[0])):
         if not args.download:
             raise UserError(missing_data_message(folders[0]))
         check_writable(args.output_folder, "--output-folder", folder=True, create=False)  # before the download
