@@ -11,6 +11,7 @@ create_data_lists can report them all at once. The layouts each format may have 
 """
 import os
 import re
+from collections import Counter
 from typing import NamedTuple
 
 from PIL import Image
@@ -219,6 +220,11 @@ def read_data_yaml(path):
     return check_classes([str(n) for n in names], f"{path}: names"), splits
 
 
+def stem(path):
+    """A file's name without its folder and extension: what a label file kept apart from its image is named after."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def label_path(image_path):
     """The YOLO label file of an image: its path with the last images/ folder made labels/ and the extension .txt
     (Ultralytics' rule); beside the image when its path has no images/ folder (LabelImg's)."""
@@ -269,18 +275,15 @@ def read_yolo(dataset, split, label_map):
     names, paths = yolo_split_images(dataset, split)
     entries, warnings, errors = [], [], []
     if dataset.images:  # the label files in root, named after their images
-        labels = {os.path.splitext(os.path.basename(p))[0]: os.path.join(dataset.root, os.path.splitext(
-            os.path.basename(p))[0] + ".txt") for p in paths}
+        stems = Counter(stem(p) for p in paths)
         errors = [f"{os.path.join(dataset.root, f)}: no image {f[:-4]}.<image extension> in {dataset.images}"
                   for f in sorted(os.listdir(dataset.root)) if f.endswith(".txt") and f != "classes.txt"
-                  and f[:-4] not in labels]
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-        errors += [f"{dataset.images}: {stems.count(stem)} images named {stem}.*: a label file names its image by name "
-                   f"alone; give a folder where each name is once" for stem in dict.fromkeys(stems)
-                   if stems.count(stem) > 1]
+                  and f[:-4] not in stems]
+        errors += [f"{dataset.images}: {n} images named {name}.*: a label file names its image by name alone; give "
+                   f"a folder where each name is once" for name, n in stems.items() if n > 1]
     for path in paths:
         try:
-            labels_file = labels[os.path.splitext(os.path.basename(path))[0]] if dataset.images else label_path(path)
+            labels_file = os.path.join(dataset.root, stem(path) + ".txt") if dataset.images else label_path(path)
             objects, warns = parse_yolo_labels(labels_file, image_size(path), names, label_map)
             entries.append((path, objects))
             warnings += warns
