@@ -65,29 +65,32 @@ def figures(report):
                      and v.get("relative_bias") is not None}}
 
 
+def lists_folder(work, name):
+    return os.path.join(work, f"lists-{name}")
+
+
 def main(args):
     if any(n < 1 for n in args.samples):
         raise UserError(f"--samples must be 1 or more, not {args.samples}")
     work = args.work or tempfile.mkdtemp(prefix="adaptation-")
     os.makedirs(work, exist_ok=True)
-    lists = lambda name: os.path.join(work, f"lists-{name}")  # noqa: E731
-    val = lists("val")
-    for name, train_split in (("val", "none"), ("held-out", "none")):
-        if not os.path.isdir(lists(name)):
-            run("create_data_lists.py", "--data-folder", args.source, "--train-split", train_split, "--test-split",
-                "val" if name == "val" else "held-out", "--output-folder", lists(name))
+    val = lists_folder(work, "val")
+    for split in ("val", "held-out"):  # lists of that split alone, as TEST
+        if not os.path.isdir(lists_folder(work, split)):
+            run("create_data_lists.py", "--data-folder", args.source, "--train-split", "none", "--test-split", split,
+                "--output-folder", lists_folder(work, split))
     rows = {}
     before = os.path.join(work, "eval-0.json")
     run("eval.py", "--checkpoint", args.model, "--data-folder", val, "--output", before)
     rows["0"] = {"fine_tune_minutes": 0, **figures(before)}
     model_copy = os.path.join(work, "model-0-thresholds.pt")
     shutil.copyfile(args.model, model_copy)  # N = 0, thresholds chosen on the held-out images
-    run("set_thresholds.py", "--checkpoint", model_copy, "--data-folder", lists("held-out"))
+    run("set_thresholds.py", "--checkpoint", model_copy, "--data-folder", lists_folder(work, "held-out"))
     report = os.path.join(work, "eval-0-thresholds.json")
     run("eval.py", "--checkpoint", model_copy, "--data-folder", val, "--output", report)
     rows["0, thresholds on held-out"] = {"fine_tune_minutes": 0, **figures(report)}
     for n in args.samples:
-        lists_n, out = lists(n), os.path.join(work, f"run-{n}")
+        lists_n, out = lists_folder(work, n), os.path.join(work, f"run-{n}")
         if not os.path.isdir(lists_n):
             run("create_data_lists.py", "--data-folder", args.source, "--train-split", f"train-{n}", "--test-split",
                 "held-out", "--output-folder", lists_n)
