@@ -321,7 +321,7 @@ def print_commands_table(out):
         t = out["throughput"]
         print(f"\n{t['images']} fields, one window each{'':<8}{'model windows/s':>16}{'detect.py fields/s':>19}{'ratio':>7}")
         for p, r in t["paths"].items():
-            print(f"{p + ' (' + r['precision'] + ')':<39}{r['model_windows_per_s']:>16}{r['detect_fields_per_s']:>19}"
+            print(f"{p + ' (' + r['precision'].split(' (')[0] + ')':<39}{r['model_windows_per_s']:>16}{r['detect_fields_per_s']:>19}"
                   f"{r['detect_over_model']:>7}")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")

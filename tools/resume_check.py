@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/resume_check.py`)
 from misc import UserError, run_cli, run_info, write_json_atomic  # noqa: E402
@@ -32,6 +34,8 @@ def get_args_parser():
     p.add_argument("--images", type=int, default=1500, help="images in the folder (BCCD's fields repeated)")
     p.add_argument("--kill-at", type=float, default=0.4, help="the share of the images after which the run is killed")
     p.add_argument("--detect-flags", default="--device cpu", help="detect.py's flags besides the folders")
+    p.add_argument("--only", nargs="+", choices=("stops", "busy"), default=("stops", "busy"), help="stops: 2 and 3; "
+                   "busy: 4 (1, the reference, always runs)")
     p.add_argument("--work", default=None, help="folder for the images and outputs (default: a temporary one)")
     p.add_argument("--output", required=True, help="the figures, JSON")
     return p
@@ -100,13 +104,27 @@ def main(args):
     inputs, flags = os.path.join(work, "images"), args.detect_flags.split()
     make_images(args.bccd, args.images, inputs)
     kill = round(args.kill_at * args.images)
-    out = {**run_info(None), "images": args.images, "kill_at": kill, "detect_flags": args.detect_flags}
+    out = {**run_info(torch.device("cpu")), "images": args.images, "kill_at": kill, "detect_flags": args.detect_flags}
 
     t_whole, n, _ = detect(inputs, os.path.join(work, "whole"), flags)
     reference = counts(os.path.join(work, "whole"))
     out["uninterrupted_seconds"] = round(t_whole, 1)
     print(f"uninterrupted: {n} images in {t_whole:.1f} s", flush=True)
 
+    if "stops" in args.only:
+        stops(args, inputs, work, flags, kill, reference, t_whole, out)
+    if "busy" in args.only:
+        t_busy, _, _ = detect(inputs, os.path.join(work, "busy"), flags, busy_until_first=True)
+        out["busy_start"] = {"seconds": round(t_busy, 1),
+                             "counts_csv_identical": counts(os.path.join(work, "busy")) == reference}
+    write_json_atomic(out, args.output, indent=2)
+    print(json.dumps(out, indent=2))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stops(args, inputs, work, flags, kill, reference, t_whole, out):
+    """Steps 2 and 3: killed once, killed twice."""
     t_killed, n_killed, _ = detect(inputs, os.path.join(work, "once"), flags, kill_after=kill)
     t_rest, n_rest, kept = detect(inputs, os.path.join(work, "once"), flags)
     out["killed_once"] = {"killed_after": n_killed, "kept": kept, "seconds_to_kill": round(t_killed, 1),
@@ -129,14 +147,6 @@ def main(args):
                            "total_over_uninterrupted": round(sum(times) / t_whole, 3),
                            "counts_csv_identical": counts(os.path.join(work, "twice")) == reference}
     print(f"killed twice, runs counted {done}: {sum(times) / t_whole:.3f}x", flush=True)
-
-    t_busy, _, _ = detect(inputs, os.path.join(work, "busy"), flags, busy_until_first=True)
-    out["busy_start"] = {"seconds": round(t_busy, 1),
-                         "counts_csv_identical": counts(os.path.join(work, "busy")) == reference}
-    write_json_atomic(out, args.output, indent=2)
-    print(json.dumps(out, indent=2))
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
