@@ -100,6 +100,28 @@ def flag_tiling(field, tile="auto", scale=None, rbc_width=None):
     return tiling(field, tile, rbc_scale(rbc_width, field))
 
 
+class Reading(NamedTuple):
+    """How detect.py reads an image that PIL does not read whole (a slide: slides.py). field: the model's training
+    field; rbc_width: a red cell's width in pixels of full resolution, from --rbc-width or --scale (None: a slide's
+    microns per pixel, else BCCD's); auto: --tile auto (else a slide is cut at full resolution into the --tile
+    windows); max_pixels: --max-pixels, the most pixels of a plain image read whole (None: PIL's limit)."""
+    field: tuple = BCCD_FIELD
+    rbc_width: float = None
+    auto: bool = True
+    max_pixels: int = None
+
+
+def flag_reading(field, tile="auto", scale=None, rbc_width=None, max_pixels=None):
+    """detect.py's --tile, --scale, --rbc-width and --max-pixels, checked (a one-line UserError): (the Tiling of an
+    image, flag_tiling's; the Reading of a slide or of an image beyond PIL's limit)."""
+    tiles = flag_tiling(field, tile, scale, rbc_width)
+    if max_pixels is not None and max_pixels < 1:
+        raise UserError(f"--max-pixels must be a positive number of pixels, not {max_pixels}")
+    if rbc_width is None and scale is not None:
+        rbc_width = scale * RBC_WIDTH * field_share(field)
+    return tiles, Reading(tuple(field), rbc_width, tile == "auto", max_pixels)
+
+
 def field_share(field):
     """Pixels of a training field (width, height) per pixel of BCCD's: cells fill the same share of it."""
     return min(field[0] / BCCD_FIELD[0], field[1] / BCCD_FIELD[1])
