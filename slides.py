@@ -155,17 +155,17 @@ class TiffSource:
         try:
             self.pages = [level.keyframe for level in self.tif.series[0].levels]
             self.mpp = tiff_mpp(self.tif)
-            size = os.path.getsize(path)
-            for page in self.pages:
-                check_page(page, size)
-        except UserError:
-            self.close()
-            raise
+            w0, h0 = self.pages[0].imagewidth, self.pages[0].imagelength
+            self.levels = [Level(p.imagewidth, p.imagelength, (w0 / p.imagewidth, h0 / p.imagelength))
+                           for p in self.pages]
         except Exception as e:
             self.close()
             raise UserError(f"cannot read as a TIFF ({type(e).__name__}: {first_line(e)})") from None
-        w0, h0 = self.pages[0].imagewidth, self.pages[0].imagelength
-        self.levels = [Level(p.imagewidth, p.imagelength, (w0 / p.imagewidth, h0 / p.imagelength)) for p in self.pages]
+
+    def check(self):
+        """A one-line UserError where a level cannot be read by region (check_page)."""
+        for page in self.pages:
+            check_page(page, os.path.getsize(self.path))
 
     def close(self):
         self.tif.close()
@@ -247,6 +247,9 @@ class OpenSlideSource:
     def close(self):
         self.slide.close()
 
+    def check(self):
+        pass
+
     def read(self, level, x0, y0, x1, y1):
         d = self.levels[level].downsample[0]
         try:
@@ -320,11 +323,17 @@ def plan(path, reading, tiles, pil_limit):
         return None
     if tiles is None:
         raise UserError("--tile off resizes an image whole; a whole slide cannot be: give --tile auto")
-    source = open_source(path, kind)
+    try:
+        source = open_source(path, kind)
+    except UserError:
+        if kind == "tiff":  # PIL may read what tifffile does not; else PIL's error names the file
+            return None
+        raise
     try:
         level0 = source.levels[0]
         if kind == "tiff" and len(source.levels) == 1 and level0.width * level0.height <= pil_limit:
-            return None
+            return None  # a plain TIFF: as before, whatever its kind of samples
+        source.check()
         return plan_source(path, kind, source, reading, tiles), overview(source)
     finally:
         source.close()

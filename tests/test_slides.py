@@ -337,3 +337,14 @@ def test_merging_thousands_of_windows_counts_each_cell_once(monkeypatch):
     assert len(windows) > 3000 and calls and calls[0] > 4000
     assert len(merged) == len(cells)
     torch.testing.assert_close(merged[torch.argsort(merged[:, 0] * 1e5 + merged[:, 1])], cells, atol=0.01, rtol=0)
+
+
+def test_a_plain_tiff_takes_todays_path_whatever_its_samples(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    grey = (np.arange(300 * 200, dtype=np.uint16).reshape(200, 300) * 7)
+    tifffile.imwrite(tmp_path / "grey16.tif", grey)  # 16-bit grey: PIL reads it, the region path would not
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((200, 300, 3), np.uint8), tile=(64, 64))  # tiled, one level
+    for name in ("grey16.tif", "rgb.tif"):
+        (i, image, prepared), = ImageFiles([str(tmp_path / name)], tiling(BCCD_FIELD))
+        assert torch.is_tensor(image) and image.shape == (3, 200, 300)
+        assert torch.equal(image, open_image(tmp_path / name))
