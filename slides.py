@@ -259,7 +259,7 @@ class OpenSlideSource:
             return np.full((y1 - y0, x1 - x0, 3), BACKGROUND, np.uint8)
         out = Image.new("RGB", region.size, (BACKGROUND,) * 3)
         out.paste(region, mask=region.getchannel("A"))
-        return np.asarray(out)
+        return np.array(out)  # writable, as torch.from_numpy wants
 
 
 class ArraySource:

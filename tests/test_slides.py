@@ -348,3 +348,26 @@ def test_a_plain_tiff_takes_todays_path_whatever_its_samples(tmp_path):
         (i, image, prepared), = ImageFiles([str(tmp_path / name)], tiling(BCCD_FIELD))
         assert torch.is_tensor(image) and image.shape == (3, 200, 300)
         assert torch.equal(image, open_image(tmp_path / name))
+
+
+def test_an_aperio_slide_through_openslide_gives_the_inputs_of_its_level_held_whole(bccd_dir, tmp_path):
+    """A real SVS (tifffile writes Aperio's layout): OpenSlide's levels, its microns per pixel (red cells 212 px wide
+    at level 0: level 1 at scale 1), and each window read from it as tiling.prepare cuts the level held whole."""
+    pytest.importorskip("openslide")
+    tifffile = pytest.importorskip("tifffile")
+    pixels = np.repeat(np.repeat(mosaic(bccd_dir), 2, 0), 2, 1)  # 2560x1920: BCCD's cells twice as wide
+    head = "Aperio Image Library v12.0.0\r\n"
+    with tifffile.TiffWriter(tmp_path / "s.svs") as tif:
+        tif.write(pixels, tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None,
+                  description=head + f"2560x1920 [0,0 2560x1920] (256x256) JPEG/RGB|MPP = {slides.BCCD_MPP / 2:.6f}")
+        tif.write(np.ascontiguousarray(pixels[::2, ::2]), tile=(256, 256), compression="jpeg", photometric="rgb",
+                  metadata=None, description=head + "1280x960 -> 1280x960")
+    with tifffile.TiffFile(tmp_path / "s.svs") as tif:
+        level1 = torch.from_numpy(tif.pages[1].asarray()).permute(2, 0, 1)  # as decoded from the file
+    (item,), errors = item_of(ImageFiles([str(tmp_path / "s.svs")], tiling(BCCD_FIELD), Reading()))
+    (_, picture, windows), size, _, inputs, (level_tiles, downsample) = item
+    assert not errors and size == (1280, 960) and downsample == (2.0, 2.0)
+    assert picture.record["level"]["index"] == 1 and picture.record["width"] == 2560
+    want_windows, want_inputs = prepare(level1, tiling(BCCD_FIELD))
+    assert windows == want_windows and len(windows) == 20
+    assert torch.equal(torch.stack(list(inputs)), want_inputs)
