@@ -371,3 +371,27 @@ def test_an_aperio_slide_through_openslide_gives_the_inputs_of_its_level_held_wh
     want_windows, want_inputs = prepare(level1, tiling(BCCD_FIELD))
     assert windows == want_windows and len(windows) == 20
     assert torch.equal(torch.stack(list(inputs)), want_inputs)
+
+
+def test_a_stopped_run_with_a_slide_is_taken_up(bccd_dir, tmp_path, run_main, untrained_checkpoint, monkeypatch):
+    import files
+    pixels = mosaic(bccd_dir)
+    (tmp_path / "in").mkdir()
+    write_pyramid(tmp_path / "in" / "a.tif", pixels[:480, :640])  # two levels: read by region, one window
+    Image.fromarray(pixels[480:720, 640:960]).save(tmp_path / "in" / "b.png")
+    command = [tmp_path / "in", "--checkpoint", untrained_checkpoint, "--output-dir", tmp_path / "out"]
+    add = files.Results.add
+
+    def add_then_stop(self, *args, **kwargs):  # Ctrl-C once the slide is counted
+        add(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.Results, "add", add_then_stop)
+    assert run_main("detect.py", *command).returncode == 130
+    slide = files.read_record(tmp_path / "out" / files.JOURNAL)[1]
+    assert slide["image"].endswith("a.tif") and slide["level"]["index"] == 0
+    monkeypatch.setattr(files.Results, "add", add)
+    r = run_main("detect.py", *command)
+    assert r.returncode == 0 and "1 of 2 image(s) were counted" in r.stdout, r.stderr
+    records = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert records[0] == slide and records[1]["image"].endswith("b.png")
