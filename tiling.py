@@ -33,9 +33,9 @@ EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted 
 OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
 TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
 MAX_WINDOWS = 4096  # the windows of an image are held at once (300x300x3 bytes each: 1.1 GB at this many)
-# a slide's windows are read one at a time (slides.py), only their boxes kept: about 2 KB a window, and merge_windows
-# takes about 1 s and 200 MB per 50,000 windows (docs/large-images.md)
-MAX_STREAMED_WINDOWS = 250_000
+# a slide's windows are read one at a time (slides.py), only their boxes kept: at this many (18 boxes a window), the
+# boxes take about 280 MB and merge_windows 8 s and 370 MB more: with the model, under 2 GB (docs/large-images.md)
+MAX_STREAMED_WINDOWS = 100_000
 NMS_AT_ONCE = 4000  # merge_windows: more boxes than this go through local_nms (torchvision's CPU NMS is quadratic)
 COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
