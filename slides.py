@@ -18,8 +18,9 @@ cut into windows at its scale (tiling.tiling); the windows are read one at a tim
 (tiling.merge_windows), the boxes are scaled to pixels of level 0. Peak memory: the model, the tiles decoded last
 (CACHE_BYTES), the overview and the boxes; not the level. Progress goes to stderr every PROGRESS_SECONDS.
 
-The annotated image is an overview at most OVERVIEW px on its long side (read by chunks from the coarsest level at
-least that large), and detections.json's record says so; its boxes are in pixels of level 0.
+The annotated image of a slide larger than OVERVIEW px is an overview half to all of OVERVIEW px on its long side
+(read by chunks from the coarsest level at least that large), and detections.json's record says so; the boxes in
+counts.csv and detections.json are in pixels of level 0.
 """
 import collections
 import importlib
@@ -163,9 +164,18 @@ class TiffSource:
             raise UserError(f"cannot read as a TIFF ({type(e).__name__}: {first_line(e)})") from None
 
     def check(self):
-        """A one-line UserError where a level cannot be read by region (check_page)."""
-        for page in self.pages:
+        """A one-line UserError where a level cannot be read by region (check_page), or its tiles not decoded (a
+        codec missing: imagecodecs; found here, not as blank tiles all through the run)."""
+        for level, page in enumerate(self.pages):
             check_page(page, os.path.getsize(self.path))
+            index = next((i for i, n in enumerate(page.databytecounts) if n), None)
+            try:
+                if index is not None:
+                    self.decode(level, index)
+            except Exception as e:
+                hint = f"; {INSTALL}" if importlib.util.find_spec("imagecodecs") is None else ""
+                raise UserError(f"cannot decode its {getattr(page.compression, 'name', page.compression)} tiles "
+                                f"({type(e).__name__}: {first_line(e)}){hint}") from None
 
     def close(self):
         self.tif.close()
@@ -177,27 +187,32 @@ class TiffSource:
             self.cache.move_to_end(key)
             return self.cache[key]
         page = self.pages[level]
-        h, w = (page.tilelength, page.tilewidth) if page.is_tiled else (
-            min(page.rowsperstrip, page.imagelength - index * page.rowsperstrip), page.imagewidth)
         try:
-            fh = self.tif.filehandle
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-            jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in (6, 7, 34892,
-                                                                                                         33007) else {}
-            decoded = page.decode(data or None, index, _fullsize=page.is_tiled, **jpeg)[0]
-            if decoded is None:
-                raise ValueError("empty")
-            pixels = decoded.reshape(decoded.shape[-3:])[:h, :w]
-            pixels = np.repeat(pixels, 3, 2) if pixels.shape[2] == 1 else pixels[:, :, :3]
+            pixels = self.decode(level, index)
         except Exception:  # a damaged tile: the others are read, and the run says how many were not
             self.bad_tiles += 1
-            pixels = np.full((h, w, 3), BACKGROUND, np.uint8)
+            pixels = np.full((*segment_shape(page, index), 3), BACKGROUND, np.uint8)
         self.cache[key] = pixels
         self.cached += pixels.nbytes
         while self.cached > CACHE_BYTES and len(self.cache) > 1:
             self.cached -= self.cache.popitem(last=False)[1].nbytes
         return pixels
+
+    def decode(self, level, index):
+        """Tile or strip `index` of a level read from the file and decoded (tifffile's own decoder, with imagecodecs
+        where compressed): uint8 (h, w, 3). Raises what the decoder raises, ValueError for an empty tile."""
+        page = self.pages[level]
+        fh = self.tif.filehandle
+        fh.seek(page.dataoffsets[index])
+        data = fh.read(page.databytecounts[index])
+        jpeg = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression in (6, 7, 34892,
+                                                                                                     33007) else {}
+        decoded = page.decode(data or None, index, _fullsize=page.is_tiled, **jpeg)[0]
+        if decoded is None:
+            raise ValueError("an empty tile")
+        h, w = segment_shape(page, index)
+        pixels = decoded.reshape(decoded.shape[-3:])[:h, :w]
+        return np.repeat(pixels, 3, 2) if pixels.shape[2] == 1 else pixels[:, :, :3]
 
     def read(self, level, x0, y0, x1, y1):
         """The region [x0, x1) x [y0, y1) of a level (inside it): uint8 (y1 - y0, x1 - x0, 3)."""
@@ -212,6 +227,13 @@ class TiffSource:
                 ya, yb, xa, xb = max(y0, ty), min(y1, ty + tile.shape[0]), max(x0, tx), min(x1, tx + tile.shape[1])
                 out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty:yb - ty, xa - tx:xb - tx]
         return out
+
+
+def segment_shape(page, index):
+    """(height, width) of tile or strip `index` of a tifffile page (the last strip may be shorter)."""
+    if page.is_tiled:
+        return page.tilelength, page.tilewidth
+    return min(page.rowsperstrip, page.imagelength - index * page.rowsperstrip), page.imagewidth
 
 
 def check_page(page, file_size):
@@ -316,8 +338,8 @@ def kind_of(path):
 
 def plan(path, reading, tiles, pil_limit):
     """How to read `path`: None where PIL reads it as before (not a slide; a TIFF with one level within PIL's
-    limit; any TIFF without tifffile installed, or with --tile off), else (Plan, Overview). A file that cannot be
-    read this way is a one-line UserError."""
+    limit; any TIFF without tifffile installed, or with --tile off), else (its Plan, overview(source)). A file that
+    cannot be read this way is a one-line UserError."""
     kind = kind_of(path)
     if kind is None or (kind == "tiff" and (tiles is None or importlib.util.find_spec("tifffile") is None)):
         return None

@@ -164,7 +164,7 @@ def test_openslide_levels_and_microns_per_pixel(monkeypatch):
     plan = plan_source("x.svs", "openslide", source, Reading(), tiling(BCCD_FIELD))
     assert plan.level == 1 and plan.windows is not None
     region = source.read(1, 100, 50, 164, 98)
-    assert region.shape == (48, 64, 3) and tuple(region[0, 0]) == (255, 255, 255) and tuple(region[1, 1]) == (10, 20, 30)
+    assert region.shape == (48, 64, 3) and tuple(region[0, 0]) == (255,) * 3 and tuple(region[1, 1]) == (10, 20, 30)
     assert FakeSlide.reads[-1] == ((400, 200), 1, (64, 48))  # the location in pixels of level 0
 
 
@@ -395,3 +395,13 @@ def test_a_stopped_run_with_a_slide_is_taken_up(bccd_dir, tmp_path, run_main, un
     assert r.returncode == 0 and "1 of 2 image(s) were counted" in r.stdout, r.stderr
     records = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert records[0] == slide and records[1]["image"].endswith("b.png")
+
+
+def test_a_codec_missing_is_one_line_not_blank_tiles(bccd_dir, tmp_path, monkeypatch):
+    tifffile = pytest.importorskip("tifffile")
+    tif = write_pyramid(tmp_path / "j.tif", mosaic(bccd_dir), compression="jpeg")
+    fallback = pytest.importorskip("tifffile._imagecodecs")  # tifffile's pure-Python codecs: no JPEG
+    monkeypatch.setattr(tifffile.tifffile, "imagecodecs", fallback)
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)
+    (i, image, message), = ImageFiles([str(tif)], tiling(BCCD_FIELD))
+    assert image is None and "\n" not in message and "JPEG" in message and "requirements-slides.txt" in message
