@@ -28,6 +28,12 @@ model) to ONNX and OpenVINO, fp32 and int8 (calibrated on --calibration-images T
 times them beside eager PyTorch in fp32 and at detect.py's default precision, in one run, going round the paths in
 turn so that they share the machine's load: per 300x300 window, the network and its decoding at the model's
 counting thresholds at batch 1 and 8; and detect.py's whole command on three 3840x2160 mosaics of TEST images.
+
+    $ python bench.py --only throughput --device cpu --json results/cpu/bench-throughput.json
+
+throughput (not run by default) sets detect.py's fields per second over the TEST images (or --folder), each one
+window, beside the model's own windows per second on the same images at detect.py's batch size: eager PyTorch at
+detect.py's default precision and, with requirements-export.txt, OpenVINO int8 calibrated on those images.
 """
 import argparse
 import json
@@ -41,7 +47,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from bench_detect import (bench_export, bench_folder, bench_tiling, fixed_batch, print_commands_table, ratio, timeit,
+from bench_detect import (bench_export, bench_folder, bench_throughput, bench_tiling, fixed_batch, print_commands_table, ratio, timeit,
                           tiling_sizes)
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from detect import MAP_MAX_OVERLAP, MAP_MIN_SCORE, TOP_K, predict
@@ -53,7 +59,7 @@ from utils import calculate_mAP, label_map, normalize
 # dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, for the "fraction of peak" line
 BF16_PEAK_TFLOPS = {"H100": 989., "H200": 989., "A100": 312., "L4": 121., "A10": 125.}
 PIPELINE_EPOCHS = 4  # train.py's epochs in the pipeline measurement: the first starts the workers, the others are timed
-PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling", "export")
+PARTS = ("train", "pipeline", "infer", "data", "parts", "folder", "tiling", "export", "throughput")
 
 
 def get_args_parser():
@@ -407,7 +413,7 @@ def main(args):
     args.train_batch = args.train_batch or (32 if cuda else 8)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 2)
-    only = args.only or [p for p in PARTS if p not in ("folder", "tiling", "export") and (cuda or p != "pipeline")]
+    only = args.only or [p for p in PARTS if p not in ("folder", "tiling", "export", "throughput") and (cuda or p != "pipeline")]
     if cuda:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -419,7 +425,8 @@ def main(args):
              "parts": lambda: bench_parts(args, device, amp, out),
              "folder": lambda: bench_folder(args, device, out),
              "tiling": lambda: bench_tiling(args, device, amp, out),
-             "export": lambda: bench_export(args, device, out)}
+             "export": lambda: bench_export(args, device, out),
+             "throughput": lambda: bench_throughput(args, device, out)}
     for name in PARTS:
         if name in only:
             print(f"measuring {name} ...", flush=True)

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,8 +13,8 @@ import torch
 from PIL import Image
 
 from datasets import BCCDDataset
-from detect import DEFAULT_CHECKPOINT, TOP_K, detect_image, load_model, predict
-from misc import UserError, bf16_is_fast, repo_relative
+from detect import DEFAULT_CHECKPOINT, TOP_K, default_batch_size, detect_image, load_model, predict, preprocess
+from misc import UserError, bf16_is_fast, repo_relative, run_python
 from model import SSD300
 from tiling import BCCD_FIELD, tile_windows, tiling
 from utils import image_extensions, label_map, load_image
@@ -52,15 +51,6 @@ def fixed_batch(data_folder, n):
     return images, boxes, labels
 
 
-def run_or_say(cmd, what):
-    """Run cmd, return its stdout; if it fails, a UserError with its last line (an image neither reads, say)."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"--only folder: {what} failed (exit status {done.returncode}): {last}")
-    return done.stdout
-
-
 def run_detect(argv, summary, what):
     """detect.py's command line in a fresh process, as a user runs it (Python's and torch's start-up and the model's
     loading included), its summary (detect.detect_files' return: the images, the seconds of its loop) written as
@@ -68,7 +58,7 @@ def run_detect(argv, summary, what):
     code = ("import json, sys; sys.path.insert(0, sys.argv.pop(1)); import detect, misc; path = sys.argv.pop(1); "
             "summary = misc.run_cli(detect.main, detect.get_args_parser()); json.dump(summary, open(path, 'w'))")
     start = time.perf_counter()
-    run_or_say([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), summary, *argv], what)
+    run_python(["-c", code, os.path.dirname(os.path.abspath(__file__)), summary, *argv], what)
     seconds = time.perf_counter() - start
     with open(summary, encoding="utf-8") as f:
         return seconds, json.load(f)
@@ -97,7 +87,7 @@ def bench_folder(args, device, out):
         for p in images:
             os.symlink(os.path.abspath(p), os.path.join(listing, os.path.basename(p)))
         t_ours, summary = run_detect(["--checkpoint", args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"),
-                                      "--device", str(device)], os.path.join(tmp, "summary.json"), "detect.py")
+                                      "--device", str(device)], os.path.join(tmp, "summary.json"), "--only folder: detect.py")
         loop_ours = summary["seconds"]  # detect.py's own timing of its loop
 
         # torchvision: the plain loop, fp32, one image at a time, also in a fresh process
@@ -123,7 +113,7 @@ with torch.no_grad():
 print(time.perf_counter() - start)
 """
         start = time.perf_counter()
-        printed = run_or_say([sys.executable, "-c", code, os.path.join(tmp, "tv"), *images], "the torchvision loop")
+        printed = run_python(["-c", code, os.path.join(tmp, "tv"), *images], "--only folder: the torchvision loop")
         t_tv = time.perf_counter() - start
         loop_tv = float(printed.split()[-1])
     finally:
@@ -132,6 +122,67 @@ print(time.perf_counter() - start)
                              "ours_over_torchvision": round(t_ours / t_tv, 3), "images": len(images),
                              "loop_only": {"ours": round(loop_ours, 2), "torchvision": round(loop_tv, 2),
                                            "ours_over_torchvision": round(loop_ours / loop_tv, 3)}}
+
+
+def bench_throughput(args, device, out):
+    """detect.py's fields per second over a folder of images that each go through the model whole (one window: BCCD's
+    TEST fields, or --folder), beside the model's own windows per second on the same images (predict at detect.py's
+    batch size in this process, nothing else: the ceiling), for eager PyTorch at detect.py's default precision and,
+    with requirements-export.txt, an OpenVINO int8 export calibrated on those images. Each path: model, detect.py,
+    model again (the mean of the two), so that both figures share the machine's load."""
+    checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    images = (BCCDDataset(args.data_folder, "test").images if args.folder is None else
+              sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder)
+                     if os.path.splitext(f)[1].lower() in image_extensions()))
+    if not images:
+        raise UserError(f"--folder {args.folder}: no image files in it")
+    tmp = tempfile.mkdtemp(prefix="bench-throughput-")
+    try:
+        listing = os.path.join(tmp, "inputs")
+        os.makedirs(listing)
+        for i, p in enumerate(images):
+            os.symlink(os.path.abspath(p), os.path.join(listing, f"{i:05d}-{os.path.basename(p)}"))
+        files = {"eager default": checkpoint}
+        try:
+            import export
+            files["openvino int8"] = export.export_checkpoint(checkpoint, "openvino", True, os.path.join(tmp, "int8"),
+                                                              calibration=args.calibration_images, quiet=True,
+                                                              calibrate=listing)
+        except UserError as e:
+            if "pip install" not in str(e):
+                raise
+            print(f"throughput: int8 left out ({e})", file=sys.stderr)
+        result = {}
+        for path, model_file in files.items():
+            amp = path == "eager default" and bf16_is_fast(device)  # an export runs as exported
+            model = load_model(model_file, device)
+            batch = default_batch_size(device)
+            inputs = [preprocess(load_image(p)) for p in images]
+            windows = [torch.stack(inputs[i:i + batch]) for i in range(0, len(inputs), batch)]
+            for b in windows[:2]:  # warm-up
+                predict(model, b, model.min_score, model.max_overlap, TOP_K, amp)
+
+            def model_rate():
+                start = time.perf_counter()
+                for b in windows:
+                    predict(model, b, model.min_score, model.max_overlap, TOP_K, amp)
+                return len(inputs) / (time.perf_counter() - start)
+
+            first = model_rate()
+            output = os.path.join(tmp, "out-" + path.replace(" ", "-"))
+            _, summary = run_detect([listing, "--checkpoint", model_file, "--output-dir", output, "--device",
+                                     str(device), "--amp" if amp else "--no-amp"], output + ".json",
+                                    f"detect.py with {path}")
+            model_windows = (first + model_rate()) / 2
+            detect_fields = summary["images"] / summary["seconds"]
+            result[path] = {"model_windows_per_s": round(model_windows, 2),
+                            "detect_fields_per_s": round(detect_fields, 2),
+                            "detect_over_model": round(detect_fields / model_windows, 3),
+                            "precision": summary["precision"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out["throughput"] = {"checkpoint": repo_relative(checkpoint), "images": len(images), "paths": result,
+                         "threads": torch.get_num_threads(), "batch_size": default_batch_size(device)}
 
 
 def source_images(data_folder, n):
@@ -266,6 +317,12 @@ def print_commands_table(out):
                   + " ".join(f"{k} {v}" for k, v in r["mosaics_counts"].items()))
         if not e["eager_default_bf16"]:
             print("eager default: bf16 is not detect.py's default on this CPU (misc.bf16_choice), so it is eager fp32")
+    if "throughput" in out:
+        t = out["throughput"]
+        print(f"\n{t['images']} fields, one window each{'':<8}{'model windows/s':>16}{'detect.py fields/s':>19}{'ratio':>7}")
+        for p, r in t["paths"].items():
+            print(f"{p + ' (' + r['precision'] + ')':<39}{r['model_windows_per_s']:>16}{r['detect_fields_per_s']:>19}"
+                  f"{r['detect_over_model']:>7}")
     if "tiling_seconds_per_megapixel" in out:
         print(f"\n{'detect_image, s per megapixel':<34}{'windows':>9}{'tiled':>9}{'whole':>9}{'ratio':>9}")
         for size, t in out["tiling_seconds_per_megapixel"].items():

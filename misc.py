@@ -258,6 +258,18 @@ def repo_relative(path):
     return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path)
 
 
+def run_python(argv, what=None):
+    """`python argv...` in a fresh process, in the repository (the tools' and bench.py's whole commands): its stdout.
+    A failure is a UserError naming `what` (default: the command) with its exit status and last line of stderr."""
+    argv = [str(a) for a in argv]
+    done = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"{what or 'python ' + ' '.join(argv)} failed (exit status {done.returncode}): {last}")
+    return done.stdout
+
+
 def bf16_is_fast(device):
     """Whether bf16 autocast is the default on `device` (train.py, eval.py, detect.py and bench.py without --amp or
     --no-amp): bf16_choice's rule, which follows from what the device is and never from a timing, so that the same

@@ -25,7 +25,7 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(tiny_lists, 
     monkeypatch.setattr(bench, "PIPELINE_EPOCHS", 2)  # train.py's first epoch starts its workers, the second is timed
     out = tmp_path / "bench.json"
     result = run_main("bench.py", "--device", "cpu", "--data-folder", tiny_lists, "--checkpoint", untrained_checkpoint,
-                      "--only", "train", "pipeline", "infer", "data", "parts", "folder", "tiling", "--train-batch", 2,
+                      "--only", "train", "pipeline", "infer", "data", "parts", "folder", "tiling", "throughput", "--train-batch", 2,
                       "--infer-batches", 1, 2, "--iters", 1, "--workers", 1, "--tiling-sizes", "900x480", "640x480",
                       "--json", out)
     assert result.returncode == 0, result.stderr
@@ -56,6 +56,12 @@ def test_every_measurement_runs_and_reports_ours_beside_torchvision(tiny_lists, 
     tiled = res["tiling_seconds_per_megapixel"]  # 900x480: two windows; 640x480: BCCD's field, resized whole
     assert [(size, t["windows"]) for size, t in tiled.items()] == [("900x480", 2), ("640x480", 1)]
     assert all(real(t["tiled_s_per_mp"]) and real(t["whole_s_per_mp"]) for t in tiled.values())
+    through = res["throughput"]  # detect.py beside the model alone, eager and (with the export extras) int8
+    assert through["images"] == folder["images"] and through["paths"]
+    assert set(through["paths"]) <= {"eager default", "openvino int8"}
+    for r in through["paths"].values():
+        assert real(r["model_windows_per_s"]) and real(r["detect_fields_per_s"])
+        assert r["detect_over_model"] == pytest.approx(r["detect_fields_per_s"] / r["model_windows_per_s"], rel=0.02)
     # the table shows the JSON's figures
     rows = {line[:34].strip(): line[34:].split() for line in result.stdout.splitlines() if len(line) > 34}
     t = res["train_images_per_s"]

@@ -3,8 +3,9 @@ model on its corrected images, set_thresholds.py on the held-out ones, detect.py
 
     python -m pytest tests/test_fine_tune.py -q
 
-The commands run in this process (run_main), as `python <script> ...` would. The fine-tune is cut to 2 steps
-(--iterations 2); every other flag is the preset's.
+The commands run in this process (run_main), as `python <script> ...` would. The fine-tune is cut to 2 steps of 2
+images (--iterations 2 --batch-size 2); every other flag is the preset's (tests/test_train.py checks the preset's
+batch size and length at the parser).
 """
 import contextlib
 import io
@@ -37,9 +38,9 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fine_tuned(lab):
-    """The documented command, cut to 2 steps: its checkpoint, and what it printed (stdout, stderr)."""
+    """The documented command, cut to 2 steps of 2 images: its checkpoint, and what it printed (stdout, stderr)."""
     argv = ["--fine-tune", "--init-weights", SHIPPED, "--data-folder", lab / "lists", "--out-dir", lab / "run",
-            "--iterations", 2, "--device", "cpu", "--workers", 0]
+            "--iterations", 2, "--batch-size", 2, "--device", "cpu", "--workers", 0]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         train.main(train.get_args_parser().parse_args(list(map(str, argv))))
@@ -48,13 +49,14 @@ def fine_tuned(lab):
 
 def test_fine_tune_from_the_shipped_model_with_the_preset(fine_tuned):
     ckpt, shipped = load_checkpoint(fine_tuned.checkpoint), load_checkpoint(SHIPPED)
-    assert {k: ckpt["args"][k] for k in train.FINE_TUNE if k != "iterations"} == \
-           {k: v for k, v in train.FINE_TUNE.items() if k != "iterations"}
+    cut = ("iterations", "batch_size")  # given on the command line
+    assert {k: ckpt["args"][k] for k in train.FINE_TUNE if k not in cut} == \
+           {k: v for k, v in train.FINE_TUNE.items() if k not in cut}
     assert (ckpt["args"]["iterations"], ckpt["iteration"], ckpt["args"]["init_weights"]) == (2, 2, str(SHIPPED))
     assert ckpt["model_args"] == shipped["model_args"] and ckpt["label_map"] == shipped["label_map"]
     assert "count_thresholds" not in ckpt  # a train.py checkpoint: its keys as ever
-    # 7 TRAIN images at batch 8: one step of all 7 an epoch; the weights moved from the shipped ones
-    assert "training on cpu x1: 7 images, 1 steps/epoch at batch 8, epochs 1-2, 2 iterations" in fine_tuned.stdout
+    # 7 TRAIN images at batch 2: 3 steps an epoch (one image left out), 2 run; the weights moved from the shipped ones
+    assert "training on cpu x1: 7 images, 3 steps/epoch at batch 2, epochs 1-1, 2 iterations" in fine_tuned.stdout
     assert not torch.equal(ckpt["model"]["pred_convs.cl_conv4_3.weight"],
                            shipped["model"]["pred_convs.cl_conv4_3.weight"].float())
     # the progress bar and its time estimate ([elapsed<remaining]); the minutes it took

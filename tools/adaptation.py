@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/adaptation.py`)
-from misc import UserError, run_cli, write_json_atomic  # noqa: E402
+from misc import UserError, run_cli, run_python, write_json_atomic  # noqa: E402
 
 
 def get_args_parser():
@@ -43,12 +42,9 @@ def get_args_parser():
 
 
 def run(*argv):
-    """`python argv...` in the repository; its seconds. A failure is a UserError with its last line."""
+    """`python argv...` in the repository (misc.run_python); its seconds."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"python {' '.join(map(str, argv))} failed: {last}")
+    run_python(argv)
     return round(time.perf_counter() - start, 1)
 
 

@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -24,7 +23,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/ship_model.py`)
 
-from misc import UserError, load_checkpoint, repo_relative, run_cli, run_info, save_atomic  # noqa: E402
+from misc import UserError, load_checkpoint, repo_relative, run_cli, run_info, run_python, save_atomic  # noqa: E402
 
 
 def get_args_parser():
@@ -56,15 +55,9 @@ def get_args_parser():
     return p
 
 
-def run(*argv):
-    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
-    if done.returncode:
-        raise UserError(f"{' '.join(argv)} failed:\n{done.stderr.strip()[-2000:]}")
-    return done.stdout
-
-
 def evaluate(path, lists, output):
-    run("eval.py", "--checkpoint", path, "--data-folder", lists, "--device", "cpu", "--no-amp", "--output", output)
+    run_python(["eval.py", "--checkpoint", path, "--data-folder", lists, "--device", "cpu", "--no-amp", "--output",
+                output])
     with open(output) as f:
         result = json.load(f)
     return {k: result[k] for k in ("mAP", "AP", "mAP_all_point", "AP_all_point", "mAP_coco", "AP_coco", "counts",
@@ -146,7 +139,7 @@ def main(args):
         shipped["provenance"]["val_of_the_train_txt_twin"] = {k: twin[k] for k in ("mAP", "AP", "counts", "images",
                                                                                   "command", "commit", "date")}
     with tempfile.TemporaryDirectory() as tmp:
-        run("detect.py", "img", "--checkpoint", args.out, "--device", "cpu", "--no-amp", "--output-dir", tmp)
+        run_python(["detect.py", "img", "--checkpoint", args.out, "--device", "cpu", "--no-amp", "--output-dir", tmp])
         with open(os.path.join(tmp, "counts.csv"), newline="") as f:
             rows = list(csv.DictReader(f))
     shipped["provenance"]["sample_counts"] = {os.path.basename(r.pop("image")): {k: int(v) for k, v in r.items()}
