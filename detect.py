@@ -11,12 +11,12 @@ From Python, as in the tutorial:
     detect(Image.open("smear.jpg"), model=model).show()   # at the model's counting thresholds
     boxes, labels, scores = detect_image(Image.open("scan-4k.jpg"), model, scale=1.5)  # boxes in pixels
 
-This file reads top to bottom: the tutorial's path (load_model -> preprocess -> predict -> annotate -> detect_image
--> detect), the test-time flips (--tta), then the command line. The command line takes image files and folders
-(searched recursively; any image PIL opens) and writes, in --output-dir, each image annotated, counts.csv,
-detections.json and report.html, as the images are done (files.py); it prints the counts. An image much larger than
-the model's training field (BCCD's 640x480) is cut into overlapping windows of that field's size (x --scale) whose
-detections are merged (tiling.py); --tile off resizes every image whole, as the tutorial does.
+This file reads top to bottom: the tutorial's path (load_model -> preprocess -> predict -> annotate -> detect_image ->
+detect), the test-time flips (--tta), then the command line. The command line takes image files and folders (searched
+recursively; any image PIL opens, and whole-slide scans, read by region: slides.py) and writes, in --output-dir, each
+image annotated, counts.csv, detections.json and report.html, as the images are done (files.py); it prints the counts.
+An image much larger than the model's training field (BCCD's 640x480) is cut into overlapping windows of that field's
+size (x --scale) whose detections are merged (tiling.py); --tile off resizes every image whole, as the tutorial does.
 """
 import argparse
 import functools
@@ -30,14 +30,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from exported import device_flag, is_export, load_export, sha256
-from files import (ImageFiles, Results, check_writable_folder, find_images, open_image, printable,  # noqa: F401
-                   report_settings)
+from files import (ImageFiles, Results, check_writable_folder, drawable, find_images, open_image,  # noqa: F401
+                   printable, report_settings)
 from labels import FORMATS
 from misc import (Terminated, UserError, bf16_choice, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
 from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
 from report import Report
-from tiling import BCCD_FIELD, RBC_WIDTH, flag_tiling, in_batches, prepare, tile_windows, tiling, to_pixels
+from tiling import BCCD_FIELD, RBC_WIDTH, flag_reading, in_batches, prepare, tile_windows, tiling, to_pixels
 from utils import class_names, normalize, pil_to_tensor, resize
 
 # The model that ships with the project (README, "The shipped model"): used when no checkpoint is given
@@ -168,12 +168,11 @@ def detect_image(image, model, min_score=None, max_overlap=None, top_k=TOP_K, ti
     """Detect cells in a PIL image of any size: (boxes (n, 4) in pixels of the image, labels (n,), scores (n,)),
     CPU tensors, by decreasing score.
 
-    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x
-    scale) is cut into overlapping windows of that size, run through the model batch_size at a time, and
-    their detections merged (tiling.tile_windows, tiling.merge_windows); a smaller one is resized whole, as in the
-    tutorial. tile: 'auto', 'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large
-    as in the training images (tiling.rbc_scale converts a red cell's width in pixels). top_k: per model input (per
-    window when tiled).
+    An image more than 1.25 times as wide or as tall as the field the model was trained on (model.field, x scale) is
+    cut into overlapping windows of that size, run through the model batch_size at a time, and their detections merged
+    (tiling.tile_windows, tiling.merge_windows); a smaller one is resized whole, as in the tutorial. tile: 'auto',
+    'off' or a window (width, height) / 'WxH'. scale: cells appear this many times as large as in the training images
+    (tiling.rbc_scale converts a red cell's width in pixels). top_k: per model input (per window when tiled).
     min_score (one value, or one per class) and max_overlap default to the model's counting thresholds.
     batch_size: windows per forward pass (default: 16 on CUDA, 1 on a CPU). amp: bf16 autocast (default: where fast).
     """
@@ -262,13 +261,12 @@ def default_batch_size(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Test-time augmentation: the model also sees the image flipped (and transposed), and the
-# predictions of each view are mapped back to the image and averaged, prior by prior, before
-# decoding and NMS. The priors form a grid that every flip and the transpose map onto itself
-# (a prior of aspect ratio a onto one of 1/a), so each view's prior j' answers for a prior j of
-# the image, and its offsets map back exactly: a horizontal flip negates g_cx, a vertical one
-# g_cy, a transpose swaps (g_cx, g_cy) and (g_w, g_h). Averaging over the views makes the result
-# the same for the image flipped in any of those ways.
+# Test-time augmentation: the model also sees the image flipped (and transposed), and the predictions of each view are
+# mapped back to the image and averaged, prior by prior, before decoding and NMS. The priors form a grid that every
+# flip and the transpose map onto itself (a prior of aspect ratio a onto one of 1/a), so each view's prior j' answers
+# for a prior j of the image, and its offsets map back exactly: a horizontal flip negates g_cx, a vertical one g_cy, a
+# transpose swaps (g_cx, g_cy) and (g_w, g_h). Averaging over the views makes the result the same for the image flipped
+# in any of those ways.
 # ---------------------------------------------------------------------------------------------
 
 _VIEWS = [(h, v, t) for t in (False, True) for v in (False, True) for h in (False, True)]  # (hflip, vflip, transpose)
@@ -343,7 +341,9 @@ def get_args_parser():
     p.add_argument("--scale", type=float, default=None, help="cells appear this many times as large as in BCCD "
                    "(default 1: as large); the windows follow")
     p.add_argument("--rbc-width", type=float, default=None, metavar="PX", help="or: a red cell is about PX pixels "
-                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}")
+                   f"wide (BCCD's median: {RBC_WIDTH}); sets --scale PX/{RBC_WIDTH}; a slide: its own um/px if none")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N", help="read a JPEG or PNG of up to N pixels "
+                   "whole, beyond PIL's limit (about 6 bytes a pixel of memory); slides and pyramidal TIFFs need not")
     p.add_argument("--batch-size", type=int, default=None, help="images or windows per forward pass (default: 16 on "
                    "CUDA; 1 on a CPU, where it is the fastest per image)")
     p.add_argument("--workers", type=int, default=None, help="processes reading images while the model runs (default: "
@@ -371,7 +371,7 @@ def check_args(args):
     if not 1 <= args.top_k <= 10**5 or (args.batch_size is not None and not 1 <= args.batch_size <= 10**5):
         raise UserError("--top-k and --batch-size must be 1 to 100,000")
     check_workers(args.workers)
-    flag_tiling(BCCD_FIELD, args.tile, args.scale, args.rbc_width)  # the checkpoint's own field once it is loaded
+    flag_reading(BCCD_FIELD, args.tile, args.scale, args.rbc_width, args.max_pixels)  # the checkpoint's field: later
 
 
 def say_errors(errors):
@@ -394,7 +394,7 @@ def detect_files(args):
     min_score = model.min_score if args.min_score is None else parse_min_score(args.min_score, classes,
                                                                                   default=model.min_score)
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
-    tiles = flag_tiling(model.field, args.tile, args.scale, args.rbc_width)
+    tiles, cells = flag_reading(model.field, args.tile, args.scale, args.rbc_width, args.max_pixels)
     batch_size = args.batch_size or default_batch_size(device)
     paths, missing, repeats = find_images(args.inputs, skip=args.output_dir)
     if not paths:
@@ -416,13 +416,13 @@ def detect_files(args):
         start = time.perf_counter()
         run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k, amp=amp)
         workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)
-        images = ImageFiles.read([paths[i] for i in todo], tiles, workers, errors)
+        images = ImageFiles.read([paths[i] for i in todo], tiles, workers, errors, cells)  # slides: slides.py
         try:
             for (k, image, windows), boxes, labels, scores in in_batches(run, images, tiles, batch_size, max_overlap):
-                pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-                annotated = annotate(pil, boxes, labels, scores, model.rev_label_map, model.label_color_map)
+                pil, drawn, about = drawable(image, boxes)  # a slide's overview, downscaled; else the image
+                annotated = annotate(pil, drawn, labels, scores, model.rev_label_map, model.label_color_map)
                 failed = results.add(paths[todo[k]], names[todo[k]], annotated, len(windows or [None]), boxes, labels,
-                                     scores)
+                                     scores, about)
                 if failed:  # counted all the same, and said at the end
                     errors.append(f"the annotated image {printable(str(failed))}")
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: run_cli says this in one line, after the errors

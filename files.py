@@ -7,7 +7,8 @@ detections.json, report.html), taken up where a stopped run left it.
         results.add(path, name, annotated, windows, boxes, labels, scores)   # one image done
 
 Images: any file PIL opens, upright by its EXIF orientation (open_image); ImageFiles reads and cuts them
-(tiling.prepare) in DataLoader workers while the model runs; an unreadable file is reported, not fatal.
+(tiling.prepare) in DataLoader workers while the model runs; an unreadable file is reported, not fatal. Whole-slide
+scans, pyramidal TIFFs and images beyond PIL's limit are read by region, their windows one at a time (slides.py).
 
 The output folder:
   * each image annotated, under a distinct name (output_names), and its thumbnail in thumbnails/ (report.py);
@@ -37,6 +38,7 @@ detections.partial.json and report.partial.html (PARTIAL) instead, moved onto th
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -49,7 +51,9 @@ from misc import (UserError, check_writable, format_min_score, ignore_stop_signa
                   remove_stale_temporaries, save_image_atomic, stop_signals_held, write_text_atomic)
 from labels import write_labels
 from report import REPORT, THUMBNAILS, thumbnail_name
-from tiling import TILE_ABOVE, prepare
+from slides import (INSTALL, OPENSLIDE_EXTENSIONS, ArraySource, Overview, kind_of, overview, plan, plan_source,
+                    record_of, window_inputs)
+from tiling import TILE_ABOVE, Reading, prepare
 from utils import class_names, image_extensions, pil_to_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +66,7 @@ def find_images(inputs, skip=None):
     repeats left out). skip: a folder whose files are left out of the folders searched (the output folder: its
     annotated images)."""
     paths, missing, seen, repeats = [], [], set(), 0
+    extensions = image_extensions() | set(OPENSLIDE_EXTENSIONS)  # PIL's formats (.tif too), and whole-slide scans
     skip = os.path.realpath(skip) if skip else None
     for item in inputs:
         if os.path.isdir(item):
@@ -74,7 +79,7 @@ def find_images(inputs, skip=None):
                         walked.add(real)
                         kept.append(d)
                 dirs[:] = kept
-                found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in image_extensions())
+                found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in extensions)
         elif os.path.exists(item):  # a file; a pipe or device is reported when read (ImageFiles)
             found = [item]
         else:
@@ -89,22 +94,46 @@ def find_images(inputs, skip=None):
     return paths, missing, repeats
 
 
-def open_image(path_or_file):
-    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). Images above PIL's
-    decompression-bomb limit (twice 89 megapixels) are refused by PIL; its warning below that is not printed: a
-    large scan is what tiling is for."""
+def open_image(path_or_file, max_pixels=None):
+    """Open an image upright (EXIF orientation applied) as a uint8 RGB tensor (3, H, W). An image of more pixels than
+    PIL reads by default (its decompression-bomb limit: twice 89 megapixels) or than max_pixels, when given, is a
+    one-line UserError naming the fixes (too_large); PIL's warning below that is not printed: a large scan is what
+    tiling is for."""
+    limit = max_pixels or pil_limit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path_or_file) as im:
-            return pil_to_tensor(ImageOps.exif_transpose(im))
+        bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked here, with the fixes named
+        try:
+            with Image.open(path_or_file) as im:
+                if im.width * im.height > limit:
+                    raise UserError(too_large(path_or_file, im.size, limit, max_pixels))
+                return pil_to_tensor(ImageOps.exif_transpose(im))
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
+
+
+def pil_limit():
+    """The most pixels PIL opens (PIL.Image.MAX_IMAGE_PIXELS, twice, as its DecompressionBombError does)."""
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def too_large(path, size, limit, max_pixels):
+    """What to do about an image of `size` beyond `limit` pixels (open_image)."""
+    n = size[0] * size[1]
+    tiff = isinstance(path, (str, os.PathLike)) and kind_of(os.fspath(path)) == "tiff"
+    return (f"{size[0]}x{size[1]} px = {n:,} pixels, more than {'--max-pixels' if max_pixels else 'PIL reads'} "
+            f"({limit:,}): {'read it by region: ' + INSTALL + '; or ' if tiff else ''}give --max-pixels {n} to read it "
+            f"whole (about {6 * n / 2**30:.1f} GiB of memory), or convert it to a tiled pyramidal TIFF, read by region "
+            f"in little memory: vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg")
 
 
 class ImageFiles(Dataset):
     """Reads and prepares image files (prepare(image, tiles)); an unreadable file yields its error message instead."""
 
-    def __init__(self, paths, tiles=None):
+    def __init__(self, paths, tiles=None, reading=Reading()):
         self.paths = paths
         self.tiles = tiles
+        self.reading = reading  # how slides and images beyond PIL's limit are read (slides.py)
 
     def __len__(self):
         return len(self.paths)
@@ -114,30 +143,54 @@ class ImageFiles(Dataset):
         if not os.path.isfile(path) and os.path.exists(path):  # a pipe or a device: opening it could wait for ever
             return i, None, f"{path}: not a regular file (a pipe, socket or device), not an image"
         try:
-            image = open_image(path)
+            planned = plan(path, self.reading, self.tiles, pil_limit())  # a slide: (Plan, overview) read by region
+            image = None if planned else open_image(path, self.reading.max_pixels)
+        except UserError as e:  # too large, a damaged slide, a missing extra
+            return i, None, f"{path}: {e}"
         except Exception as e:  # PIL raises many kinds: report and go on
             return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
         try:
-            return i, image, prepare(image, self.tiles)
+            if image is not None and (image.shape[1] * image.shape[2] <= pil_limit() or self.tiles is None):
+                return i, image, prepare(image, self.tiles)
+            if image is not None:  # beyond PIL's limit, read whole (--max-pixels): its windows made one at a time
+                source = ArraySource(image)
+                planned = plan_source(path, "array", source, self.reading, self.tiles, image), overview(source)
         except UserError as e:  # too many windows
             return i, None, f"{path}: {e}"
+        slide, (picture, factor) = planned
+        return i, Overview(picture, factor, record_of(slide, picture, factor)), slide
 
     @staticmethod
     def collate_fn(batch):
         return batch
 
     @classmethod
-    def read(cls, paths, tiles, workers, errors):
+    def read(cls, paths, tiles, workers, errors, reading=Reading()):
         """The images, read and cut by `workers` processes (0: this one) while the model runs, as
-        tiling.in_batches takes them: ((index, image, windows), (width, height), windows, inputs). An unreadable
-        file is left out, and its message added to `errors`."""
-        loader = DataLoader(cls(paths, tiles), batch_size=None, num_workers=workers, collate_fn=cls.collate_fn,
-                            worker_init_fn=ignore_stop_signals)
+        tiling.in_batches takes them: ((index, image, windows), (width, height), windows, inputs). A slide (an image
+        read by region, slides.py) comes as ((index, its Overview, windows), its level's size, windows, its windows'
+        inputs read one at a time in this process, (its level's Tiling, pixels of level 0 per pixel of the level)).
+        An unreadable file is left out, and its message added to `errors`."""
+        loader = DataLoader(cls(paths, tiles, reading), batch_size=None, num_workers=workers,
+                            collate_fn=cls.collate_fn, worker_init_fn=ignore_stop_signals)
         for i, image, prepared in loader:
             if image is None:
                 errors.append(printable(prepared))
+            elif isinstance(image, Overview):
+                level = prepared.levels[prepared.level]
+                yield ((i, image, prepared.windows), level[:2], prepared.windows,
+                       window_inputs(prepared, printable(prepared.path), errors), (prepared.tiles, level.downsample))
             else:
                 yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
+
+
+def drawable(image, boxes):
+    """What detect.py annotates for an image of ImageFiles.read: (a PIL image, the boxes (n, 4) in its pixels, what
+    detections.json's record says of the image beyond the annotated image's size, or None). A slide's Overview is
+    downscaled, its boxes with it."""
+    if isinstance(image, Overview):
+        return image.image, boxes * boxes.new_tensor(image.factor * 2), image.record
+    return Image.fromarray(image.permute(1, 2, 0).numpy()), boxes, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,10 +453,10 @@ class Results:
         csv.writer(text, lineterminator="\n").writerows(rows)
         write_text_atomic(text.getvalue(), os.path.join(self.folder, self.names["counts.csv"]))
 
-    def add(self, path, name, annotated, windows, boxes, labels, scores):
+    def add(self, path, name, annotated, windows, boxes, labels, scores, about=None):
         """One image: its annotated copy (a PIL image) saved as `name`, a row of counts.csv and a line of the record
-        (boxes in pixels), and its counts printed. Returns the UserError that kept its annotated image from being
-        written, or None: it is counted all the same."""
+        (boxes in pixels), and its counts printed; about: what else the record says of it (a slide's, drawable).
+        Returns the UserError that kept its annotated image from being written, or None: it is counted all the same."""
         if self.counts is None:
             self._open()
         try:  # an interrupted save leaves no half image, and a link there is replaced, not written through
@@ -417,6 +470,7 @@ class Results:
                   "height": annotated.height, "windows": windows, "boxes": [[round(v, 1) for v in b] for b in boxes.tolist()],
                   "labels": [self.rev_label_map[l] for l in labels.tolist()],
                   "scores": [round(s, 4) for s in scores.tolist()], "precision": self.settings.get("precision")}
+        record.update(about or {})  # a slide's: its full size, its level, and that the annotated image is an overview
         n = self.counted(record)
         try:  # the row first: an image is done once its line of the record is written
             self.csv.writerow([spreadsheet_text(record["image"]), *n])

@@ -33,6 +33,10 @@ EDGE_MARGIN = 8  # a box edge this close to a window edge touches it: predicted 
 OVERLAP = LARGEST_CELL + 2 * EDGE_MARGIN
 TILE_ABOVE = 1.25  # an image wider or taller than this many windows is tiled; smaller ones are resized whole, as before
 MAX_WINDOWS = 4096  # the windows of an image are held at once (300x300x3 bytes each: 1.1 GB at this many)
+# a slide's windows are read one at a time (slides.py), only their boxes kept: at this many (18 boxes a window), the
+# boxes take about 280 MB and merge_windows 8 s and 370 MB more: with the model, under 2 GB (docs/large-images.md)
+MAX_STREAMED_WINDOWS = 100_000
+NMS_AT_ONCE = 4000  # merge_windows: more boxes than this go through local_nms (torchvision's CPU NMS is quadratic)
 COVERED = 0.5  # a cut box with this much of its area inside another box of its class is a part of that cell
 
 
@@ -96,6 +100,28 @@ def flag_tiling(field, tile="auto", scale=None, rbc_width=None):
     return tiling(field, tile, rbc_scale(rbc_width, field))
 
 
+class Reading(NamedTuple):
+    """How detect.py reads an image that PIL does not read whole (a slide: slides.py). field: the model's training
+    field; rbc_width: a red cell's width in pixels of full resolution, from --rbc-width or --scale (None: a slide's
+    microns per pixel, else BCCD's); auto: --tile auto (else a slide is cut at full resolution into the --tile
+    windows); max_pixels: --max-pixels, the most pixels of a plain image read whole (None: PIL's limit)."""
+    field: tuple = BCCD_FIELD
+    rbc_width: float = None
+    auto: bool = True
+    max_pixels: int = None
+
+
+def flag_reading(field, tile="auto", scale=None, rbc_width=None, max_pixels=None):
+    """detect.py's --tile, --scale, --rbc-width and --max-pixels, checked (a one-line UserError): (the Tiling of an
+    image, flag_tiling's; the Reading of a slide or of an image beyond PIL's limit)."""
+    tiles = flag_tiling(field, tile, scale, rbc_width)
+    if max_pixels is not None and max_pixels < 1:
+        raise UserError(f"--max-pixels must be a positive number of pixels, not {max_pixels}")
+    if rbc_width is None and scale is not None:
+        rbc_width = scale * RBC_WIDTH * field_share(field)
+    return tiles, Reading(tuple(field), rbc_width, tile == "auto", max_pixels)
+
+
 def field_share(field):
     """Pixels of a training field (width, height) per pixel of BCCD's: cells fill the same share of it."""
     return min(field[0] / BCCD_FIELD[0], field[1] / BCCD_FIELD[1])
@@ -118,7 +144,7 @@ def window_starts(length, size, overlap):
     return [i * (length - size) // (n - 1) for i in range(n)]
 
 
-def tile_windows(width, height, tiles):
+def tile_windows(width, height, tiles, limit=MAX_WINDOWS):
     """The windows (x_min, y_min, x_max, y_max) of a width x height image, or None if it is resized whole.
 
     The rule: an image more than TILE_ABOVE times as wide or as tall as a window is tiled (an image of the
@@ -126,7 +152,8 @@ def tile_windows(width, height, tiles):
     cells by at most a fifth); so is one that fits neither way round (a field turned on its side, 480x640 for
     BCCD's 640x480, is resized whole too). Along each side, window_starts. On a side shorter than a window (a long,
     narrow image) the window reaches past the image, and resize() fills the outside with the ImageNet mean,
-    like training's zoom-out: cells keep their size. More than MAX_WINDOWS windows is a UserError.
+    like training's zoom-out: cells keep their size. More than `limit` windows is a UserError (MAX_WINDOWS: they
+    are held at once; a slide's are read one by one, MAX_STREAMED_WINDOWS).
     """
     if tiles is None:
         return None
@@ -134,9 +161,9 @@ def tile_windows(width, height, tiles):
     if max(width, height) <= TILE_ABOVE * max(w, h) and min(width, height) <= TILE_ABOVE * min(w, h):
         return None
     xs, ys = window_starts(width, w, overlap), window_starts(height, h, overlap)
-    if len(xs) * len(ys) > MAX_WINDOWS:
+    if len(xs) * len(ys) > limit:
         raise UserError(f"{width}x{height} px would be cut into {len(xs) * len(ys):,} windows of {w}x{h} px, more than "
-                        f"{MAX_WINDOWS:,}: give a larger --scale or --rbc-width, a larger --tile, or --tile off")
+                        f"{limit:,}: give a larger --scale or --rbc-width, a larger --tile, or --tile off")
     return [(x, y, x + w, y + h) for y in ys for x in xs]
 
 
@@ -214,18 +241,54 @@ def merge_windows(boxes, labels, scores, windows, image_size, margin, max_overla
     area = box_area(pixels)
     rank = torch.empty(len(area), dtype=torch.long)
     rank[torch.argsort(area, descending=True, stable=True)] = torch.arange(len(area))  # larger boxes first
-    by_x = torch.argsort(pixels[:, 0])  # every box q, in order of x_min, may drop a cut box d that it meets
-    x_min, widest = pixels[by_x, 0], (pixels[:, 2] - pixels[:, 0]).max() if len(pixels) else 0
+    a = 0 if image_size[0] >= image_size[1] else 1  # along the image's longer side (x for a landscape image)
+    by_x = torch.argsort(pixels[:, a])  # every box q, in order of x_min, may drop a cut box d that it meets
+    x_min, widest = pixels[by_x, a], (pixels[:, a + 2] - pixels[:, a]).max() if len(pixels) else 0
     owned_cut = (keep & cut).nonzero().squeeze(1)
+    owned_cut = owned_cut[torch.argsort(pixels[owned_cut, a], stable=True)]  # neighbours: each chunk meets few boxes
     for d in owned_cut.split(1024) if len(owned_cut) else ():
-        q = by_x[torch.searchsorted(x_min, pixels[d, 0].min() - widest):
-                 torch.searchsorted(x_min, pixels[d, 2].max(), right=True)]
+        q = by_x[torch.searchsorted(x_min, pixels[d, a].min() - widest):
+                 torch.searchsorted(x_min, pixels[d, a + 2].max(), right=True)]
         inside = find_intersection(pixels[d], pixels[q]) >= COVERED * area[d, None]  # (d, q)
         by = ~cut[None, q] | (rank[None, q] < rank[d, None])  # a whole box, or a larger cut one
         keep[d] = ~(inside & by & (labels[d, None] == labels[q])).any(1)
     idx = keep.nonzero().squeeze(1)
-    idx = idx[batched_nms(pixels[idx], scores[idx], labels[idx], max_overlap)]  # by decreasing score
+    nms = batched_nms if len(idx) <= NMS_AT_ONCE else local_nms  # the same boxes kept (up to ties of score)
+    idx = idx[nms(pixels[idx], scores[idx], labels[idx], max_overlap)]  # by decreasing score
     return pixels[idx], labels[idx], scores[idx]
+
+
+def local_nms(boxes, scores, labels, max_overlap, chunk=256):
+    """torchvision's batched_nms for many boxes spread over a large image, without its quadratic cost: the indices
+    (k,) of the boxes kept, by decreasing score (ties in the order given).
+
+    The pairs of boxes of one label that overlap by more than max_overlap (IoU) are found chunk by chunk along the
+    longer side (a box meets only those that start less than the widest box before it), and greedy NMS runs over
+    those pairs alone, in order of score: a box kept suppresses its lower-scoring partners. A box no pair holds is
+    kept, as NMS keeps it. Checked against batched_nms in tests/test_slides.py.
+    """
+    from torchvision.ops import box_iou
+    order = torch.argsort(scores, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    extent = boxes[:, 2:].amax(0) - boxes[:, :2].amin(0) if len(boxes) else boxes.new_zeros(2)
+    a = 0 if extent[0] >= extent[1] else 1
+    by = torch.argsort(boxes[:, a])
+    starts, widest = boxes[by, a], (boxes[:, a + 2] - boxes[:, a]).max() if len(boxes) else 0
+    pairs = [torch.zeros(0, 2, dtype=torch.long)]  # (higher-scoring, lower-scoring) box
+    for d in by.split(chunk) if len(boxes) else ():
+        q = by[torch.searchsorted(starts, boxes[d, a].min() - widest):
+               torch.searchsorted(starts, boxes[d, a + 2].max(), right=True)]
+        hit = (box_iou(boxes[d], boxes[q]) > max_overlap) & (labels[d, None] == labels[q]) & (rank[d, None] < rank[q])
+        i, j = hit.nonzero().unbind(1)
+        pairs.append(torch.stack([d[i], q[j]], 1))
+    pairs = torch.cat(pairs)
+    pairs = pairs[torch.argsort(rank[pairs[:, 0]], stable=True)]
+    suppressed = bytearray(len(boxes))
+    for i, j in pairs.tolist():  # each box's own suppression was settled by the higher-scoring pairs before it
+        if not suppressed[i]:
+            suppressed[j] = 1
+    return order[~torch.frombuffer(suppressed, dtype=torch.bool)[order]] if len(boxes) else order
 
 
 def to_pixels(boxes, width, height):
@@ -239,23 +302,30 @@ def in_batches(run, items, tiles, batch_size, max_overlap):
 
     run: uint8 (n, 3, 300, 300) -> a list over the n inputs of (boxes (k, 4) fractional, labels (k,), scores (k,)):
     detect.predict at the run's settings. items: iterable of (key, (width, height), windows, inputs), (windows,
-    inputs) from prepare(image, tiles). Yields (key, boxes (k, 4) in pixels of the image, labels (k,), scores (k,))
-    for each item, in order: an image resized whole as the tutorial does, a tiled one merged (merge_windows).
+    inputs) from prepare(image, tiles); inputs may also be an iterable of uint8 (3, 300, 300), taken one at a time (a
+    slide's windows, read as the model goes: slides.py), and an item may end with (its Tiling, (x, y) pixels of the
+    output per pixel of the image), for an image read at a level of a pyramid. Yields (key, boxes (k, 4) in pixels
+    of the image (x that factor), labels (k,), scores (k,)) for each item, in order: an image resized whole as the
+    tutorial does, a tiled one merged (merge_windows).
     """
     waiting, queue, outputs = collections.deque(), [], []  # images not yet yielded; inputs not yet run; their outputs
     for item in itertools.chain(items, [None]):
         if item is not None:
-            waiting.append(item[:3])
-            queue.extend(item[3].unbind(0))
-        while queue and (len(queue) >= batch_size or item is None):
-            batch, queue = torch.stack(queue[:batch_size]), queue[batch_size:]
-            outputs += zip(*([t.cpu() for t in detections] for detections in run(batch)))
-            while waiting and len(outputs) >= len(waiting[0][2] or [None]):
-                key, (width, height), windows = waiting.popleft()
-                n = len(windows or [None])
-                (boxes, labels, scores), outputs = zip(*outputs[:n]), outputs[n:]
-                if windows is None:
-                    yield key, to_pixels(boxes[0], width, height), labels[0], scores[0]
-                else:
-                    yield key, *merge_windows(boxes, labels, scores, windows, (width, height), tiles.margin,
-                                              max_overlap)
+            waiting.append((*item[:3], *(item[4:] or [(tiles, (1, 1))])))
+        inputs = () if item is None else item[3].unbind(0) if torch.is_tensor(item[3]) else item[3]
+        for x in itertools.chain(inputs, [None]):  # None: the item's inputs are all queued
+            if x is not None:
+                queue.append(x)
+            while queue and (len(queue) >= batch_size or item is None):
+                batch, queue = torch.stack(queue[:batch_size]), queue[batch_size:]
+                outputs += zip(*([t.cpu() for t in detections] for detections in run(batch)))
+                while waiting and len(outputs) >= len(waiting[0][2] or [None]):
+                    key, (width, height), windows, (level_tiles, factor) = waiting.popleft()
+                    n = len(windows or [None])
+                    (boxes, labels, scores), outputs = zip(*outputs[:n]), outputs[n:]
+                    if windows is None:
+                        boxes, labels, scores = to_pixels(boxes[0], width, height), labels[0], scores[0]
+                    else:
+                        boxes, labels, scores = merge_windows(boxes, labels, scores, windows, (width, height),
+                                                              level_tiles.margin, max_overlap)
+                    yield key, boxes if factor == (1, 1) else boxes * boxes.new_tensor(factor * 2), labels, scores
