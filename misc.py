@@ -22,6 +22,7 @@ import os
 import pickle
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -246,7 +247,7 @@ def run_info(device):
             with open("/proc/cpuinfo") as f:
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
         name = f"CPU {cpu}, {torch.get_num_threads()} threads"
-    command = " ".join(["python", *(repo_relative(a) if os.path.isabs(a) else a for a in sys.argv)])
+    command = shlex.join(["python", *(repo_relative(a) if os.path.isabs(a) else a for a in sys.argv)])  # as typed
     return {"date": datetime.date.today().isoformat(), "command": command, "commit": commit,
             "torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "device_name": name}
 
