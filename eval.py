@@ -36,7 +36,7 @@ from datasets import BCCDDataset
 from detect import DEFAULT_CHECKPOINT, MAP_MAX_OVERLAP, MAP_MIN_SCORE, TOP_K, TTA_VIEWS, load_model, run_model
 from exported import device_flag, is_export
 from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, check_workers, check_writable,
-                  format_min_score, ignore_stop_signals, init_distributed, parse_max_overlap, parse_min_score,
+                  format_min_score, ignore_stop_signals, init_distributed, iterate, parse_max_overlap, parse_min_score,
                   repo_relative, run_cli, run_info, write_json_atomic)
 from plots import EVAL_PNGS, eval_plots, require_matplotlib
 from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
@@ -110,7 +110,8 @@ def detect_dataset(model, loader, amp=False, channels_last=False, min_score=MAP_
     """
     model.eval()
     results = Detections([], [], [], [], [], [], [], [])
-    for images, boxes, labels, difficulties in tqdm(loader, disable=not progress, desc="evaluating"):
+    for images, boxes, labels, difficulties in tqdm(iterate(loader), total=len(loader), disable=not progress,
+                                                    desc="evaluating"):
         locs, scores = run_model(model, images, amp=amp, channels_last=channels_last)
         dets = model.detect_objects(locs, scores, min_score=min_score, max_overlap=max_overlap, top_k=top_k)
         for store, items in zip(results, (*dets, boxes, labels, difficulties)):

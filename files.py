@@ -47,7 +47,7 @@ import warnings
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from misc import (UserError, check_writable, format_min_score, ignore_stop_signals, lock_folder,
+from misc import (UserError, check_writable, format_min_score, ignore_stop_signals, iterate, lock_folder,
                   remove_stale_temporaries, save_image_atomic, stop_signals_held, write_text_atomic)
 from labels import write_labels
 from report import REPORT, THUMBNAILS, thumbnail_name
@@ -173,7 +173,7 @@ class ImageFiles(Dataset):
         An unreadable file is left out, and its message added to `errors`."""
         loader = DataLoader(cls(paths, tiles, reading), batch_size=None, num_workers=workers,
                             collate_fn=cls.collate_fn, worker_init_fn=ignore_stop_signals)
-        for i, image, prepared in loader:
+        for i, image, prepared in iterate(loader):  # workers shut down at once, also by an error
             if image is None:
                 errors.append(printable(prepared))
             elif isinstance(image, Overview):

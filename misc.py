@@ -3,7 +3,7 @@
   * Errors, the command line -> UserError, run_cli (one line and an exit status, no traceback), check_torch_pair,
                                 Terminated, ignore_stop_signals, StopRequest, one_line
   * Devices and processes     -> resolve_device, init_distributed, available_cpus, check_workers, bf16_is_fast,
-                                bf16_choice, cpu_features, run_info, repo_relative, RunningLoss
+                                bf16_choice, cpu_features, run_info, repo_relative, RunningLoss, run_python, iterate
   * Files                     -> atomic writes (save_atomic, write_json_atomic, ...), check_writable,
                                 check_not_an_input, lock_folder, remove_stale_temporaries, load_checkpoint
   * Flag values               -> parse_min_score, format_min_score, parse_max_overlap
@@ -43,9 +43,8 @@ from tqdm import tqdm
 
 
 def torch_pair_message(error):
-    """One line for a torchvision that does not import with this torch (a CPU torch beside a CUDA torchvision, or
-    builds of different releases: "operator torchvision::nms does not exist"): both versions, and the install
-    command of a matching pair (torchvision's wheel names the torch release it needs)."""
+    """One line for a torchvision that does not import with this torch (a CPU torch beside a CUDA torchvision, or builds
+    of different releases): both versions, and the install command of a matching pair (from torchvision's wheel)."""
     try:
         version = metadata.version("torchvision")
         built_for = next((m[1] for r in metadata.requires("torchvision") or []
@@ -104,11 +103,20 @@ def run_cli(main, parser):
 
 def ignore_stop_signals(worker_id=None):
     """DataLoader workers (worker_init_fn) leave Ctrl-C and SIGTERM, which a terminal, a container's stop or a job
-    scheduler sends to the whole process group, to the main process, which stops in order. Ctrl-C is ignored;
-    SIGTERM ends a worker quietly, with status 0: killed by the signal, a worker was a traceback in the main
-    process, and ignoring it would make the exit, where multiprocessing terminates and joins workers, hang."""
+    scheduler sends to the whole process group, to the main process, which stops in order. Ctrl-C is ignored; SIGTERM
+    ends a worker with status 0 (killed by it, a worker was a traceback; ignoring it, the exit would hang)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def iterate(loader):
+    """A DataLoader's batches, its workers shut down when the iteration ends, also by an error or close() (left to the
+    garbage collector, they would hold the process for torch's 5-second join timeout)."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        getattr(it, "_shutdown_workers", lambda: None)()  # a single-process iterator has none
 
 
 class StopRequest:
@@ -260,14 +268,13 @@ def repo_relative(path):
 
 
 def run_python(argv, what=None):
-    """`python argv...` in a fresh process, in the repository (the tools' and bench.py's whole commands): its stdout.
-    A failure is a UserError naming `what` (default: the command) with its exit status and last line of stderr."""
-    argv = [str(a) for a in argv]
-    done = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
-                          capture_output=True, text=True)
+    """`python argv...` in a fresh process, in the repository: its stdout. A failure is a UserError naming `what`
+    (default: the command) with its exit status and last line of stderr."""
+    argv, repo = [str(a) for a in argv], os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True)
     if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"{what or 'python ' + ' '.join(argv)} failed (exit status {done.returncode}): {last}")
+        raise UserError(f"{what or 'python ' + ' '.join(argv)} failed (exit status {done.returncode}): "
+                        f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
     return done.stdout
 
 

@@ -37,7 +37,7 @@ from create_data_lists import create_data_lists, missing_data_message
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches, median_image_size
 from eval import check_scorable, evaluate
 from misc import (RunningLoss, StopRequest, UserError, available_cpus, bf16_is_fast, check_workers,
-                  ignore_stop_signals, init_distributed, load_checkpoint, one_line, run_cli, run_info)
+                  ignore_stop_signals, init_distributed, iterate, load_checkpoint, one_line, run_cli, run_info)
 from model import PRIOR_SCALES, SSD300, ModelEMA, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
 from utils import FLIPS, check_same_classes, normalize
@@ -404,8 +404,8 @@ def train(args, rank, world, device, cleanup):
               f"{total_iterations} iterations, bf16 autocast {'on' if args.amp else 'off'}")
     stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs),
                           skip=partial.get("steps", 0))
-    batches = iter(DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, pin_memory=cuda,
-                              num_workers=args.workers, worker_init_fn=ignore_stop_signals))  # all epochs, one stream
+    loader = DataLoader(train_set, batch_sampler=stream, collate_fn=BCCDDataset.collate_fn, pin_memory=cuda,
+                        num_workers=args.workers, worker_init_fn=ignore_stop_signals)  # all epochs, one stream
     raw_model = model.module if world > 1 else model
     criterion = MultiBoxLoss(raw_model.priors_cxcy).to(device)
     record = {"args": {k: v for k, v in vars(args).items() if k != "given"}, "label_map": train_set.label_map,
@@ -419,7 +419,7 @@ def train(args, rank, world, device, cleanup):
         save_checkpoint(out_ckpt, raw_model, optimizer, ema, epoch, iteration, record, partial_epoch)
 
     bar = tqdm(total=total_iterations, initial=iteration, disable=not is_main, unit="it", dynamic_ncols=True)
-    with StopRequest() as stop, bar:  # the bar is closed however training ends (an error: no stale bar at exit)
+    with StopRequest() as stop, bar, contextlib.closing(iterate(loader)) as batches:  # closed however it ends
         for epoch in range(start_epoch, epochs):
             if iteration >= total_iterations:
                 break

@@ -7,10 +7,12 @@ Each script's command line runs in this process as `python <script>.py ...` woul
 set): the exit status and stderr are those a user sees, without the seconds a fresh Python and torch cost.
 One table per entry point: (case, command line, the message's words, files it must leave as they were).
 """
+import gc
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ import detect
 import eval as eval_script
 from conftest import make_voc
 from create_data_lists import create_data_lists as make_lists
-from misc import run_cli
+from misc import ignore_stop_signals, iterate, run_cli
 
 SCRIPTS = {"create_data_lists": create_data_lists, "eval": eval_script, "detect": detect, "bench": bench}
 
@@ -323,3 +325,30 @@ def test_create_data_lists_finds_damaged_images_split_files_that_are_not_files_a
     code, _, err = cli("create_data_lists", ["--data-folder", voc, "--output-folder", tmp_path / "lists3",
                                              "--test-fraction", "0.5"], monkeypatch, capsys)
     assert_one_line_error(code, err, "create_data_lists", ["test.txt: not a regular file"])
+
+
+class FailsAtTwo(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise ValueError("image 2 cannot be read")
+        return i
+
+
+@pytest.mark.parametrize("stop", ["a worker's error", "close"])
+def test_a_loader_stopped_early_frees_its_workers_at_once(stop):
+    """misc.iterate (eval.py, train.py, detect.py): the workers are shut down when the iteration stops, not when the
+    garbage collector gets to the iterator, which waits torch's 5-second join timeout (a bad image held eval.py and
+    train.py 5 s before they could exit, and the next test here 5 s)."""
+    batches = iterate(torch.utils.data.DataLoader(FailsAtTwo(), num_workers=1, worker_init_fn=ignore_stop_signals))
+    if stop == "close":
+        assert next(batches).tolist() == [0]
+        batches.close()
+    else:
+        with pytest.raises(ValueError, match="image 2 cannot be read"):
+            list(batches)
+    start = time.perf_counter()
+    gc.collect()
+    assert time.perf_counter() - start < 2

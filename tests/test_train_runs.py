@@ -10,7 +10,8 @@ where the exit status and stderr are the point.
 
 Shared runs (module fixtures, made once):
   * straight_run: 3 iterations on 4 TRAIN images at batch 2 (2 epochs), --val-every 1.
-  * resumed_run: the same flags stopped after iteration 2 (one epoch), then resumed to iteration 3.
+  * resumed_run: straight_run as it stood after iteration 2 (its first epoch: the checkpoint and log it had then, and
+    the curve train.py draws of them), resumed to iteration 3.
 """
 import errno
 import hashlib
@@ -88,25 +89,32 @@ def lists2(lists4, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_run(lists4, tmp_path_factory):
-    """--iterations 3 on 4 images at batch 2: 2 epochs (2 steps, then 1). Records every checkpoint save."""
-    out = tmp_path_factory.mktemp("straight")
+    """--iterations 3 on 4 images at batch 2: 2 epochs (2 steps, then 1). Records every checkpoint save, and keeps a
+    copy of the run as it stood after its first (first_epoch: the checkpoint and the log)."""
+    out, first = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("first")
     saves, real_save = [], checkpoints.save_atomic
 
     def spy(obj, path):
         saves.append((obj["epoch"], obj["iteration"], Path(path)))
         real_save(obj, path)
+        if len(saves) == 1:  # the epoch's log line is written before its save
+            shutil.copy(path, first / "checkpoint.pt")
+            shutil.copy(out / "log.jsonl", first / "log.jsonl")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoints, "save_atomic", spy)
         train.main(train_args(lists4, out, "--iterations", 3, "--val-every", 1))
-    return SimpleNamespace(out=out, checkpoint=out / "checkpoint.pt", saves=saves, log=read_log(out))
+    return SimpleNamespace(out=out, checkpoint=out / "checkpoint.pt", saves=saves, log=read_log(out),
+                           first_epoch=first)
 
 
 @pytest.fixture(scope="module")
-def resumed_run(lists4, tmp_path_factory):
-    """straight_run's flags stopped after iteration 2 (end of epoch 1) in `first`, resumed to iteration 3 in `second`."""
-    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("resumed")
-    train.main(train_args(lists4, first, "--iterations", 2, "--val-every", 1))
+def resumed_run(straight_run, lists4, tmp_path_factory):
+    """straight_run stopped after iteration 2 (end of epoch 1) in `first`, with the curve train.py draws after a
+    validated epoch; resumed to iteration 3 in `second`."""
+    first, second = straight_run.first_epoch, tmp_path_factory.mktemp("resumed")
+    if CURVE:
+        plots.TrainingCurve(first / "log.jsonl", first / CURVE[0], f"train.py --out-dir {first}").update()
     train.main(train_args(lists4, second, "--iterations", 3, "--val-every", 1, "--resume", first / "checkpoint.pt"))
     return SimpleNamespace(first=first, second=second)
 
