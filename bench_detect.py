@@ -58,7 +58,7 @@ def run_detect(argv, summary, what):
     code = ("import json, sys; sys.path.insert(0, sys.argv.pop(1)); import detect, misc; path = sys.argv.pop(1); "
             "summary = misc.run_cli(detect.main, detect.get_args_parser()); json.dump(summary, open(path, 'w'))")
     start = time.perf_counter()
-    run_python(["-c", code, os.path.dirname(os.path.abspath(__file__)), summary, *argv], what)
+    run_python(["-c", code, os.path.dirname(os.path.abspath(__file__)), summary, *argv], what, in_repo=False)
     seconds = time.perf_counter() - start
     with open(summary, encoding="utf-8") as f:
         return seconds, json.load(f)
@@ -113,7 +113,8 @@ with torch.no_grad():
 print(time.perf_counter() - start)
 """
         start = time.perf_counter()
-        printed = run_python(["-c", code, os.path.join(tmp, "tv"), *images], "--only folder: the torchvision loop")
+        printed = run_python(["-c", code, os.path.join(tmp, "tv"), *images], "--only folder: the torchvision loop",
+                             in_repo=False)
         t_tv = time.perf_counter() - start
         loop_tv = float(printed.split()[-1])
     finally:

@@ -267,11 +267,11 @@ def repo_relative(path):
     return os.path.relpath(full, repo) if full.startswith(repo + os.sep) else str(path)
 
 
-def run_python(argv, what=None):
-    """`python argv...` in a fresh process, in the repository: its stdout. A failure is a UserError naming `what`
-    (default: the command) with its exit status and last line of stderr."""
+def run_python(argv, what=None, in_repo=True):
+    """`python argv...` in a fresh process, in the repository (else here): its stdout. A failure is a UserError naming
+    `what` (default: the command) with its exit status and last line of stderr."""
     argv, repo = [str(a) for a in argv], os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, *argv], cwd=repo, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *argv], cwd=repo if in_repo else None, capture_output=True, text=True)
     if done.returncode:
         raise UserError(f"{what or 'python ' + ' '.join(argv)} failed (exit status {done.returncode}): "
                         f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")

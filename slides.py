@@ -55,6 +55,7 @@ LEVEL_SLACK = 0.95  # a level whose red cells are 95 % of the model's is taken: 
 OVERVIEW = 4096  # the annotated image of a slide: at most this many pixels on its long side
 CHUNK = 2048  # the overview is read in regions about this many pixels square
 CACHE_BYTES = 256 << 20  # decoded tiles kept for the next windows (neighbouring windows overlap by a cell or more)
+MAX_SEGMENT_BYTES = 64 << 20  # a tile or strip decoded whole to read a region of it: larger ones are refused
 PROGRESS_SECONDS = 5
 BACKGROUND = 255  # a tile missing from the file, or transparent in a slide: white, as a slide's glass is
 
@@ -188,9 +189,11 @@ class TiffSource:
             return self.cache[key]
         page = self.pages[level]
         try:
+            if not page.databytecounts[index]:  # an empty tile (a sparse TIFF: glass left out), not a damaged one
+                raise LookupError
             pixels = self.decode(level, index)
-        except Exception:  # a damaged tile: the others are read, and the run says how many were not
-            self.bad_tiles += 1
+        except Exception as e:  # a damaged tile: the others are read, and the run says how many were not
+            self.bad_tiles += not isinstance(e, LookupError)
             pixels = np.full((*segment_shape(page, index), 3), BACKGROUND, np.uint8)
         self.cache[key] = pixels
         self.cached += pixels.nbytes
@@ -246,6 +249,12 @@ def check_page(page, file_size):
     if page.planarconfig == 2 and page.samplesperpixel > 1:
         raise UserError("samples stored by plane (PlanarConfiguration 2): convert it (vips tiffsave in.tif out.tif "
                         "--tile --pyramid --compression jpeg)")
+    (h, w), samples = segment_shape(page, 0), page.samplesperpixel
+    if h * w * max(samples, 3) > MAX_SEGMENT_BYTES:  # a whole image in one strip (tifffile's and PIL's default)
+        kind = "tiles" if page.is_tiled else "strips"
+        raise UserError(f"its {page.imagewidth}x{page.imagelength} px level is stored in {kind} of {w}x{h} px, too "
+                        f"large to read by region in little memory: convert it (vips tiffsave in.tif out.tif --tile "
+                        f"--pyramid --compression jpeg)")
     offsets, counts = np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64)
     if len(offsets) != math.prod(page.chunked) or (len(offsets) and (offsets + counts).max() > file_size):
         raise UserError(f"truncated: the tiles of its {page.imagewidth}x{page.imagelength} px level reach past the "

@@ -285,6 +285,29 @@ def test_a_damaged_tile_is_read_blank_and_said(bccd_dir, tmp_path):
     source.close()
 
 
+def test_an_empty_tile_of_a_sparse_tiff_is_glass_not_damage(bccd_dir, tmp_path):
+    pixels = mosaic(bccd_dir)
+    tif = write_pyramid(tmp_path / "a.tif", pixels, levels=1)
+    source = slides.TiffSource(str(tif))
+    page = source.pages[0]  # as a sparse TIFF leaves a tile of empty glass out: byte count 0
+    page.databytecounts = tuple(0 if i == 4 else n for i, n in enumerate(page.databytecounts))
+    region = source.read(0, 0, 0, 1280, 960)
+    assert source.bad_tiles == 0 and (region[:256, 1024:] == 255).all()
+    assert np.array_equal(region[:, :1024], pixels[:, :1024])
+    source.close()
+
+
+def test_a_level_stored_in_one_huge_strip_is_refused_not_read_whole(tmp_path, monkeypatch):
+    """tifffile's and PIL's default TIFF is one strip: reading any region of it would decode the whole image."""
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "strip.tif", np.zeros((600, 800, 3), np.uint8))
+    monkeypatch.setattr(slides, "MAX_SEGMENT_BYTES", 600 * 800 * 3 - 1)  # as a 20000x20000 strip is over 64 MB
+    source = slides.TiffSource(str(tmp_path / "strip.tif"))
+    with pytest.raises(slides.UserError, match="stored in strips of 800x600 px, too large to read by region.*vips"):
+        source.check()
+    source.close()
+
+
 def test_find_images_finds_slides(tmp_path):
     for name in ("a.svs", "b.ndpi", "c.mrxs", "d.ome.tif", "e.tiff", "f.txt"):
         (tmp_path / name).write_bytes(b"")

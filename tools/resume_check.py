@@ -67,8 +67,9 @@ def detect(inputs, output, flags, kill_after=None, busy_until_first=False):
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)] \
         if busy_until_first else []
     start = time.perf_counter()
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a long stderr cannot block the run
     proc = subprocess.Popen([sys.executable, "detect.py", inputs, "--output-dir", output, *flags], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=errors, text=True)
     counted, before = 0, 0
     try:
         for line in proc.stdout:
@@ -87,8 +88,10 @@ def detect(inputs, output, flags, kill_after=None, busy_until_first=False):
         for b in busy:
             b.kill()
     seconds = time.perf_counter() - start
-    if kill_after is None and proc.returncode:
-        raise UserError(f"detect.py failed (exit status {proc.returncode}): {proc.stderr.read().strip()[-300:]}")
+    with errors:
+        errors.seek(0)
+        if kill_after is None and proc.returncode:
+            raise UserError(f"detect.py failed (exit status {proc.returncode}): {errors.read().strip()[-300:]}")
     return seconds, counted, before
 
 
