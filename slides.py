@@ -246,6 +246,12 @@ def check_page(page, file_size):
         raise UserError(f"{page.imagewidth}x{page.imagelength} px of {page.samplesperpixel} {page.dtype} sample(s) "
                         f"per pixel: only 8-bit grey, RGB or RGBA is read; convert it (e.g. vips tiffsave in.tif "
                         f"out.tif --tile --pyramid --compression jpeg)")
+    photometric, compression = int(page.photometric), int(page.compression)
+    if photometric not in (1, 2, 6) or (photometric == 6 and compression not in (7, 33003, 33005, 34712)):
+        name = getattr(page.photometric, "name", photometric)  # palette, CMYK, MinIsWhite would read as wrong colours
+        raise UserError(f"its pixels are {name} ({'compression ' + str(compression) + ', ' if photometric == 6 else ''}"
+                        f"not read here): only grey, RGB or JPEG's YCbCr; convert it (vips tiffsave in.tif out.tif "
+                        f"--tile --pyramid --compression jpeg)")
     if page.planarconfig == 2 and page.samplesperpixel > 1:
         raise UserError("samples stored by plane (PlanarConfiguration 2): convert it (vips tiffsave in.tif out.tif "
                         "--tile --pyramid --compression jpeg)")

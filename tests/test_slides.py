@@ -308,6 +308,19 @@ def test_a_level_stored_in_one_huge_strip_is_refused_not_read_whole(tmp_path, mo
     source.close()
 
 
+def test_a_pyramid_whose_pixels_are_not_grey_or_rgb_is_refused(tmp_path):
+    """MinIsWhite (or a palette, or CMYK) read as grey or RGB would be other colours, and other counts."""
+    tifffile = pytest.importorskip("tifffile")
+    grey = np.zeros((512, 512), np.uint8)
+    with tifffile.TiffWriter(tmp_path / "w.tif") as tif:
+        tif.write(grey, tile=(256, 256), subifds=1, photometric="miniswhite")
+        tif.write(grey[::2, ::2], tile=(256, 256), subfiletype=1, photometric="miniswhite")
+    source = slides.TiffSource(str(tmp_path / "w.tif"))
+    with pytest.raises(slides.UserError, match="its pixels are MINISWHITE.*only grey, RGB or JPEG's YCbCr.*vips"):
+        source.check()
+    source.close()
+
+
 def test_find_images_finds_slides(tmp_path):
     for name in ("a.svs", "b.ndpi", "c.mrxs", "d.ome.tif", "e.tiff", "f.txt"):
         (tmp_path / name).write_bytes(b"")
