@@ -273,6 +273,7 @@ class OpenSlideSource:
 
     def __init__(self, path):
         openslide = require("openslide")
+        self.path, self.open = path, openslide.OpenSlide
         try:
             self.slide = openslide.OpenSlide(path)
         except Exception as e:  # OpenSlideError, OpenSlideUnsupportedFormatError, OSError
@@ -293,6 +294,11 @@ class OpenSlideSource:
             region = self.slide.read_region((round(x0 * d), round(y0 * d)), level, (x1 - x0, y1 - y0))  # RGBA
         except Exception:  # a damaged tile: as TiffSource does
             self.bad_tiles += 1
+            try:  # OpenSlide keeps an error in the handle: every later read would fail too
+                self.slide.close()
+                self.slide = self.open(self.path)
+            except Exception:
+                pass
             return np.full((y1 - y0, x1 - x0, 3), BACKGROUND, np.uint8)
         out = Image.new("RGB", region.size, (BACKGROUND,) * 3)
         out.paste(region, mask=region.getchannel("A"))

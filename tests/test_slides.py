@@ -168,6 +168,32 @@ def test_openslide_levels_and_microns_per_pixel(monkeypatch):
     assert FakeSlide.reads[-1] == ((400, 200), 1, (64, 48))  # the location in pixels of level 0
 
 
+def test_a_failed_openslide_read_is_blank_and_the_next_reads_go_on(monkeypatch):
+    """OpenSlide keeps an error in its handle (every later read_region fails): the source opens the slide again."""
+    openslide = pytest.importorskip("openslide")
+    opened = []
+
+    class FailingOnce:
+        level_dimensions, level_downsamples, properties = ((400, 300),), (1.0,), {}
+
+        def __init__(self, path):
+            opened.append(path)
+            self.broken = len(opened) == 1
+
+        def read_region(self, location, level, size):
+            if self.broken:
+                raise openslide.OpenSlideError("a damaged tile: and every read after it, on this handle")
+            return Image.new("RGBA", size, (10, 20, 30, 255))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(openslide, "OpenSlide", FailingOnce)
+    source = OpenSlideSource("x.svs")
+    assert (source.read(0, 0, 0, 8, 8) == 255).all() and source.bad_tiles == 1
+    assert tuple(source.read(0, 8, 0, 16, 8)[0, 0]) == (10, 20, 30) and opened == ["x.svs", "x.svs"]
+
+
 class CountingSource(ArraySource):
     def __init__(self, image):
         super().__init__(image)
