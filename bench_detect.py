@@ -145,10 +145,11 @@ def bench_throughput(args, device, out):
             os.symlink(os.path.abspath(p), os.path.join(listing, f"{i:05d}-{os.path.basename(p)}"))
         files = {"eager default": checkpoint}
         try:
-            import export
-            files["openvino int8"] = export.export_checkpoint(checkpoint, "openvino", True, os.path.join(tmp, "int8"),
-                                                              calibration=args.calibration_images, quiet=True,
-                                                              calibrate=listing)
+            if device.type == "cpu":  # exports run on the CPU only
+                import export
+                files["openvino int8"] = export.export_checkpoint(
+                    checkpoint, "openvino", True, os.path.join(tmp, "int8"), calibration=args.calibration_images,
+                    quiet=True, calibrate=listing)
         except UserError as e:
             if "pip install" not in str(e):
                 raise
