@@ -49,7 +49,7 @@ TIFF_EXTENSIONS = (".tif", ".tiff")  # .ome.tif too
 # cells 7.5 / m px wide at level 0: 30 px at 40x's 0.25 um per pixel, where the model wants 106.
 RBC_MICRONS = 7.5
 BCCD_MPP = RBC_MICRONS / RBC_WIDTH
-MPP_RANGE = (0.01, 100)  # microns per pixel outside this are taken for a placeholder (a scanner's 72 dpi), not used
+MPP_RANGE = (0.01, 10)  # um per pixel outside this are a placeholder (72 or 300 dpi, per inch or per cm), not optics
 LEVEL_SLACK = 0.95  # a level whose red cells are 95 % of the model's is taken: pyramids' downsamples are rarely
 # exact (OpenSlide's 4.0002), and the plain path itself shrinks cells by up to a fifth (tiling.TILE_ABOVE)
 OVERVIEW = 4096  # the annotated image of a slide: at most this many pixels on its long side
