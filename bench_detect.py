@@ -64,28 +64,35 @@ def run_detect(argv, summary, what):
         return seconds, json.load(f)
 
 
+def bench_images(args):
+    """The image files of --folder, or the TEST images of --data-folder's lists (a UserError where there are none)."""
+    if args.folder is None:
+        return BCCDDataset(args.data_folder, "test").images
+    images = sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder)
+                    if os.path.splitext(f)[1].lower() in image_extensions() and os.path.isfile(os.path.join(args.folder, f)))
+    if not images:
+        raise UserError(f"--folder {args.folder}: no image files in it")
+    return images
+
+
+def linked(images, tmp):
+    """A folder in tmp of links to the images, numbered (two of one name stay two): detect.py's input, as a user's."""
+    listing = os.path.join(tmp, "inputs")
+    os.makedirs(listing)
+    for i, p in enumerate(images):
+        os.symlink(os.path.abspath(p), os.path.join(listing, f"{i:05d}-{os.path.basename(p)}"))
+    return listing
+
+
 def bench_folder(args, device, out):
     """detect.py (as a user runs it) vs a plain fp32 torchvision loop: load, detect, draw, save, per image."""
     if not args.checkpoint:
         raise UserError("--only folder needs --checkpoint (detect.py loads a trained model)")
-    folder = args.folder
-    if folder is None:
-        test_set = BCCDDataset(args.data_folder, "test")
-        folder = os.path.dirname(test_set.images[0])
-        images = test_set.images
-    else:
-        images = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                        if os.path.splitext(f)[1].lower() in image_extensions()
-                        and os.path.isfile(os.path.join(folder, f)))
-        if not images:
-            raise UserError(f"--folder {folder}: no image files in it")
+    images = bench_images(args)
     tmp = tempfile.mkdtemp(prefix="bench-folder-")
     try:
         # ours: detect.py in a fresh process, the way a user runs it (its start-up and model load included)
-        listing = os.path.join(tmp, "inputs")
-        os.makedirs(listing)
-        for p in images:
-            os.symlink(os.path.abspath(p), os.path.join(listing, os.path.basename(p)))
+        listing = linked(images, tmp)
         t_ours, summary = run_detect(["--checkpoint", args.checkpoint, listing, "--output-dir", os.path.join(tmp, "ours"),
                                       "--device", str(device)], os.path.join(tmp, "summary.json"), "--only folder: detect.py")
         loop_ours = summary["seconds"]  # detect.py's own timing of its loop
@@ -132,17 +139,10 @@ def bench_throughput(args, device, out):
     with requirements-export.txt, an OpenVINO int8 export calibrated on those images. Each path: model, detect.py,
     model again (the mean of the two), so that both figures share the machine's load."""
     checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
-    images = (BCCDDataset(args.data_folder, "test").images if args.folder is None else
-              sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder)
-                     if os.path.splitext(f)[1].lower() in image_extensions()))
-    if not images:
-        raise UserError(f"--folder {args.folder}: no image files in it")
+    images = bench_images(args)
     tmp = tempfile.mkdtemp(prefix="bench-throughput-")
     try:
-        listing = os.path.join(tmp, "inputs")
-        os.makedirs(listing)
-        for i, p in enumerate(images):
-            os.symlink(os.path.abspath(p), os.path.join(listing, f"{i:05d}-{os.path.basename(p)}"))
+        listing = linked(images, tmp)
         files = {"eager default": checkpoint}
         try:
             if device.type == "cpu":  # exports run on the CPU only
