@@ -304,8 +304,10 @@ class SSD300(nn.Module):
             raise UserError(f"{source}: its model_args' batch_norm must be true or false, not "
                             f"{model_args['batch_norm']!r}")
         try:
-            model = cls(base_weights=None, label_map=classes, **model_args)
-            model.load_state_dict(ckpt["model"])
+            with torch.device("meta"):  # no weights drawn at random only to be overwritten (most of the time here)
+                model = cls(base_weights=None, label_map=classes, **model_args)
+            model.to_empty(device="cpu").load_state_dict(ckpt["model"])  # every tensor of a state_dict, cast
+            model.priors_cxcy = create_prior_boxes(model.prior_scales)  # the one that is not in it
         except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
             raise UserError(f"{source}: does not fit SSD300 ({type(e).__name__}: {detail[:200]})") from None
