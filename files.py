@@ -54,7 +54,7 @@ from report import REPORT, THUMBNAILS, thumbnail_name
 from slides import (INSTALL, OPENSLIDE_EXTENSIONS, ArraySource, Overview, kind_of, overview, plan, plan_source,
                     record_of, window_inputs)
 from tiling import TILE_ABOVE, Reading, prepare
-from utils import class_names, image_extensions, pil_to_tensor
+from utils import class_names, first_line, image_extensions, pil_to_tensor
 
 # ---------------------------------------------------------------------------------------------
 # The images read
@@ -148,7 +148,7 @@ class ImageFiles(Dataset):
         except UserError as e:  # too large, a damaged slide, a missing extra
             return i, None, f"{path}: {e}"
         except Exception as e:  # PIL raises many kinds: report and go on
-            return i, None, f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            return i, None, f"{path}: cannot read image ({type(e).__name__}: {first_line(e, path)})"
         try:
             if image is not None and (image.shape[1] * image.shape[2] <= pil_limit() or self.tiles is None):
                 return i, image, prepare(image, self.tiles)
@@ -177,9 +177,13 @@ class ImageFiles(Dataset):
             if image is None:
                 errors.append(printable(prepared))
             elif isinstance(image, Overview):
-                level = prepared.levels[prepared.level]
-                yield ((i, image, prepared.windows), level[:2], prepared.windows,
-                       window_inputs(prepared, printable(prepared.path), errors), (prepared.tiles, level.downsample))
+                level, name = prepared.levels[prepared.level], printable(prepared.path)
+                try:
+                    inputs = window_inputs(prepared, name, errors)
+                except UserError as e:  # removed or changed since a worker read it
+                    errors.append(f"{name}: {e}")
+                    continue
+                yield (i, image, prepared.windows), level[:2], prepared.windows, inputs, (prepared.tiles, level.downsample)
             else:
                 yield (i, image, prepared[0]), (image.shape[2], image.shape[1]), *prepared
 

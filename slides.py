@@ -39,7 +39,7 @@ from PIL import Image
 from misc import UserError
 from tiling import (BCCD_FIELD, MAX_STREAMED_WINDOWS, RBC_WIDTH, check_scale, field_share, rbc_scale, tile_windows,
                     tiling)
-from utils import resize
+from utils import first_line, resize
 
 INSTALL = "pip install -r requirements-slides.txt"
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs")  # also what find_images takes beside PIL's formats
@@ -323,10 +323,6 @@ def open_source(path, kind):
     return OpenSlideSource(path) if kind == "openslide" else TiffSource(path)
 
 
-def first_line(error):
-    return str(error).splitlines()[0][:120] if str(error) else ""
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan of a slide, its windows read one at a time, its overview
 # ---------------------------------------------------------------------------------------------
@@ -418,8 +414,17 @@ def window_inputs(plan, name, errors):
     """The model's inputs for a slide's windows, uint8 (3, 300, 300), read one window at a time as they are asked
     for: each the region the window covers, resized exactly as tiling.prepare does a window of an image held whole
     (utils.resize of the window, moved to the region's corner). Progress on stderr every PROGRESS_SECONDS; at the
-    end a note of the level and windows, and a damaged tile added to `errors`."""
+    end a note of the level and windows, and a damaged tile added to `errors`. The slide is opened again here, at once
+    (a handle does not cross processes): a one-line UserError where it no longer opens as planned."""
     source = ArraySource(plan.image) if plan.kind == "array" else open_source(plan.path, plan.kind)
+    if source.levels != plan.levels:
+        source.close()
+        raise UserError("changed while the run was reading it (its levels differ from a moment before): count it again")
+    return read_windows(plan, source, name, errors)
+
+
+def read_windows(plan, source, name, errors):
+    """window_inputs' stream, from the open source."""
     level = plan.levels[plan.level]
     windows = plan.windows or [(0, 0, level.width, level.height)]
     no_boxes = torch.zeros(0, 4)

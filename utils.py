@@ -347,7 +347,13 @@ def load_image(path):
     except FileNotFoundError:
         raise UserError(f"{path}: image not found") from None
     except Exception as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {first_line(e, path)})") from None
+
+
+def first_line(error, path=None):
+    """The first line of an error's message, without the file's name where it repeats it (PIL's does)."""
+    text = str(error).replace(f" {os.fspath(path)!r}", "") if isinstance(path, (str, os.PathLike)) else str(error)
+    return (text.splitlines() or [""])[0][:120]
 
 
 def pil_to_tensor(image):
@@ -403,8 +409,7 @@ def _coordinates(set_1, set_2):
 
     set_2's are made contiguous: on a CPU, strided (n1, n2) arithmetic is several times slower.
     """
-    return ([c[..., :, None] for c in set_1.unbind(-1)],
-            [c.contiguous()[..., None, :] for c in set_2.unbind(-1)])
+    return ([c[..., :, None] for c in set_1.unbind(-1)], [c.contiguous()[..., None, :] for c in set_2.unbind(-1)])
 
 
 def find_intersection(set_1, set_2):

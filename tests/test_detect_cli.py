@@ -310,7 +310,7 @@ def test_a_file_name_with_a_newline_stays_on_one_line(world, images, tmp_path, d
                                       tmp_path / "out", "--device", "cpu"])
     assert status == 1 and err.strip().splitlines() == [
         f"detect.py: error: {images}/not\\x0aan image.jpg: cannot read image (UnidentifiedImageError: cannot "
-        f"identify image file {str(bad)!r})".replace("\n", "\\x0a")]
+        f"identify image file)".replace("\n", "\\x0a")]  # PIL's message without the name it repeats
     assert len(stdout.strip().splitlines()) == 1 + 4 + 1  # header, the four images, the summary
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import files
 import slides
 from conftest import assert_one_line_error
 from files import ImageFiles, drawable, find_images, open_image
@@ -123,6 +124,16 @@ def test_the_cells_size_comes_from_the_flags_then_the_slides_microns_per_pixel()
     source.levels, source.mpp = levels, mpp
     plan = plan_source("x.tif", "tiff", source, Reading(), tiling(BCCD_FIELD))
     assert plan.level == 1 and plan.tiles[:2] == tiling(BCCD_FIELD)[:2]  # scale 1 there
+
+
+def test_a_slide_of_more_windows_than_streamed_is_one_line_naming_the_flags():
+    source = ArraySource(torch.zeros(3, 1, 1, dtype=torch.uint8))
+    source.levels, source.mpp = [Level(100_000, 80_000, (1, 1))], 0.25  # a 40x scan: red cells 30 px wide
+    with pytest.raises(slides.UserError) as refused:
+        plan_source("x.svs", "openslide", source, Reading(), tiling(BCCD_FIELD))
+    message = str(refused.value)
+    assert "windows of 181x136 px, more than 100,000: give a larger --scale or --rbc-width, or a larger --tile" in message
+    assert "--tile off" not in message and "\n" not in message  # which a slide refuses
 
 
 def test_microns_per_pixel_are_read_from_ome_xml_and_resolution_tags(tmp_path):
@@ -292,6 +303,30 @@ def test_a_truncated_tiff_is_one_line_and_the_run_goes_on(bccd_dir, tmp_path, ru
     r = run_main("detect.py", tmp_path / "in", "--checkpoint", untrained_checkpoint, "--output-dir", tmp_path / "out")
     assert_one_line_error(r, "detect.py", "a.tif")
     assert (tmp_path / "out" / "counts.csv").read_text().splitlines()[1].split(",")[0].endswith("b.png")
+
+
+@pytest.mark.parametrize("change", ["removed", "changed"])
+def test_a_slide_that_no_longer_opens_as_planned_is_said_and_the_next_image_counted(bccd_dir, tmp_path, monkeypatch,
+                                                                                     change):
+    """A slide is planned where it is read (a worker), and opened again where its windows are read: removed or
+    rewritten in between, it is one error and left out, not the end of the run nor windows of another image."""
+    pixels = mosaic(bccd_dir)
+    tif, png = write_pyramid(tmp_path / "a.tif", pixels), tmp_path / "b.png"
+    Image.fromarray(pixels[:480, :640]).save(png)
+    planned = files.plan
+
+    def plan_then_change(path, *args):
+        result = planned(path, *args)
+        if path == str(tif):
+            tif.unlink() if change == "removed" else write_pyramid(tif, pixels, levels=3)
+        return result
+
+    monkeypatch.setattr(files, "plan", plan_then_change)
+    errors = []
+    items = list(ImageFiles.read([str(tif), str(png)], tiling(BCCD_FIELD), 0, errors))
+    assert [item[0][0] for item in items] == [1]  # b.png, counted
+    assert len(errors) == 1 and errors[0].startswith(f"{tif}: ") and "\n" not in errors[0]
+    assert ("changed" if change == "changed" else "No such file") in errors[0]
 
 
 def test_a_damaged_tile_is_read_blank_and_said(bccd_dir, tmp_path):
