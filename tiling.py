@@ -162,8 +162,9 @@ def tile_windows(width, height, tiles, limit=MAX_WINDOWS):
         return None
     xs, ys = window_starts(width, w, overlap), window_starts(height, h, overlap)
     if len(xs) * len(ys) > limit:
+        fixes = "a larger --tile, or --tile off" if limit == MAX_WINDOWS else "or a larger --tile"  # not a slide
         raise UserError(f"{width}x{height} px would be cut into {len(xs) * len(ys):,} windows of {w}x{h} px, more than "
-                        f"{limit:,}: give a larger --scale or --rbc-width, a larger --tile, or --tile off")
+                        f"{limit:,}: give a larger --scale or --rbc-width, {fixes}")
     return [(x, y, x + w, y + h) for y in ys for x in xs]
 
 
