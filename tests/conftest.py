@@ -3,6 +3,7 @@
     python -m pytest tests -q                          # real BCCD at ../shared/data/BCCD or data/BCCD when present
     BCCD_DIR=/path/to/BCCD python -m pytest tests -q   # another copy of BCCD
     python -m pytest tests -q -m "not slow"            # skip the tests marked slow
+    python -m pytest tests -q -m "not slow" -n 2 --dist loadfile   # the README's: two workers (pytest-xdist)
 
 Fixtures:
   * bccd_dir (session): a BCCD folder (Annotations, ImageSets/Main, JPEGImages). The real BCCD
@@ -54,6 +55,13 @@ CURVE = ["training.png"] if importlib.util.find_spec("matplotlib") else []
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")  # a worker of pytest-xdist (-n N): the cores shared out,
+    if workers:  # as torch's threads spin waiting for each other where they are more than the cores
+        from misc import available_cpus
+        threads = str(max(1, available_cpus() // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads  # the Pythons the tests start too
+        import torch
+        torch.set_num_threads(int(threads))
 
 
 def real_bccd_path():
