@@ -3,12 +3,14 @@
 Run: python -m pytest tests/test_map.py -q
 """
 import importlib.util
+import json
 import os
 import random
 
 import pytest
 import torch
 
+from misc import UserError
 from utils import calculate_mAP
 
 INTERPOLATIONS = ("11point", "all", "101point")
@@ -243,13 +245,50 @@ def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
     assert 0.2 < mean_ap < 0.95  # a curve with both kinds of detections, not a trivial 0 or 1
 
 
+def load_tool(name):
+    """The module of tools/NAME.py."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path):
+    """tools/count_check.py: per class, sum |counted - annotated| / annotated and the bias, over the same images."""
+    count_check = load_tool("count_check")
+    images = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, data in (("TEST_images.json", images), ("label_map.json", {"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}),
+                       ("TEST_objects.json", [{"labels": [1, 1, 2]}, {"labels": [1, 3]}])):
+        (lists / name).write_text(json.dumps(data))
+    counts, out = tmp_path / "counts.csv", tmp_path / "report.json"
+    counts.write_text(f"image,RBC,WBC,Platelets\n{images[1]},0,0,2\n{images[0]},3,1,0\n")  # any order
+
+    def check(csv_path, folder=lists):
+        count_check.main(count_check.get_args_parser().parse_args([str(csv_path), "--data-folder", str(folder),
+                                                                   "--output", str(out)]))
+        return json.loads(out.read_text())["all"]
+
+    figures = check(counts)
+    assert figures["RBC"] == {"annotated": 3, "counted": 3, "error": pytest.approx(2 / 3), "bias": 0}  # |3-2| + |0-1|
+    assert figures["WBC"] == {"annotated": 1, "counted": 1, "error": 0, "bias": 0}
+    assert figures["Platelets"] == {"annotated": 1, "counted": 2, "error": 1, "bias": 1}
+    (tmp_path / "wrong.csv").write_text(f"image,RBC\n{images[0]},3\n{images[1]},0\n")
+    (tmp_path / "short.csv").write_text(f"image,RBC,WBC,Platelets\n{images[0]},3,1,0\n")
+    for path, folder, says in ((tmp_path / "none.csv", lists, "none.csv: cannot read"),
+                               (tmp_path / "wrong.csv", lists, "wrong.csv: not the counts.csv of detect.py"),
+                               (tmp_path / "short.csv", lists, "1 of TEST not counted"),
+                               (counts, tmp_path / "nowhere", "TEST_images.json: cannot read")):
+        with pytest.raises(UserError, match=says):
+            check(path, folder)
+
+
 def test_unannotated_cells_sorts_detections_as_voc_matches_them():
     """tools/unannotated_cells.py's classify: by score, IoU > 0.5 matches an annotation once, a second match is a
     duplicate, 0.1 < IoU <= 0.5 is near, the rest lie on no annotated box."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "unannotated_cells.py")
-    spec = importlib.util.spec_from_file_location("unannotated_cells", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("unannotated_cells")
     true = torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.]])
     boxes = torch.tensor([[0., 0., 10., 9.],     # IoU 0.9 with the first, score 0.8: after the match, a duplicate
                           [50., 50., 60., 60.],  # on no box

@@ -33,16 +33,14 @@ def errors(rows, names):
 
 def main(args):
     folder = args.data_folder
-    with open(os.path.join(folder, "TEST_images.json")) as f:
-        images = json.load(f)
-    with open(os.path.join(folder, "TEST_objects.json")) as f:
-        objects = json.load(f)
-    with open(os.path.join(folder, "label_map.json")) as f:
-        label_map = json.load(f)
+    images, objects, label_map = (read(os.path.join(folder, name), json.load) for name in
+                                  ("TEST_images.json", "TEST_objects.json", "label_map.json"))
     names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
-    with open(args.counts, newline="", encoding="utf-8") as f:
-        table = list(csv.DictReader(f))
-    counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
+    table = read(args.counts, lambda f: list(csv.DictReader(f)))
+    try:
+        counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{args.counts}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
     if set(counted) != set(annotated):
         raise UserError(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
@@ -58,6 +56,15 @@ def main(args):
                                          else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
     if args.output:
         write_json_atomic(report, args.output, indent=2)
+
+
+def read(path, load):
+    """load(the open file), or a one-line UserError naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def get_args_parser():
