@@ -254,8 +254,9 @@ def load_tool(name):
     return module
 
 
-def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path):
-    """tools/count_check.py: per class, sum |counted - annotated| / annotated and the bias, over the same images."""
+def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path, capsys):
+    """tools/count_check.py: per class, sum |counted - annotated| / annotated and the bias, over the same images, and
+    the images whose counts differ."""
     count_check = load_tool("count_check")
     images = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
     lists = tmp_path / "lists"
@@ -266,11 +267,18 @@ def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_pat
     counts, out = tmp_path / "counts.csv", tmp_path / "report.json"
     counts.write_text(f"image,RBC,WBC,Platelets\n{images[1]},0,0,2\n{images[0]},3,1,0\n")  # any order
 
-    def check(csv_path, folder=lists):
+    def check(csv_path, folder=lists, key="all"):
         count_check.main(count_check.get_args_parser().parse_args([str(csv_path), "--data-folder", str(folder),
-                                                                   "--output", str(out)]))
-        return json.loads(out.read_text())["all"]
+                                                                   "--output", str(out), "--list"]))
+        return json.loads(out.read_text())[key]
 
+    differ = check(counts, key="differ")
+    assert [(d["image"], d["counted"], d["annotated"]) for d in differ["RBC"]] == [(images[0], 3, 2), (images[1], 0, 1)]
+    assert differ["WBC"] == [] and [d["image"] for d in differ["Platelets"]] == [images[1]]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-4:] == [f"RBC  counted 3, annotated 2  ?  {images[0]}", f"RBC  counted 0, annotated 1  ?  {images[1]}",
+                            f"Platelets  counted 2, annotated 1  ?  {images[1]}",  # the largest differences first
+                            "images whose counts differ: RBC 2, WBC 0, Platelets 1"]
     figures = check(counts)
     assert figures["RBC"] == {"annotated": 3, "counted": 3, "error": pytest.approx(2 / 3), "bias": 0}  # |3-2| + |0-1|
     assert figures["WBC"] == {"annotated": 1, "counted": 1, "error": 0, "bias": 0}

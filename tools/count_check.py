@@ -6,6 +6,8 @@
 Per class: the error, the sum over images of |counted - annotated| / the number annotated, and the bias, the sum of
 (counted - annotated) / the number annotated; over all images and per source (the dataset each list entry came from).
 Images of the lists that counts.csv lacks, or the other way round, are an error: the two must be the same images.
+The images whose counts differ from their annotations are listed per class (--list prints them): where a count is
+wrong, or an annotation.
 """
 import argparse
 import csv
@@ -45,15 +47,24 @@ def main(args):
     if set(counted) != set(annotated):
         raise UserError(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
                  f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
-    rows = {}
+    rows, differ = {}, {n: [] for n in names}
     for path, o in annotated.items():
         truth = {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
         rows.setdefault(o.get("source", "?"), []).append((counted[path], truth))
+        for n in names:
+            if counted[path][n] != truth[n]:
+                differ[n].append({"image": path, "source": o.get("source", "?"), "counted": counted[path][n],
+                                  "annotated": truth[n]})
     report = {"counts": args.counts, "images": len(annotated), "all": errors([r for rs in rows.values() for r in rs], names),
-              "by_source": {s: {"images": len(rs), **errors(rs, names)} for s, rs in rows.items()} if len(rows) > 1 else {}}
+              "by_source": {s: {"images": len(rs), **errors(rs, names)} for s, rs in rows.items()} if len(rows) > 1 else {},
+              "differ": differ}
     for where, figures in [("all", report["all"])] + list(report["by_source"].items()):
         print(f"{where:<14}" + "  ".join(f"{n} {e['error']:.1%} ({e['bias']:+.1%})" if e["error"] is not None
                                          else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
+    for n in names if args.list else ():
+        for d in sorted(differ[n], key=lambda d: (-abs(d["counted"] - d["annotated"]), d["image"])):
+            print(f"{n}  counted {d['counted']}, annotated {d['annotated']}  {d['source']}  {d['image']}")
+    print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
     if args.output:
         write_json_atomic(report, args.output, indent=2)
 
@@ -71,7 +82,10 @@ def get_args_parser():
     parser = argparse.ArgumentParser("count_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("counts", help="counts.csv of a detect.py run")
     parser.add_argument("--data-folder", default="data/lists", help="lists whose TEST holds the same images")
-    parser.add_argument("--output", default=None, help="write the figures as JSON here")
+    parser.add_argument("--output", default=None, help="write the figures as JSON here (with every image whose counts "
+                        "differ from its annotations)")
+    parser.add_argument("--list", action="store_true", help="also print those images, the largest differences first: "
+                        "the ones to look at")
     return parser
 
 
