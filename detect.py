@@ -35,7 +35,7 @@ from files import (ImageFiles, Results, check_writable_folder, drawable, find_im
 from labels import FORMATS
 from misc import (Terminated, UserError, bf16_choice, bf16_is_fast, check_workers, format_min_score, load_checkpoint,
                   parse_max_overlap, parse_min_score, resolve_device, run_cli)
-from model import ASPECT_RATIOS, FMAP_DIMS, SSD300
+from model import ASPECT_RATIOS, FMAP_DIMS, SSD300, no_cells_in_blank
 from report import Report
 from tiling import BCCD_FIELD, RBC_WIDTH, flag_reading, in_batches, prepare, tile_windows, tiling, to_pixels
 from utils import class_names, normalize, pil_to_tensor, resize
@@ -114,14 +114,14 @@ def preprocess(image):
 @torch.no_grad()
 def run_model(model, images, amp=None, channels_last=True):
     """images: uint8 (N, 3, 300, 300), as BCCDDataset and preprocess give them -> the model's (locs, scores).
-    amp: bf16 autocast (default: where it is fast, misc.bf16_is_fast). With test-time augmentation (model.tta,
-    set by load_model: see TTA_VIEWS) the predictions of each flipped view are mapped back and averaged."""
-    device = next(model.parameters()).device
+    amp: bf16 autocast (default: where it is fast, misc.bf16_is_fast). With test-time augmentation (model.tta, set by
+    load_model: TTA_VIEWS) each flipped view's predictions are mapped back and averaged. A blank input gets nothing but
+    background (a dark frame, bare glass: model.BLANK_SPREAD)."""
+    device, views, locs, probs = next(model.parameters()).device, TTA_VIEWS[getattr(model, "tta", "off")], 0, 0
     amp = bf16_is_fast(device) if amp is None else amp
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    images = normalize(images.to(device, non_blocking=True, memory_format=memory_format))
-    views = TTA_VIEWS[getattr(model, "tta", "off")]
-    locs, probs = 0, 0
+    pixels = images.to(device, non_blocking=True, memory_format=memory_format)
+    images = normalize(pixels)
     for view in views:
         x = flip_view(images, view)
         if any(view):
@@ -129,10 +129,10 @@ def run_model(model, images, amp=None, channels_last=True):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             view_locs, view_scores = model(x)  # (N, P, 4), (N, P, C)
         if len(views) == 1:
-            return view_locs, view_scores
+            return view_locs, no_cells_in_blank(pixels, view_scores)
         view_locs, view_probs = unflip_predictions(view_locs.float(), view_scores.float().softmax(-1), view)
         locs, probs = locs + view_locs, probs + view_probs
-    return locs / len(views), (probs / len(views)).log()  # detect_objects' softmax of log(p) is p
+    return locs / len(views), no_cells_in_blank(pixels, (probs / len(views)).log())  # softmax of log(p) is p
 
 
 def predict(model, images, min_score=0.2, max_overlap=0.5, top_k=TOP_K, amp=None, channels_last=True):

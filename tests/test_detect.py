@@ -305,3 +305,27 @@ def test_the_cpu_features_are_this_machines():
     assert f"vendor_id\t: {vendor}" in text and flags == set(re.search(r"^flags\s*:(.*)$", text, re.M)[1].split())
     if hasattr(torch.cpu, "_is_avx512_bf16_supported"):  # torch's own check, from the cpuid instruction
         assert ("avx512_bf16" in flags) == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_a_blank_field_counts_no_cells_and_a_field_of_any_contrast_keeps_its_detections():
+    """model.no_cells_in_blank: a dark frame (with a sensor's noise), bare glass or a flat colour gets background only
+    (the shipped model saw a white cell at 0.88 in a black frame); one cell alone on glass, or a smear, keeps its
+    scores. Then through detect_image, with and without test-time flips."""
+    from model import no_cells_in_blank
+    rng = np.random.default_rng(0)
+    dark = np.clip(rng.normal(8, 5, (300, 300, 3)), 0, 255).astype(np.uint8)  # a dark frame's noise
+    one_cell = np.full((300, 300, 3), 235, np.uint8)
+    one_cell[140:148, 150:158] = (150, 90, 160)  # a platelet of 8 px on glass
+    smear = np.asarray(Image.open(Path(detect.__file__).parent / "img" / "BloodImage_00007.jpg").resize((300, 300)))
+    fields = [np.zeros_like(dark), np.full_like(dark, 255), np.full_like(dark, 0) + np.uint8([60, 20, 90]), dark,
+              one_cell, smear]
+    images = torch.from_numpy(np.stack(fields).astype(np.uint8)).permute(0, 3, 1, 2)
+    scores = torch.randn(len(fields), 10, 4)
+    out = no_cells_in_blank(images, scores)
+    assert (out[:4, :, 1:] == float("-inf")).all() and torch.equal(out[:4, :, 0], scores[:4, :, 0])
+    assert torch.equal(out[4:], scores[4:])
+    for tta in ("off", "h"):
+        model = detect.load_model(tta=tta)
+        for pixels in fields[:4]:
+            assert len(detect.detect_image(Image.fromarray(pixels), model, min_score=0.01)[2]) == 0
+        assert len(detect.detect_image(Image.fromarray(smear), model)[2]) > 10
