@@ -41,6 +41,7 @@ def main(args):
     table = read(args.counts, lambda f: list(csv.DictReader(f)))
     try:
         counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
+        given = {os.path.realpath(row["image"]): row["image"] for row in table}  # as counts.csv names them
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{args.counts}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
@@ -53,7 +54,7 @@ def main(args):
         rows.setdefault(o.get("source", "?"), []).append((counted[path], truth))
         for n in names:
             if counted[path][n] != truth[n]:
-                differ[n].append({"image": path, "source": o.get("source", "?"), "counted": counted[path][n],
+                differ[n].append({"image": given[path], "source": o.get("source", "?"), "counted": counted[path][n],
                                   "annotated": truth[n]})
     report = {"counts": args.counts, "images": len(annotated), "all": errors([r for rs in rows.values() for r in rs], names),
               "by_source": {s: {"images": len(rs), **errors(rs, names)} for s, rs in rows.items()} if len(rows) > 1 else {},
@@ -62,7 +63,7 @@ def main(args):
         print(f"{where:<14}" + "  ".join(f"{n} {e['error']:.1%} ({e['bias']:+.1%})" if e["error"] is not None
                                          else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
     for n in names if args.list else ():
-        for d in sorted(differ[n], key=lambda d: (-abs(d["counted"] - d["annotated"]), d["image"])):
+        for d in sorted(differ[n], key=lambda d: -abs(d["counted"] - d["annotated"])):  # then in the lists' order
             print(f"{n}  counted {d['counted']}, annotated {d['annotated']}  {d['source']}  {d['image']}")
     print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
     if args.output:
