@@ -265,7 +265,7 @@ def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_pat
                        ("TEST_objects.json", [{"labels": [1, 1, 2]}, {"labels": [1, 3]}])):
         (lists / name).write_text(json.dumps(data))
     counts, out = tmp_path / "counts.csv", tmp_path / "report.json"
-    counts.write_text(f"image,RBC,WBC,Platelets\n{images[1]},0,0,2\n{tmp_path}/lists/../a.jpg,3,1,0\n")  # any order
+    counts.write_text(f"image,RBC,WBC,Platelets\n{images[1]},4,0,2\n{tmp_path}/lists/../a.jpg,3,1,0\n")  # any order
 
     def check(csv_path, folder=lists, key="all"):
         count_check.main(count_check.get_args_parser().parse_args([str(csv_path), "--data-folder", str(folder),
@@ -274,14 +274,15 @@ def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_pat
 
     differ = check(counts, key="differ")
     assert [(d["image"], d["counted"], d["annotated"]) for d in differ["RBC"]] == [  # named as counts.csv names them
-        (f"{tmp_path}/lists/../a.jpg", 3, 2), (images[1], 0, 1)]
+        (f"{tmp_path}/lists/../a.jpg", 3, 2), (images[1], 4, 1)]  # in the lists' order; printed, by difference
     assert differ["WBC"] == [] and [d["image"] for d in differ["Platelets"]] == [images[1]]
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-4:] == [f"RBC  counted 3, annotated 2  ?  {tmp_path}/lists/../a.jpg", f"RBC  counted 0, annotated 1  ?  {images[1]}",
-                            f"Platelets  counted 2, annotated 1  ?  {images[1]}",  # the largest differences first
+    assert printed[-4:] == [f"RBC  counted 4, annotated 1  ?  {images[1]}",
+                            f"RBC  counted 3, annotated 2  ?  {tmp_path}/lists/../a.jpg",
+                            f"Platelets  counted 2, annotated 1  ?  {images[1]}",
                             "images whose counts differ: RBC 2, WBC 0, Platelets 1"]
     figures = check(counts)
-    assert figures["RBC"] == {"annotated": 3, "counted": 3, "error": pytest.approx(2 / 3), "bias": 0}  # |3-2| + |0-1|
+    assert figures["RBC"] == {"annotated": 3, "counted": 7, "error": pytest.approx(4 / 3), "bias": pytest.approx(4 / 3)}
     assert figures["WBC"] == {"annotated": 1, "counted": 1, "error": 0, "bias": 0}
     assert figures["Platelets"] == {"annotated": 1, "counted": 2, "error": 1, "bias": 1}
     (tmp_path / "wrong.csv").write_text(f"image,RBC\n{images[0]},3\n{images[1]},0\n")

@@ -63,7 +63,7 @@ def main(args):
         print(f"{where:<14}" + "  ".join(f"{n} {e['error']:.1%} ({e['bias']:+.1%})" if e["error"] is not None
                                          else f"{n} -" for n, e in ((n, figures[n]) for n in names)))
     for n in names if args.list else ():
-        for d in sorted(differ[n], key=lambda d: -abs(d["counted"] - d["annotated"])):  # then in the lists' order
+        for d in sorted(differ[n], key=lambda d: -abs(d["counted"] - d["annotated"])):  # ties in the lists' order
             print(f"{n}  counted {d['counted']}, annotated {d['annotated']}  {d['source']}  {d['image']}")
     print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
     if args.output:
