@@ -201,7 +201,11 @@ def read_data_yaml(path):
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UserError(f"{path}: unreadable YAML ({one_line(e)})") from None
     names = data.get("names") if isinstance(data, dict) else None
-    if isinstance(names, dict) and sorted(names) == list(range(len(names))):  # {0: WBC, 1: RBC}
+    if isinstance(names, dict) and names:  # {0: WBC, 1: RBC}
+        ids = list(names)
+        if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(ids))):
+            raise UserError(f"{path}: names must be numbered 0, 1, 2, ... without a gap, as the label files' class ids "
+                            f"are, not {', '.join(map(repr, ids[:6]))}")
         names = [names[i] for i in range(len(names))]
     if not (isinstance(names, list) and names and all(isinstance(n, (str, int)) for n in names)):
         raise UserError(f"{path}: no class names (names: [a, b] or names: {{0: a, 1: b}})")

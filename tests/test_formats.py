@@ -149,6 +149,11 @@ def test_yolo_problems_of_the_dataset(tmp_path):
     (yolo / "data.yaml").write_text("train: images/train\nnames: 3\n")
     with pytest.raises(UserError, match=r"data.yaml: no class names"):
         create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
+    for names, shown in (("{0: a, 2: b}", "0, 2"), ("{'0': a, 1: b}", "'0', 1"), ("{true: a}", "True")):
+        (yolo / "data.yaml").write_text(f"train: images/train\nnames: {names}\n")
+        with pytest.raises(UserError, match=rf"data.yaml: names must be numbered 0, 1, 2, ... without a gap, .* not "
+                                            rf"{shown}$"):
+            create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
     (yolo / "data.yaml").write_text("train: images/train\nnames: [a, b\n")
     with pytest.raises(UserError, match=r"data.yaml: unreadable YAML"):
         create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
