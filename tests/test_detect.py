@@ -186,13 +186,14 @@ def hex_rgb(color):
 
 def test_detect_function_returns_the_original_size_annotated(untrained_checkpoint):
     model = detect.load_model(untrained_checkpoint)
-    original = Image.new("L", (400, 200), 128)  # flat: any 300x300 resize of it gives the same input
+    halves = np.repeat(np.array([[60] * 200 + [200] * 200], np.uint8), 200, axis=0)  # not flat: a flat field is blank
+    original = Image.fromarray(halves, "L")
     annotated = detect.detect(original, min_score=0.2, max_overlap=0.5, top_k=1, model=model)
     assert annotated.size == (400, 200) and annotated.mode == "RGB"
-    assert original.getextrema() == (128, 128)  # drawn on a copy
+    assert np.array_equal(np.asarray(original), halves)  # drawn on a copy
 
     # where the one detection must be drawn: the model's box, in pixels of the 400x200 original
-    x = torch.full((1, 3, 300, 300), 128 / 255)
+    x = detect.preprocess(torch.from_numpy(halves)[None].expand(3, -1, -1))[None].float() / 255
     x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast(torch.device("cpu"))):
         locs, scores = model(x.contiguous(memory_format=torch.channels_last))
@@ -200,7 +201,7 @@ def test_detect_function_returns_the_original_size_annotated(untrained_checkpoin
     assert len(labels[0]) == 1
     x0, y0, x1, y1 = (boxes[0][0] * torch.tensor([400, 200, 400, 200])).tolist()
     pixels = np.asarray(annotated).astype(int)
-    changed = (pixels != 128).any(-1)
+    changed = (pixels != halves[..., None]).any(-1)
     ys, xs = changed.nonzero()
     assert abs(xs.min() - x0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5, ((xs.min(), ys.max()), (x0, y1))
     assert model.label_color_map == label_color_map  # BCCD's own colours
