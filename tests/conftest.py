@@ -23,7 +23,7 @@ Fixtures:
     only a separate process shows (a traceback at import, signals to a process group, torchrun).
 
 Helpers: train_argv (train.py's command line for the tiny runs, with SCHEDULE), truncate_lists,
-assert_one_line_error (a command that failed as a user error should).
+assert_one_line_error (a command that failed as a user error should), load_tool (a script of tools/ as a module).
 """
 import importlib.util
 import json
@@ -318,3 +318,11 @@ def assert_one_line_error(result, script, says):
     assert result.stderr[result.stderr.index(lines[0]):].strip() == lines[0], result.stderr
     assert all(w in lines[0] for w in ([says] if isinstance(says, str) else says)), lines[0]
     return lines[0]
+
+
+def load_tool(name):
+    """The module of tools/NAME.py (run as `python tools/NAME.py`, it is no package's: imported from its path)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,14 +1,13 @@
 """The pages and the tools: README.md stays one screenful, every relative link of the pages resolves (files,
 folders and #anchors), no page cites what a reader cannot open, no tracked file names a machine's folders, and
 every script in tools/ starts (its --help) against the project as it is now."""
-import importlib.util
 import re
 import subprocess
 import unicodedata
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
 README_MAX_LINES = 200
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "results").rglob("README.md")])
@@ -107,9 +106,7 @@ def test_results_holds_records_only():
 
 @pytest.mark.parametrize("tool", sorted((REPO / "tools").glob("*.py")), ids=lambda p: p.name)
 def test_python_tool_imports_the_project_and_shows_its_help(tool, capsys):
-    spec = importlib.util.spec_from_file_location(f"tools_{tool.stem}", tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its imports of the project's modules resolve
+    module = load_tool(tool.stem)  # its imports of the project's modules resolve
     with pytest.raises(SystemExit) as done:
         module.get_args_parser().parse_args(["--help"])
     assert done.value.code == 0 and "usage:" in capsys.readouterr().out

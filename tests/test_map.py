@@ -2,14 +2,13 @@
 
 Run: python -m pytest tests/test_map.py -q
 """
-import importlib.util
 import json
-import os
 import random
 
 import pytest
 import torch
 
+from conftest import load_tool
 from misc import UserError
 from utils import calculate_mAP
 
@@ -243,15 +242,6 @@ def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
         assert aps[name] == pytest.approx(ref_aps[name], abs=1e-5), name
     assert mean_ap == pytest.approx(ref_mean, abs=1e-5)
     assert 0.2 < mean_ap < 0.95  # a curve with both kinds of detections, not a trivial 0 or 1
-
-
-def load_tool(name):
-    """The module of tools/NAME.py."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path, capsys):
