@@ -280,7 +280,7 @@ def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_pat
     for path, folder, says in ((tmp_path / "none.csv", lists, "none.csv: cannot read"),
                                (tmp_path / "wrong.csv", lists, "wrong.csv: not the counts.csv of detect.py"),
                                (tmp_path / "short.csv", lists, "1 of TEST not counted"),
-                               (counts, tmp_path / "nowhere", "TEST_images.json: cannot read")):
+                               (counts, tmp_path / "nowhere", "TEST_images.json: list not found")):
         with pytest.raises(UserError, match=says):
             check(path, folder)
 

@@ -11,13 +11,13 @@ wrong, or an annotation.
 """
 import argparse
 import csv
-import json
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/count_check.py`)
 from misc import UserError, run_cli, write_json_atomic  # noqa: E402
+from utils import read_json  # noqa: E402
 
 
 def errors(rows, names):
@@ -35,13 +35,17 @@ def errors(rows, names):
 
 def main(args):
     folder = args.data_folder
-    images, objects, label_map = (read(os.path.join(folder, name), json.load) for name in
+    images, objects, label_map = (read_json(os.path.join(folder, name), "list") for name in
                                   ("TEST_images.json", "TEST_objects.json", "label_map.json"))
     names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
-    table = read(args.counts, lambda f: list(csv.DictReader(f)))
     try:
-        counted = {os.path.realpath(row["image"]): {n: int(row[n]) for n in names} for row in table}
-        given = {os.path.realpath(row["image"]): row["image"] for row in table}  # as counts.csv names them
+        with open(args.counts, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.counts}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        row_of = {os.path.realpath(row["image"]): row for row in table}
+        counted = {path: {n: int(row[n]) for n in names} for path, row in row_of.items()}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{args.counts}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
@@ -54,8 +58,8 @@ def main(args):
         rows.setdefault(o.get("source", "?"), []).append((counted[path], truth))
         for n in names:
             if counted[path][n] != truth[n]:
-                differ[n].append({"image": given[path], "source": o.get("source", "?"), "counted": counted[path][n],
-                                  "annotated": truth[n]})
+                differ[n].append({"image": row_of[path]["image"], "source": o.get("source", "?"),  # as counts.csv says
+                                  "counted": counted[path][n], "annotated": truth[n]})
     report = {"counts": args.counts, "images": len(annotated), "all": errors([r for rs in rows.values() for r in rs], names),
               "by_source": {s: {"images": len(rs), **errors(rs, names)} for s, rs in rows.items()} if len(rows) > 1 else {},
               "differ": differ}
@@ -68,15 +72,6 @@ def main(args):
     print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
     if args.output:
         write_json_atomic(report, args.output, indent=2)
-
-
-def read(path, load):
-    """load(the open file), or a one-line UserError naming the file."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def get_args_parser():
