@@ -13,6 +13,8 @@ their mean (the tutorial's mAP), all-point AP at IoU > 0.5 (VOC2010+), and COCO-
 over IoU thresholds 0.5, 0.55, ..., 0.95 (101-point interpolation, VOC matching rules). The classes
 are the checkpoint's, and the lists must be of the same classes (label_map.json). A class without
 (non-difficult) objects in TEST has no AP: it is reported as "not in TEST" and left out of the means.
+Also reported: each class's recall at that setting, the share of its objects found at all. VOC2007's AP takes the
+precision at recall 1 as 0 when that is below 1, so one object missed caps a class's 11-point AP at 10/11 = 0.909.
 
 Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
 (those recorded in the checkpoint, else the tutorial's min_score 0.2 and max_overlap 0.5;
@@ -39,7 +41,7 @@ from misc import (UserError, available_cpus, bf16_is_fast, check_not_an_input, c
                   format_min_score, ignore_stop_signals, init_distributed, iterate, parse_max_overlap, parse_min_score,
                   repo_relative, run_cli, run_info, write_json_atomic)
 from plots import EVAL_PNGS, eval_plots, require_matplotlib
-from utils import bccd_labels, calculate_mAP, check_same_classes, class_names
+from utils import bccd_labels, calculate_mAP, check_same_classes, class_names, match_detections
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
@@ -141,7 +143,7 @@ def check_scorable(test_set):
 
 
 def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties, label_names):
-    """The three figures eval.py reports, as a JSON-ready dict. label_names: {label: class name}, background left
+    """The figures eval.py reports, as a JSON-ready dict. label_names: {label: class name}, background left
     out. A class without (non-difficult) objects has no AP (calculate_mAP leaves it out): "not_in_test" lists them."""
     args = (det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties)
     aps, mean_ap = calculate_mAP(*args, label_names=label_names)
@@ -149,7 +151,8 @@ def compute_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, 
     coco = [calculate_mAP(*args, iou_threshold=t, interpolation="101point", label_names=label_names)
             for t in COCO_THRESHOLDS]
     aps_coco = {name: sum(c[0][name] for c in coco) / len(coco) for name in aps}
-    return {"mAP": mean_ap, "AP": aps,
+    recall = {name: int(tp.sum()) / n for name, (_, tp, n) in match_detections(*args, label_names=label_names).items()}
+    return {"mAP": mean_ap, "AP": aps, "recall": recall,
             "mAP_all_point": mean_ap_all, "AP_all_point": aps_all,
             "mAP_coco": sum(c[1] for c in coco) / len(coco), "AP_coco": aps_coco,
             "not_in_test": [name for _, name in sorted(label_names.items()) if name not in aps]}
@@ -277,10 +280,11 @@ def run(args, rank, world, device):
     counted = {setting: results.counted_at(k) for k, setting in enumerate(count_at) if k > 0}  # the sweep's settings
     metrics = compute_metrics(*results.for_map, label_names=label_names(model))
     w = max(12, *(len(name) + 2 for name in names))  # the class column
-    print(f"\n{'class':<{w}}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}")
+    print(f"\n{'class':<{w}}{'AP@0.5 (VOC07)':>16}{'AP@0.5 (all pt)':>17}{'AP@[.5:.95]':>13}{'recall':>9}")
     for name in names:
         if name in metrics["AP"]:
-            print(f"{name:<{w}}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}{metrics['AP_coco'][name]:>13.4f}")
+            print(f"{name:<{w}}{metrics['AP'][name]:>16.4f}{metrics['AP_all_point'][name]:>17.4f}"
+                  f"{metrics['AP_coco'][name]:>13.4f}{metrics['recall'][name]:>9.2%}")
         else:
             print(f"{name:<{w}}{'not in TEST (no AP; left out of the means)':>46}")
     print(f"{'mAP':<{w}}{metrics['mAP']:>16.4f}{metrics['mAP_all_point']:>17.4f}{metrics['mAP_coco']:>13.4f}")

@@ -255,7 +255,7 @@ def test_class_absent_from_test_is_reported_as_such_and_left_out_of_the_mean(two
     ap_table, count_table = capsys.readouterr().out.split("counting at")
     rows = [line for line in ap_table.splitlines() if line.startswith("Lymphozyt ä ")]
     assert len(rows) == 1 and "not in TEST" in rows[0] and not re.search(r"\d", rows[0]), rows
-    assert re.search(r"^Sickle cell +\d\.\d{4} +\d\.\d{4} +\d\.\d{4}$", ap_table, re.M), ap_table
+    assert re.search(r"^Sickle cell +\d\.\d{4} +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d%$", ap_table, re.M), ap_table
     assert re.search(r"^Lymphozyt ä +0\.00 +\d+\.\d\d +\d+\.\d\d +- +-$", count_table, re.M), count_table
 
 
@@ -337,7 +337,7 @@ def test_own_classes_end_to_end(tiny_voc, tmp_path, run_main):
     ap_table = result.stdout.split("counting at")[0]
     for name in OWN_SORTED:  # one row per class: its APs, or that it is not in TEST
         rows = [line[len(name):] for line in ap_table.splitlines() if line.startswith(name + " ")]
-        expected = r"^ +\d\.\d{4} +\d\.\d{4} +\d\.\d{4}$" if name in in_test else r"^ +not in TEST"
+        expected = r"^ +\d\.\d{4} +\d\.\d{4} +\d\.\d{4} +\d+\.\d\d%$" if name in in_test else r"^ +not in TEST"
         assert len(rows) == 1 and re.search(expected, rows[0]), (name, ap_table)
 
     images = read_json(lists / "TEST_images.json")

@@ -137,6 +137,19 @@ def test_recall_exactly_on_a_recall_threshold_counts(interpolation, n_objects, f
     assert aps["RBC"] == pytest.approx(expected, abs=1e-6)
 
 
+def test_one_object_missed_caps_voc07_ap_at_ten_elevenths_and_eval_reports_the_recall():
+    """11 objects, 10 found with precision 1 and one never: recall 10/11, 11-point AP 10/11 (the point at recall 1
+    is 0), all-point AP 10/11 too; the same with all 11 found is 1. eval.compute_metrics reports the recall."""
+    from eval import compute_metrics
+    boxes = [[i / 16, 0., (i + 0.5) / 16, 0.5] for i in range(11)]  # disjoint
+    for found in (10, 11):
+        one = image(true=[(b, 2, 0) for b in boxes], dets=[(boxes[i], 2, 0.9 - i / 100) for i in range(found)])
+        metrics = compute_metrics(*[[t] for t in one], label_names=CLASS_NAMES)
+        assert metrics["recall"] == pytest.approx({"WBC": found / 11})
+        assert metrics["AP"]["WBC"] == pytest.approx(1. if found == 11 else 10 / 11, abs=1e-6)
+        assert metrics["AP_all_point"]["WBC"] == pytest.approx(found / 11, abs=1e-6)
+
+
 def test_empty_inputs():
     # no detections at all: every class with objects scores 0
     aps, mean_ap = evaluate([image(true=[(A, 1, 0), (B, 2, 0)]), image()])

@@ -60,8 +60,8 @@ def evaluate(path, lists, output):
                 output])
     with open(output) as f:
         result = json.load(f)
-    return {k: result[k] for k in ("mAP", "AP", "mAP_all_point", "AP_all_point", "mAP_coco", "AP_coco", "counts",
-                                   "images", "command", "commit", "date", "device_name")}
+    return {k: result[k] for k in ("mAP", "AP", "recall", "mAP_all_point", "AP_all_point", "mAP_coco", "AP_coco",
+                                   "counts", "images", "command", "commit", "date", "device_name")}
 
 
 def figure(checkpoint, bccd_folder, image_id, out):
