@@ -37,7 +37,7 @@ class BCCDDataset(Dataset):
         keep_difficult: keep objects marked difficult (BCCD has none; VOC-style data may).
         cache_images: decode every image once, here, and keep it in memory (BCCD's 292 train
             images take 270 MB). DataLoader workers started after that share the cache.
-        max_zoom, flips: TRAIN's zoom-out and flips (utils.transform).
+        max_zoom, flips, crop_keep: TRAIN's zoom-out, flips and the boxes its crops keep (utils.transform).
 
     Item i is (image (3, 300, 300) uint8, to be normalized on the device with utils.normalize;
     boxes (n, 4) float, fractional (x_min, y_min, x_max, y_max); labels (n,) long; difficulties
@@ -46,14 +46,15 @@ class BCCDDataset(Dataset):
     with `seed`, so it does not depend on which worker loads the item (see AugmentationSampler).
     """
 
-    def __init__(self, data_folder, split, keep_difficult=False, cache_images=False, max_zoom=4., flips="h"):
+    def __init__(self, data_folder, split, keep_difficult=False, cache_images=False, max_zoom=4., flips="h",
+                 crop_keep="centre"):
         self.split = split.upper()
         if self.split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         self.data_folder = data_folder
         self.keep_difficult = keep_difficult
         self.max_zoom = max_zoom
-        self.flips = flips
+        self.flips, self.crop_keep = flips, crop_keep
         label_map_path = os.path.join(data_folder, "label_map.json")
         self.label_map = check_label_map(self._read_json(label_map_path), label_map_path)
         self.images = self._read_json(os.path.join(data_folder, self.split + "_images.json"))
@@ -143,7 +144,7 @@ class BCCDDataset(Dataset):
             boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
         g = torch.Generator().manual_seed(seed) if seed is not None else None  # None: the global RNG
         return transform(image, boxes, labels, difficulties, split=self.split, g=g, max_zoom=self.max_zoom,
-                         flips=self.flips)
+                         flips=self.flips, crop_keep=self.crop_keep)
 
     @staticmethod
     def collate_fn(batch):

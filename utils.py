@@ -269,12 +269,11 @@ def parse_coco(coco_path, label_map=None):
     """Parse a COCO detection file (CVAT's, Label Studio's, Roboflow's, detect.py --save-labels coco).
 
     Returns ({image file_name: ((width, height), objects)}, warnings, the category names in id order), objects as
-    parse_annotation's (labels are
-    category names, or label_map's labels); bbox [x, y, w, h] in pixels becomes [x, y, x + w, y + h]; a crowd
-    region (iscrowd 1) is kept as difficult, so that detections on it count neither way (VOC's rule).
-    UserError naming the file and annotation for ids that do not match (an image, category or annotation id
-    twice, an annotation of an unknown image or category), a bbox that is not four numbers, or a box outside
-    its image.
+    parse_annotation's (labels are category names, or label_map's labels); bbox [x, y, w, h] in pixels becomes
+    [x, y, x + w, y + h]; a crowd region (iscrowd 1) is kept as difficult, so that detections on it count neither way
+    (VOC's rule). UserError naming the file and annotation for ids that do not match (an image, category or
+    annotation id twice, an annotation of an unknown image or category), a bbox that is not four numbers, or a box
+    outside its image.
     """
     coco = read_json(coco_path, "COCO file")
     if not (isinstance(coco, dict) and all(isinstance(coco.get(k), list) for k in ("images", "annotations",
@@ -542,23 +541,27 @@ def expand(window, g=None, max_scale=4):
 
 
 _MIN_OVERLAPS = (0., .1, .3, .5, .7, .9, None)  # None: no crop
+CROP_KEEP = ("centre", "visible")
+CROP_MIN_VISIBLE = 0.15  # 99 % of the 7,572 red cells TXL-PBC train boxes at the image's edge show more of a cell
 
 
-def random_crop(window, boxes, labels, difficulties, g=None, max_trials=50):
+def random_crop(window, boxes, labels, difficulties, g=None, max_trials=50, keep="centre"):
     """Zoom in: crop the window as in the paper (Sec. 3.6) and the tutorial.
 
     A minimum overlap is drawn from {0, .1, .3, .5, .7, .9, no crop}; then up to `max_trials`
     crops with sides 0.3-1 of the window and aspect ratio between 0.5 and 2 are tried (drawn all
-    at once here) and the first is kept that overlaps some box by at least that much and contains
-    at least one box centre. Boxes whose centres fall outside are dropped, the rest clipped.
-    If no trial succeeds another minimum overlap is drawn. boxes: (n, 4) pixels, same frame as window.
+    at once here) and the first is kept that overlaps some box by at least that much and keeps a box. Another
+    minimum overlap is drawn if no trial succeeds. boxes: (n, 4) pixels, same frame as window.
+    keep (CROP_KEEP), the boxes a crop keeps, clipped (the rest are dropped): "centre", those whose centres fall inside
+    (the paper's); "visible", those with more than CROP_MIN_VISIBLE of their area inside, where the annotations box
+    cells cut by the image's edge (TXL-PBC's do): the crop's edge then cuts cells as the image's does.
     Returns (window, boxes, labels, difficulties).
     """
     if boxes.size(0) == 0:  # nothing to keep: the crop conditions cannot be met
         return window, boxes, labels, difficulties
     x0, y0, x1, y1 = window
     w, h = x1 - x0, y1 - y0
-    centers = (boxes[:, :2] + boxes[:, 2:]) / 2  # (n, 2)
+    centers, area = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]).prod(1)  # (n, 2), (n,)
     while True:
         min_overlap = _MIN_OVERLAPS[_randint(g, 0, len(_MIN_OVERLAPS) - 1)]
         if min_overlap is None:
@@ -570,7 +573,10 @@ def random_crop(window, boxes, labels, difficulties, g=None, max_trials=50):
         top = (torch.rand(max_trials, generator=g, dtype=torch.float64) * (h - new_h + 1)).long()
         crops = torch.stack([x0 + left, y0 + top, x0 + left + new_w, y0 + top + new_h], 1).float()  # (T, 4)
         overlap = find_jaccard_overlap(crops, boxes)  # (T, n)
-        inside = ((centers[None] > crops[:, None, :2]) & (centers[None] < crops[:, None, 2:])).all(-1)  # (T, n)
+        if keep == "centre":
+            inside = ((centers[None] > crops[:, None, :2]) & (centers[None] < crops[:, None, 2:])).all(-1)  # (T, n)
+        else:
+            inside = find_intersection(crops, boxes) > CROP_MIN_VISIBLE * area  # (T, n)
         ok = aspect_ok & (overlap.max(1).values >= min_overlap) & inside.any(1)
         if ok.any():
             t = int(ok.nonzero()[0])
@@ -666,7 +672,7 @@ def normalize(images):
     return out
 
 
-def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., flips="h"):
+def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., flips="h", crop_keep="centre"):
     """Apply the tutorial's transformations (section "Data Transforms").
 
     image: uint8 tensor (3, H, W); boxes: (n, 4) pixel xy; labels, difficulties: (n,).
@@ -675,11 +681,11 @@ def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., fl
     batches on the device. g: torch.Generator for the random draws.
     max_zoom: the largest zoom-out canvas, as a multiple of the image (paper: 4; 1 disables it).
     flips: "h", the tutorial's horizontal flip, or "d4", also a vertical flip and a transpose (50% each, after
-    resizing, so that every symmetry of the square is as likely: flip_rotate).
+    resizing, so that every symmetry of the square is as likely: flip_rotate). crop_keep: random_crop's keep.
     Returns (image uint8 (3, 300, 300), boxes fractional (n, 4), labels, difficulties).
     """
     split = split.upper()
-    assert split in ("TRAIN", "TEST") and flips in FLIPS
+    assert split in ("TRAIN", "TEST") and flips in FLIPS and crop_keep in CROP_KEEP
     _, H, W = image.shape
     window = (0, 0, W, H)
     hflip, distort = False, None
@@ -687,7 +693,7 @@ def transform(image, boxes, labels, difficulties, split, g=None, max_zoom=4., fl
         distort = lambda im: photometric_distort(im, g)  # applied in resize, to the visible pixels only
         if torch.rand((), generator=g) < 0.5 and max_zoom > 1:
             window = expand(window, g, max_scale=max_zoom)
-        window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g)
+        window, boxes, labels, difficulties = random_crop(window, boxes, labels, difficulties, g, keep=crop_keep)
         hflip = bool(torch.rand((), generator=g) < 0.5)
     image, boxes = resize(image, window, boxes, hflip=hflip, distort=distort)
     if split == "TRAIN" and flips == "d4":  # drawn after all of the tutorial's draws, which stay as they were

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as FT
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import box_iou
 
 import utils
-from conftest import image_id
+from conftest import image_id, load_tool
 from datasets import AugmentationSampler, BCCDDataset, EpochBatches
 from create_data_lists import create_data_lists
 from misc import UserError
@@ -324,6 +325,47 @@ def test_random_crop_follows_the_paper(window, coloured_sample):
         assert torch.equal(new_boxes, clipped)
         assert torch.equal(new_labels, labels[keep]) and torch.equal(new_difficulties, difficulties[keep])
     assert 0.05 * 300 < uncropped < 0.6 * 300  # "no crop" is one of seven choices
+
+
+def test_random_crop_keeps_the_visible_boxes_when_asked(coloured_sample):
+    """keep="visible": every box with more than 15 % of its area inside the crop, clipped, whether its centre is
+    inside or not; the others dropped."""
+    _, boxes, labels, difficulties = coloured_sample
+    window, area = (0, 0, 320, 240), ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
+    off_centre = dropped = 0
+    for seed in range(300):
+        crop, new_boxes, new_labels, _ = utils.random_crop(window, boxes, labels, difficulties, generator(seed),
+                                                           keep="visible")
+        cx0, cy0, cx1, cy1 = crop
+        keep, clipped = [], []
+        for (x0, y0, x1, y1), a in zip(boxes.tolist(), area):
+            box = [max(x0, cx0), max(y0, cy0), min(x1, cx1), min(y1, cy1)]
+            shown = max(0, box[2] - box[0]) * max(0, box[3] - box[1])
+            keep.append(shown > 0.15 * a)
+            clipped += [box] if keep[-1] else []
+            centre_in = cx0 < (x0 + x1) / 2 < cx1 and cy0 < (y0 + y1) / 2 < cy1
+            off_centre += keep[-1] and not centre_in
+            dropped += 0 < shown <= 0.15 * a
+        assert any(keep) and new_boxes.tolist() == clipped and torch.equal(new_labels, labels[torch.tensor(keep)])
+    assert off_centre > 20 and dropped > 5  # both sides of the rule were tried
+    with pytest.raises(AssertionError):
+        utils.transform(torch.zeros(3, 240, 320, dtype=torch.uint8), boxes, labels, difficulties, "TRAIN",
+                        crop_keep="center")
+
+
+def test_edge_cells_measures_the_share_of_a_cell_a_box_at_the_edge_shows():
+    """tools/edge_cells.py: boxes within 0.5 % of the border touch the edge; each one's short side over the median
+    long side of the boxes clear of it; with none clear, no share (NaN)."""
+    shown = load_tool("edge_cells").shown
+    boxes = np.array([[0., 100, 15, 200], [300, 0, 340, 20], [50, 50, 150, 150], [200, 200, 280, 300],
+                      [100, 300, 200, 398.5]])  # two slivers, two whole cells (long sides 100, 100), one at 1.5 px
+    at_edge, share = shown(boxes, 400, 400)
+    assert at_edge.tolist() == [True, True, False, False, True]
+    assert share[at_edge] == pytest.approx([0.15, 0.2, 0.985])
+    at_edge, share = shown(boxes[:2], 400, 400)
+    assert at_edge.all() and np.isnan(share).all()
+    assert load_tool("edge_cells").touches_edge(torch.tensor([[0.004, 0.5, 0.2, 0.6], [0.1, 0.1, 0.2, 0.2]])).tolist() \
+        == [True, False]
 
 
 def test_random_crop_honours_the_min_overlap(monkeypatch):

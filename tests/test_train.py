@@ -191,10 +191,10 @@ def test_the_flags_given_are_noted_even_at_their_default_value():
 def test_every_flag_has_its_default_in_the_parser_and_its_help_says_it():
     args = vars(train.get_args_parser().parse_args([]))
     assert {k: args[k] for k in ("data_folder", "out_dir", "batch_size", "lr", "warmup", "prior_scales", "flips",
-                                 "ema_decay", "cache_images", "checkpoint_every")} == {
+                                 "crop_keep", "ema_decay", "cache_images", "checkpoint_every")} == {
         "data_folder": "data/lists", "out_dir": "runs/ssd300", "batch_size": 32, "lr": 0.004, "warmup": 300,
-        "prior_scales": list(train.BCCD_PRIOR_SCALES), "flips": "h", "ema_decay": 0., "cache_images": True,
-        "checkpoint_every": 1}
+        "prior_scales": list(train.BCCD_PRIOR_SCALES), "flips": "h", "crop_keep": "centre", "ema_decay": 0.,
+        "cache_images": True, "checkpoint_every": 1}
     text = " ".join(train.get_args_parser().format_help().split())
     for said in ("default: data/lists", "default: 0.004", "default: 300", "default: 20.0", "default: cosine",
                  "default: 0.06 0.15 0.33 0.51 0.69 0.87", "when neither is given: 200"):
@@ -219,10 +219,14 @@ def resolve(argv, ckpt_args, model_args=None):
 
 def test_a_resumed_run_takes_its_own_flags_but_those_given():
     run = recorded(lr=0.002, batch_size=8, flips="d4", ema_decay=0.995, epochs=10, val_every=2, workers=3,
-                   device="cuda", out_dir="elsewhere", data_folder="data/txl-lists", amp=True)
+                   device="cuda", out_dir="elsewhere", data_folder="data/txl-lists", amp=True, crop_keep="visible")
     args, notes = resolve([], run)
     assert (args.lr, args.batch_size, args.flips, args.ema_decay, args.epochs, args.iterations, args.val_every,
-            args.data_folder, args.amp) == (0.002, 8, "d4", 0.995, 10, None, 2, "data/txl-lists", True)
+            args.data_folder, args.amp, args.crop_keep) == (0.002, 8, "d4", 0.995, 10, None, 2, "data/txl-lists",
+                                                            True, "visible")
+    old_run = dict(run)
+    del old_run["crop_keep"]  # a checkpoint of the code before --crop-keep: the paper's rule, as it had
+    assert resolve([], old_run)[0].crop_keep == "centre"
     assert (args.workers, args.device) == (train.get_args_parser().parse_args([]).workers, "auto")  # this process's
     assert args.out_dir == os.path.abspath("runs/a") and notes == []  # the checkpoint's folder
     args, notes = resolve(["--lr", "0.004", "--iterations", "500", "--out-dir", "b"], run)  # 0.004: the default

@@ -7,9 +7,10 @@ Runs the model on the lists' TEST images at the mAP's NMS (--max-overlap 0.45), 
 least --min-score, and matches them to the annotations of their class as VOC does (by score, IoU > 0.5, each
 annotation once). Every detection is then a match, a duplicate of a matched annotation, near an annotation
 (0.1 < IoU <= 0.5) or on no annotated box (IoU <= 0.1 with every annotation of its class); every annotation is
-found or missed. A detection on no annotated box is either a false alarm or a cell the annotators left out:
---figure draws images with the annotations (green), the matches (blue) and the detections on no annotated box
-(red), so that a reader can tell which.
+found or missed, and the missed touching the image's edge are counted (tools/edge_cells.py says why they matter).
+A detection on no annotated box is either a false alarm or a cell the annotators left out: --figure draws images
+with the annotations (green), the matches (blue) and the detections on no annotated box (red), so that a reader can
+tell which.
 """
 import argparse
 import os
@@ -20,10 +21,11 @@ from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/unannotated_cells.py`)
+sys.path[:0] = [REPO, os.path.join(REPO, "tools")]  # the project's flat modules, one folder up, and edge_cells
 
 from datasets import BCCDDataset  # noqa: E402
 from detect import load_model, predict  # noqa: E402
+from edge_cells import touches_edge  # noqa: E402
 from misc import UserError, check_writable, run_cli, run_info, save_image_atomic, write_json_atomic  # noqa: E402
 
 KINDS = ("match", "duplicate", "near", "on_no_box")
@@ -91,7 +93,7 @@ def main(args):
     names = {v: k for k, v in data.label_map.items() if v}
     if set(args.sample_class) - set(names.values()):
         raise UserError(f"--sample-class: the classes are {', '.join(names.values())}, not {args.sample_class}")
-    totals = {n: {"annotated": 0, "found": 0, **{k: 0 for k in KINDS}} for n in names.values()}
+    totals = {n: {"annotated": 0, "found": 0, "missed_at_edge": 0, **{k: 0 for k in KINDS}} for n in names.values()}
     per_image = {}
     unannotated = {cls: [] for cls in args.sample_class}  # (image index, box) of detections on no annotated box
     figure = set(args.figure)
@@ -107,6 +109,7 @@ def main(args):
             t = totals[cls]
             t["annotated"] += len(found)
             t["found"] += int(found.sum())
+            t["missed_at_edge"] += int((touches_edge(true_boxes[true_labels == label]) & ~found).sum())
             for k in kinds:
                 t[KINDS[k]] += 1
             if cls in unannotated:
@@ -131,7 +134,8 @@ def main(args):
                               os.path.join(args.figure_dir, f"unannotated-sample-{cls}.jpg"), quality=85)
     for cls, t in totals.items():
         kept = sum(t[k] for k in KINDS)
-        print(f"{cls:>10}: {t['found']}/{t['annotated']} annotations found; of {kept} detections >= "
+        print(f"{cls:>10}: {t['found']}/{t['annotated']} annotations found ({t['missed_at_edge']} of the missed at the "
+              f"image's edge); of {kept} detections >= "
               f"{args.min_score:g}: {t['match']} match, {t['duplicate']} duplicate, {t['near']} near, "
               f"{t['on_no_box']} on no annotated box")
     write_json_atomic({"totals": totals, "per_image": per_image, "min_score": args.min_score,
