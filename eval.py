@@ -19,7 +19,7 @@ precision at recall 1 as 0 when that is below 1, so one object missed caps a cla
 Counting, what detect.py is for, is scored too: the cells it counts per image at its own defaults
 (those recorded in the checkpoint, else the tutorial's min_score 0.2 and max_overlap 0.5;
 --count-min-score, --count-max-overlap) against the annotated ones. --count-sweep tries a grid of
-thresholds and prints, per class, the min_score that counts best: run it on a validation split
+thresholds and prints, per class, the min_score that counts best (sweep_counts): run it on a validation split
 (lists made with --train-split train --test-split val), never on TEST, to choose detect.py's.
 --plots DIR draws both as PNGs (plots.eval_plots; needs matplotlib: pip install -r requirements-plots.txt).
 """
@@ -198,16 +198,20 @@ def sweep_counts(counted, true_labels, names=bccd_labels):
     "min_score": {class: best}, "error": {class: its error}}}. The error is count_errors' relative error (the sum
     of absolute errors / annotated objects), or its mean absolute error for a class with no annotated object.
 
-    Per class, the min_score with the lowest error (the lowest such min_score on a tie); then the max_overlap
-    whose best per-class errors sum lowest. Classes are suppressed separately and an image holds far fewer than
-    top_k cells, so each class's count depends on its own min_score only."""
+    Per class, the lowest min_score whose error is within one object of the lowest (1 / the annotated objects): a
+    cell in hundreds is chance, and where scores fall, on another microscope, a lower threshold loses fewer cells;
+    then the max_overlap whose chosen per-class errors sum lowest. Classes are suppressed separately and an image
+    holds far fewer than top_k cells, so each class's count depends on its own min_score only."""
+    annotated = {name: sum(int((t == k + 1).sum()) for t in true_labels) for k, name in enumerate(names)}
     errors = {}
     for mo in SWEEP_MAX_OVERLAPS:
         at = [count_errors(counted[(ms, mo)], true_labels, names) for ms in SWEEP_MIN_SCORES]
         errors[mo] = {name: [c[name]["mae"] if c[name]["relative_error"] is None else c[name]["relative_error"]
                              for c in at] for name in names}
-    best = {mo: {name: min(range(len(SWEEP_MIN_SCORES)), key=e.__getitem__) for name, e in per.items()}
-            for mo, per in errors.items()}
+    def lowest_within_one(e, n):  # index of the lowest min_score within one object of the lowest error
+        return next(i for i, v in enumerate(e) if v <= min(e) + (1 / n if n else 0.) + 1e-9)
+
+    best = {mo: {name: lowest_within_one(e, annotated[name]) for name, e in per.items()} for mo, per in errors.items()}
     mo = min(SWEEP_MAX_OVERLAPS, key=lambda m: sum(errors[m][name][i] for name, i in best[m].items()))
     return {"min_scores": list(SWEEP_MIN_SCORES), "errors": errors,
             "chosen": {"max_overlap": mo, "min_score": {name: SWEEP_MIN_SCORES[i] for name, i in best[mo].items()},
@@ -314,7 +318,7 @@ def run(args, rank, world, device):
                 print(f"{mo:<12}{name:<{w}}" + "".join(f"{100 * v:>5.0f}%" for v in e))
         chosen = sweep["chosen"]
         best = format_min_score([chosen["min_score"][name] for name in names], names)
-        print(f"best: --max-overlap {chosen['max_overlap']} --min-score {shlex.quote(best)} ("
+        print(f"chosen: --max-overlap {chosen['max_overlap']} --min-score {shlex.quote(best)} ("
               + ", ".join(f"{name} {e:.1%}" for name, e in chosen["error"].items()) + " error / annotated)")
     print(f"({len(test_set)} images, {seconds:.1f} s on {device}{' x' + str(world) if world > 1 else ''}, "
           f"bf16 autocast {'on' if amp else 'off'}{', test-time augmentation ' + model.tta if model.tta != 'off' else ''})")

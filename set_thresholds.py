@@ -5,7 +5,7 @@
 Runs `eval.py --count-sweep` on the TEST images of --data-folder, which must be held out (create_data_lists.py
 --test-fraction 0.3 holds out 30 %; never images the model was trained on: refused where the checkpoint's lists
 name them), prints its report, and writes into the checkpoint, as the shipped model carries them, its
-"count_thresholds": per class the min_score, and the max_overlap, with the lowest counting error there. detect.py
+"count_thresholds": per class the min_score, and the max_overlap, that count best there (eval.sweep_counts). detect.py
 and eval.py then count at them unless given --min-score, --max-overlap. A class with no object among the held-out
 images keeps the checkpoint's threshold. A few held-out images choose roughly: 10 or more, with every class, choose
 better. The checkpoint stays one train.py can resume (a resumed run drops the thresholds, which its new weights
@@ -66,8 +66,9 @@ def main(args):
         ckpt["count_thresholds"] = {
             "min_score": min_score, "max_overlap": chosen["max_overlap"],
             "chosen_on": f"{sweep['images']} held-out images of {args.data_folder} (set_thresholds.py, "
-                         f"{datetime.date.today().isoformat()}): per class the min_score with the lowest counting "
-                         f"error" + (f"; {', '.join(absent)}: none there, kept" if absent else "")}
+                         f"{datetime.date.today().isoformat()}): per class the lowest min_score within one "
+                         f"cell of the lowest counting error"
+                         + (f"; {', '.join(absent)}: none there, kept" if absent else "")}
         save_atomic(ckpt, output)
     finally:
         os.close(fd)

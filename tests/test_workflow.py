@@ -206,6 +206,22 @@ def test_count_sweep_chooses_per_class_the_min_score_that_counts_best():
     assert sweep["errors"][0.3]["Platelets"][0] == pytest.approx(1.0)  # none annotated: mean absolute error
 
 
+def test_count_sweep_takes_a_lower_min_score_that_counts_one_cell_worse():
+    """Ten images of 10 WBC each (100 annotated): counted right at 0.8 only, one cell off (in all) from 0.3 to 0.75,
+    more below. A cell in a hundred is chance: 0.3, the lowest within one object of the best, is chosen; two cells
+    off is not a tie."""
+    ms = eval_script.SWEEP_MIN_SCORES
+    true = [torch.tensor([2] * 10)] * 10
+
+    def labels(s, off_by):
+        wbc = [10] * 10 if s == 0.8 else ([10] * 9 + [10 + off_by]) if 0.3 <= s else [12] * 10
+        return [torch.tensor([2] * n) for n in wbc]
+    for off_by, chosen, error in ((1, 0.3, 0.01), (2, 0.8, 0.)):
+        counted = {(s, o): labels(s, off_by) for s in ms for o in eval_script.SWEEP_MAX_OVERLAPS}
+        sweep = eval_script.sweep_counts(counted, true)
+        assert sweep["chosen"]["min_score"]["WBC"] == chosen and sweep["chosen"]["error"]["WBC"] == pytest.approx(error)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints that carry code, and user errors
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def main(args):
         "tta": args.tta,
         "count_thresholds": {"min_score": chosen["min_score"], "max_overlap": chosen["max_overlap"],
                              "chosen_on": f"{sweep['images']} images of {sweep['command']} (commit {sweep['commit']}, "
-                                          f"{sweep['date']}): per class the min_score with the lowest counting error"},
+                                          f"{sweep['date']}): per class the lowest min_score within one cell of the "
+                                          f"lowest counting error"},
         "provenance": {
             "train_command": args.train_command or f"python train.py {flags}",
             "train_args": {k: v for k, v in train_args.items() if k != "resume"}, "note": args.note,
