@@ -16,10 +16,10 @@ from conftest import REPO
 SHIPPED = REPO / "weights" / "ssd300_bccd.pt"
 # The tests run in fp32: another x86 CPU gives the same detections but for float rounding in the convolutions.
 # detect.py's boxes on img/ must be those it recorded (results/shipped/detections-img.json, made by
-# `python detect.py img --no-amp --device cpu` on 2026-12-07, 2-core AMD EPYC) within BOX_TOLERANCE pixels and scores
-# within SCORE_TOLERANCE; a detection that close to its class's threshold may appear or drop out on another CPU.
-# Measured: either decode variance 10 % off (centre 9 or 11, size 4.5 or 5.5) moved boxes of the first image by more
-# than BOX_TOLERANCE (results/shipped/README.md).
+# `python detect.py img --no-amp --device cpu` on 2026-12-07, 2-core Intel Xeon) within BOX_TOLERANCE pixels and
+# scores within SCORE_TOLERANCE; a detection that close to its class's threshold may appear or drop out on another CPU.
+# Measured on an earlier shipped file: either decode variance 10 % off (centre 9 or 11, size 4.5 or 5.5) moved boxes
+# of the first image by more than BOX_TOLERANCE.
 BOX_TOLERANCE, SCORE_TOLERANCE = 1.0, 0.003
 RECORDED_DETECTIONS = REPO / "results" / "shipped" / "detections-img.json"
 # Measured with the previous shipped file on TEST (2026-11-27, 2-core Xeon): bf16 autocast 0.8008 against fp32 0.8025
