@@ -45,6 +45,7 @@ from utils import bccd_labels, calculate_mAP, check_same_classes, class_names, m
 
 COCO_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
 SWEEP_MIN_SCORES = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1, 0.15, ..., 0.9
+SWEEP_RULE = "per class the lowest min_score within one cell of the lowest counting error"  # sweep_counts' choice
 SWEEP_MAX_OVERLAPS = (0.3, 0.4, 0.45, 0.5, 0.6)
 
 

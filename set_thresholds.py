@@ -66,8 +66,7 @@ def main(args):
         ckpt["count_thresholds"] = {
             "min_score": min_score, "max_overlap": chosen["max_overlap"],
             "chosen_on": f"{sweep['images']} held-out images of {args.data_folder} (set_thresholds.py, "
-                         f"{datetime.date.today().isoformat()}): per class the lowest min_score within one "
-                         f"cell of the lowest counting error"
+                         f"{datetime.date.today().isoformat()}): {eval_script.SWEEP_RULE}"
                          + (f"; {', '.join(absent)}: none there, kept" if absent else "")}
         save_atomic(ckpt, output)
     finally:

@@ -40,7 +40,7 @@ from misc import (RunningLoss, StopRequest, UserError, available_cpus, bf16_is_f
                   ignore_stop_signals, init_distributed, iterate, load_checkpoint, one_line, run_cli, run_info)
 from model import PRIOR_SCALES, SSD300, ModelEMA, MultiBoxLoss, valid_prior_scales
 from plots import TRAINING_PNG, TrainingCurve
-from utils import CROP_KEEP, FLIPS, check_same_classes, normalize
+from utils import CROP_KEEP, CROP_MIN_VISIBLE, FLIPS, check_same_classes, normalize
 
 DEFAULT_EPOCHS = 200  # when neither --epochs nor --iterations is given
 # BCCD recipe (results/README): smaller priors than the paper's, for platelets of 4-8% of the image
@@ -108,8 +108,8 @@ def get_args_parser():
     p.add_argument("--flips", choices=FLIPS, default="h", help="h: the tutorial's horizontal flip; d4: also vertical "
                    "flips and transposes, every rotation by 90 degrees and mirror image (a smear has no up) (default: h)")
     p.add_argument("--crop-keep", choices=CROP_KEEP, default="centre", help="the boxes a zoom-in crop keeps: centre, "
-                   "those whose centres it holds (the paper's, default); visible, those it shows 15 %% of, for datasets "
-                   "that box cells cut by the image's edge (TXL-PBC)")
+                   "those whose centres it holds (the paper's, default); visible, those it shows more than "
+                   f"{CROP_MIN_VISIBLE * 100:g} %% of, for datasets that box cells cut by the image's edge (TXL-PBC)")
     p.add_argument("--ema-decay", type=float, default=0., help="keep a moving average of the weights with this decay "
                    "(0.995: over about 200 steps), saved and validated beside them; 0 = none (default: %(default)g)")
     p.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=False, help="fine-tune --init-weights "

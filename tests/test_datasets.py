@@ -356,7 +356,8 @@ def test_random_crop_keeps_the_visible_boxes_when_asked(coloured_sample):
 def test_edge_cells_measures_the_share_of_a_cell_a_box_at_the_edge_shows():
     """tools/edge_cells.py: boxes within 0.5 % of the border touch the edge; each one's short side over the median
     long side of the boxes clear of it; with none clear, no share (NaN)."""
-    shown = load_tool("edge_cells").shown
+    edge_cells = load_tool("edge_cells")
+    shown = edge_cells.shown
     boxes = np.array([[0., 100, 15, 200], [300, 0, 340, 20], [50, 50, 150, 150], [200, 200, 280, 300],
                       [100, 300, 200, 398.5]])  # two slivers, two whole cells (long sides 100, 100), one at 1.5 px
     at_edge, share = shown(boxes, 400, 400)
@@ -364,7 +365,7 @@ def test_edge_cells_measures_the_share_of_a_cell_a_box_at_the_edge_shows():
     assert share[at_edge] == pytest.approx([0.15, 0.2, 0.985])
     at_edge, share = shown(boxes[:2], 400, 400)
     assert at_edge.all() and np.isnan(share).all()
-    assert load_tool("edge_cells").touches_edge(torch.tensor([[0.004, 0.5, 0.2, 0.6], [0.1, 0.1, 0.2, 0.2]])).tolist() \
+    assert edge_cells.touches_edge(torch.tensor([[0.004, 0.5, 0.2, 0.6], [0.1, 0.1, 0.2, 0.2]])).tolist() \
         == [True, False]
 
 

@@ -23,6 +23,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/ship_model.py`)
 
+from eval import SWEEP_RULE  # noqa: E402
 from misc import UserError, load_checkpoint, repo_relative, run_cli, run_info, run_python, save_atomic  # noqa: E402
 
 
@@ -115,8 +116,7 @@ def main(args):
         "tta": args.tta,
         "count_thresholds": {"min_score": chosen["min_score"], "max_overlap": chosen["max_overlap"],
                              "chosen_on": f"{sweep['images']} images of {sweep['command']} (commit {sweep['commit']}, "
-                                          f"{sweep['date']}): per class the lowest min_score within one cell of the "
-                                          f"lowest counting error"},
+                                          f"{sweep['date']}): {SWEEP_RULE}"},
         "provenance": {
             "train_command": args.train_command or f"python train.py {flags}",
             "train_args": {k: v for k, v in train_args.items() if k != "resume"}, "note": args.note,
