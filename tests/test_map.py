@@ -4,7 +4,9 @@ Run: python -m pytest tests/test_map.py -q
 """
 import json
 import random
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -315,3 +317,57 @@ def test_unannotated_cells_sorts_detections_as_voc_matches_them():
     assert kinds == [3, 3, 3, 3] and found.numel() == 0
     _, kinds, found = module.classify(boxes[:0], scores[:0], true)
     assert kinds == [] and found.tolist() == [False, False]
+
+
+def test_count_check_against_another_run_is_a_paired_bootstrap_of_the_plain_errors(tmp_path, capsys):
+    """tools/count_check.py --against: the difference of two runs' errors over the same images and its interval are
+    those of a plain loop over the same resamples, each scored by errors(); the same counts differ by exactly 0, and
+    a run better on every image is lower in every resample."""
+    count_check = load_tool("count_check")
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 4, size=40)
+    truth[:3] = 0  # images without the class: some resamples hold almost none
+    this, other = np.maximum(truth + rng.integers(-2, 3, size=40), 0), np.maximum(truth + rng.integers(-1, 2, size=40), 0)
+    b = count_check.paired_bootstrap(this, other, truth, resamples=500, seed=3)
+    index = np.random.default_rng(3).integers(0, 40, size=(500, 40))  # the same draws, one resample at a time
+    plain = []
+    for picked in index:
+        rows = lambda counts: [({"c": int(counts[i])}, {"c": int(truth[i])}) for i in picked]  # noqa: E731
+        mine, theirs = count_check.errors(rows(this), ["c"])["c"], count_check.errors(rows(other), ["c"])["c"]
+        if mine["error"] is not None:
+            plain.append(mine["error"] - theirs["error"])
+    assert b["resamples"] == len(plain)
+    assert b["interval"] == pytest.approx(list(np.percentile(plain, [2.5, 97.5])))
+    assert b["lower_share"] == pytest.approx(np.mean(np.array(plain) < -1e-12))
+    assert b["difference"] == pytest.approx((np.abs(this - truth).sum() - np.abs(other - truth).sum()) / truth.sum())
+    same = count_check.paired_bootstrap(this, this, truth, resamples=200)
+    assert same["difference"] == 0 and same["interval"] == [0, 0] and same["same_share"] == 1
+    better = count_check.paired_bootstrap(truth, truth + 1, truth, resamples=200)
+    assert better["lower_share"] == 1 and better["interval"][1] < 0
+
+    images = [str(tmp_path / f"{n}.jpg") for n in "ab"]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, data in (("TEST_images.json", images), ("label_map.json", {"background": 0, "RBC": 1, "WBC": 2}),
+                       ("TEST_objects.json", [{"labels": [1, 1, 2]}, {"labels": [1]}])):
+        (lists / name).write_text(json.dumps(data))
+    for name, text in (("mine.csv", f"image,RBC,WBC\n{images[0]},2,1\n{images[1]},1,0\n"),
+                       ("theirs.csv", f"image,RBC,WBC\n{images[0]},3,1\n{images[1]},1,0\n"),
+                       ("twice.csv", f"image,RBC,WBC\n{images[0]},2,1\n{images[1]},1,0\n{images[1]},1,0\n"),
+                       ("other.csv", f"image,RBC,WBC\n{images[0]},2,1\n")):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "report.json"
+
+    def check(against):
+        count_check.main(count_check.get_args_parser().parse_args([str(tmp_path / "mine.csv"), "--data-folder",
+                                                                   str(lists), "--against", str(against),
+                                                                   "--output", str(out)]))
+        return json.loads(out.read_text())["against"]["classes"]
+
+    classes = check(tmp_path / "theirs.csv")
+    assert classes["RBC"]["difference"] == pytest.approx(-1 / 3) and classes["WBC"]["difference"] == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("RBC        -33.3 [")
+    for against, says in (("twice.csv", "1 image(s) counted twice"), ("other.csv", "1 of TEST not counted"),
+                          ("none.csv", "none.csv: cannot read")):
+        with pytest.raises(UserError, match=re.escape(says)):
+            check(tmp_path / against)

@@ -8,16 +8,25 @@ Per class: the error, the sum over images of |counted - annotated| / the number 
 Images of the lists that counts.csv lacks, or the other way round, are an error: the two must be the same images.
 The images whose counts differ from their annotations are listed per class (--list prints them): where a count is
 wrong, or an annotation.
+
+--against OTHER.csv compares two runs on the same images (two models, or two settings): per class, the difference of
+their errors in points, with a 95 % interval from a paired bootstrap over the images (BOOTSTRAP resamples, seeded),
+and the shares of resamples in which this run's error is the lower and the same. An interval that holds 0 is a difference the images cannot tell
+from chance.
 """
 import argparse
 import csv
 import os
 import sys
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/count_check.py`)
 from misc import UserError, run_cli, write_json_atomic  # noqa: E402
 from utils import read_json  # noqa: E402
+
+BOOTSTRAP = 10_000  # --against: resamples of the images
 
 
 def errors(rows, names):
@@ -33,25 +42,49 @@ def errors(rows, names):
     return out
 
 
+def read_counts(path, names, annotated, folder):
+    """counts.csv of detect.py -> ({real path: {class: n}}, {real path: row}), for exactly the images of annotated."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        row_of = {os.path.realpath(row["image"]): row for row in table}
+        counted = {p: {n: int(row[n]) for n in names} for p, row in row_of.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
+    if len(row_of) != len(table):
+        raise UserError(f"{path}: {len(table) - len(row_of)} image(s) counted twice")
+    if set(counted) != set(annotated):
+        raise UserError(f"{path}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
+                        f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
+    return counted, row_of
+
+
+def paired_bootstrap(this, other, truth, resamples=BOOTSTRAP, seed=0):
+    """Per-image counts (n_images,) of two runs and the annotations -> the difference of their errors (this - other),
+    its 95 % interval over resamples of the images, and the share of resamples where this run's error is the lower."""
+    this, other, truth = (np.asarray(a, dtype=np.float64) for a in (this, other, truth))
+    gain, rng = np.abs(this - truth) - np.abs(other - truth), np.random.default_rng(seed)
+    diffs, step = [], max(1, 2**24 // len(truth))  # resamples at a time: index arrays of at most 16M entries
+    for start in range(0, resamples, step):
+        index = rng.integers(0, len(truth), size=(min(step, resamples - start), len(truth)))
+        total = truth[index].sum(1)
+        diffs.append(gain[index].sum(1)[total > 0] / total[total > 0])  # a resample without an annotated object: none
+    diff = np.concatenate(diffs)
+    low, high = np.percentile(diff, [2.5, 97.5])
+    return {"difference": float(gain.sum() / truth.sum()), "interval": [float(low), float(high)],
+            "lower_share": float((diff < 0).mean()), "same_share": float((diff == 0).mean()), "resamples": len(diff)}
+
+
 def main(args):
     folder = args.data_folder
     images, objects, label_map = (read_json(os.path.join(folder, name), "list") for name in
                                   ("TEST_images.json", "TEST_objects.json", "label_map.json"))
     names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
-    try:
-        with open(args.counts, newline="", encoding="utf-8") as f:
-            table = list(csv.DictReader(f))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{args.counts}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        row_of = {os.path.realpath(row["image"]): row for row in table}
-        counted = {path: {n: int(row[n]) for n in names} for path, row in row_of.items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{args.counts}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
-    if set(counted) != set(annotated):
-        raise UserError(f"{args.counts}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
-                 f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
+    counted, row_of = read_counts(args.counts, names, annotated, folder)
     rows, differ = {}, {n: [] for n in names}
     for path, o in annotated.items():
         truth = {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
@@ -70,6 +103,20 @@ def main(args):
         for d in sorted(differ[n], key=lambda d: -abs(d["counted"] - d["annotated"])):  # ties in the lists' order
             print(f"{n}  counted {d['counted']}, annotated {d['annotated']}  {d['source']}  {d['image']}")
     print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
+    if args.against:
+        other, _ = read_counts(args.against, names, annotated, folder)
+        report["against"] = {"counts": args.against, "classes": dict.fromkeys(names)}
+        print(f"against {args.against}: this run's error - that run's, in points, with a 95 % interval (paired "
+              f"bootstrap over the {len(annotated)} images, {BOOTSTRAP} resamples)")
+        for n in names:
+            truth = [o["labels"].count(label_map[n]) for o in annotated.values()]
+            if not sum(truth):
+                print(f"{n:<10} none annotated")
+                continue
+            b = report["against"]["classes"][n] = paired_bootstrap([counted[p][n] for p in annotated],
+                                                        [other[p][n] for p in annotated], truth)
+            print(f"{n:<10} {100 * b['difference']:+.1f} [{100 * b['interval'][0]:+.1f}, {100 * b['interval'][1]:+.1f}]"
+                  f"  lower in {b['lower_share']:.0%} of resamples, the same in {b['same_share']:.0%}")
     if args.output:
         write_json_atomic(report, args.output, indent=2)
 
@@ -80,6 +127,8 @@ def get_args_parser():
     parser.add_argument("--data-folder", default="data/lists", help="lists whose TEST holds the same images")
     parser.add_argument("--output", default=None, help="write the figures as JSON here (with every image whose counts "
                         "differ from its annotations)")
+    parser.add_argument("--against", default=None, metavar="OTHER_CSV", help="counts.csv of another run on the same "
+                        "images: the difference of the errors, with a 95 %% interval (paired bootstrap over images)")
     parser.add_argument("--list", action="store_true", help="also print those images, the largest differences first: "
                         "the ones to look at")
     return parser
