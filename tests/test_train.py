@@ -267,6 +267,9 @@ def test_fine_tune_is_a_preset_for_the_flags_not_given():
     args = train.resolve_args(parse(["--fine-tune", "--init-weights", "w.pt", "--lr", "0.004", "--epochs", "3"]), None,
                               shipped)
     assert (args.lr, args.epochs, args.iterations, args.batch_size) == (0.004, 3, None, 8)  # --epochs: the length
+    assert args.crop_keep == "visible"
+    args = train.resolve_args(parse(["--fine-tune", "--init-weights", "w.pt", "--crop-keep", "centre"]), None, shipped)
+    assert args.crop_keep == "centre" and args.max_zoom == 2  # annotations that leave cut cells out
     assert train.resolve_args(parse(["--init-weights", "w.pt"]), None, shipped).batch_size == 32  # no preset
 
 
