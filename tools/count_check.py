@@ -11,8 +11,8 @@ wrong, or an annotation.
 
 --against OTHER.csv compares two runs on the same images (two models, or two settings): per class, the difference of
 their errors in points, with a 95 % interval from a paired bootstrap over the images (BOOTSTRAP resamples, seeded),
-and the shares of resamples in which this run's error is the lower and the same. An interval that holds 0 is a difference the images cannot tell
-from chance.
+and the shares of resamples in which this run's error is the lower and the same. An interval that holds 0 is a
+difference these images cannot tell from chance.
 """
 import argparse
 import csv
