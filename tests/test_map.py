@@ -354,7 +354,8 @@ def test_count_check_against_another_run_is_a_paired_bootstrap_of_the_plain_erro
     for name, text in (("mine.csv", f"image,RBC,WBC\n{images[0]},2,1\n{images[1]},1,0\n"),
                        ("theirs.csv", f"image,RBC,WBC\n{images[0]},3,1\n{images[1]},1,0\n"),
                        ("twice.csv", f"image,RBC,WBC\n{images[0]},2,1\n{images[1]},1,0\n{images[1]},1,0\n"),
-                       ("other.csv", f"image,RBC,WBC\n{images[0]},2,1\n")):
+                       ("other.csv", f"image,RBC,WBC\n{images[0]},2,1\n"),
+                       ("negative.csv", f"image,RBC,WBC\n{images[0]},2,1\n{images[1]},-1,0\n")):
         (tmp_path / name).write_text(text)
     out = tmp_path / "report.json"
 
@@ -368,6 +369,7 @@ def test_count_check_against_another_run_is_a_paired_bootstrap_of_the_plain_erro
     assert classes["RBC"]["difference"] == pytest.approx(-1 / 3) and classes["WBC"]["difference"] == 0
     assert capsys.readouterr().out.splitlines()[-2].startswith("RBC        -33.3 [")
     for against, says in (("twice.csv", "1 image(s) counted twice"), ("other.csv", "1 of TEST not counted"),
-                          ("none.csv", "none.csv: cannot read")):
+                          ("negative.csv", "a negative count"), ("none.csv", "none.csv: cannot read")):
         with pytest.raises(UserError, match=re.escape(says)):
             check(tmp_path / against)
+        assert capsys.readouterr().out == ""  # refused before any figure

@@ -54,6 +54,8 @@ def read_counts(path, names, annotated, folder):
         counted = {p: {n: int(row[n]) for n in names} for p, row in row_of.items()}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: not the counts.csv of detect.py with these lists' classes ({e!r})") from None
+    if any(n < 0 for c in counted.values() for n in c.values()):
+        raise UserError(f"{path}: a negative count: not the counts.csv of detect.py")
     if len(row_of) != len(table):
         raise UserError(f"{path}: {len(table) - len(row_of)} image(s) counted twice")
     if set(counted) != set(annotated):
@@ -64,7 +66,8 @@ def read_counts(path, names, annotated, folder):
 
 def paired_bootstrap(this, other, truth, resamples=BOOTSTRAP, seed=0):
     """Per-image counts (n_images,) of two runs and the annotations -> the difference of their errors (this - other),
-    its 95 % interval over resamples of the images, and the share of resamples where this run's error is the lower."""
+    its 95 % interval over resamples of the images, and the shares of resamples where this run's error is the lower
+    and the same."""
     this, other, truth = (np.asarray(a, dtype=np.float64) for a in (this, other, truth))
     gain, rng = np.abs(this - truth) - np.abs(other - truth), np.random.default_rng(seed)
     diffs, step = [], max(1, 2**24 // len(truth))  # resamples at a time: index arrays of at most 16M entries
@@ -85,6 +88,7 @@ def main(args):
     names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
     counted, row_of = read_counts(args.counts, names, annotated, folder)
+    other = read_counts(args.against, names, annotated, folder)[0] if args.against else None  # before any output
     rows, differ = {}, {n: [] for n in names}
     for path, o in annotated.items():
         truth = {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
@@ -104,7 +108,6 @@ def main(args):
             print(f"{n}  counted {d['counted']}, annotated {d['annotated']}  {d['source']}  {d['image']}")
     print("images whose counts differ: " + ", ".join(f"{n} {len(differ[n])}" for n in names))
     if args.against:
-        other, _ = read_counts(args.against, names, annotated, folder)
         report["against"] = {"counts": args.against, "classes": dict.fromkeys(names)}
         print(f"against {args.against}: this run's error - that run's, in points, with a 95 % interval (paired "
               f"bootstrap over the {len(annotated)} images, {BOOTSTRAP} resamples)")
@@ -113,8 +116,8 @@ def main(args):
             if not sum(truth):
                 print(f"{n:<10} none annotated")
                 continue
-            b = report["against"]["classes"][n] = paired_bootstrap([counted[p][n] for p in annotated],
-                                                        [other[p][n] for p in annotated], truth)
+            b = report["against"]["classes"][n] = paired_bootstrap(
+                [counted[p][n] for p in annotated], [other[p][n] for p in annotated], truth)
             print(f"{n:<10} {100 * b['difference']:+.1f} [{100 * b['interval'][0]:+.1f}, {100 * b['interval'][1]:+.1f}]"
                   f"  lower in {b['lower_share']:.0%} of resamples, the same in {b['same_share']:.0%}")
     if args.output:
