@@ -368,6 +368,9 @@ def test_count_check_against_another_run_is_a_paired_bootstrap_of_the_plain_erro
     classes = check(tmp_path / "theirs.csv")
     assert classes["RBC"]["difference"] == pytest.approx(-1 / 3) and classes["WBC"]["difference"] == 0
     assert capsys.readouterr().out.splitlines()[-2].startswith("RBC        -33.3 [")
+    (tmp_path / "saved.csv").write_text("\ufeff" + (tmp_path / "theirs.csv").read_text(), encoding="utf-8")
+    assert check(tmp_path / "saved.csv") == classes  # re-saved by a spreadsheet, with a byte-order mark
+    capsys.readouterr()
     for against, says in (("twice.csv", "1 image(s) counted twice"), ("other.csv", "1 of TEST not counted"),
                           ("negative.csv", "a negative count"), ("none.csv", "none.csv: cannot read")):
         with pytest.raises(UserError, match=re.escape(says)):

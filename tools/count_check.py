@@ -45,7 +45,7 @@ def errors(rows, names):
 def read_counts(path, names, annotated, folder):
     """counts.csv of detect.py -> ({real path: {class: n}}, {real path: row}), for exactly the images of annotated."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark, as spreadsheets save it
             table = list(csv.DictReader(f))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
