@@ -89,9 +89,11 @@ def main(args):
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
     counted, row_of = read_counts(args.counts, names, annotated, folder)
     other = read_counts(args.against, names, annotated, folder)[0] if args.against else None  # before any output
+    truths = {path: {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
+              for path, o in annotated.items()}
     rows, differ = {}, {n: [] for n in names}
     for path, o in annotated.items():
-        truth = {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
+        truth = truths[path]
         rows.setdefault(o.get("source", "?"), []).append((counted[path], truth))
         for n in names:
             if counted[path][n] != truth[n]:
@@ -112,7 +114,7 @@ def main(args):
         print(f"against {args.against}: this run's error - that run's, in points, with a 95 % interval (paired "
               f"bootstrap over the {len(annotated)} images, {BOOTSTRAP} resamples)")
         for n in names:
-            truth = [o["labels"].count(label_map[n]) for o in annotated.values()]
+            truth = [truths[p][n] for p in annotated]
             if not sum(truth):
                 print(f"{n:<10} none annotated")
                 continue
