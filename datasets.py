@@ -175,10 +175,14 @@ class AugmentationSampler(Sampler):
     the same whatever the number of DataLoader workers, after a resume, and with persistent
     workers; ranks of a distributed run see different shards and different augmentations.
     Call set_epoch(epoch) at the start of every epoch.
+
+    repeats: how many times an epoch holds each image of the dataset (train.py --repeat), each time with its own
+    augmentation, shuffled among the others; None: once each.
     """
 
-    def __init__(self, dataset, seed=0, num_replicas=1, rank=0, shuffle=True):
-        self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+    def __init__(self, dataset, seed=0, num_replicas=1, rank=0, shuffle=True, repeats=None):
+        self.indices = range(len(dataset)) if repeats is None else [i for i, n in enumerate(repeats) for _ in range(n)]
+        self.sampler = DistributedSampler(self.indices, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.seed, self.rank, self.epoch = seed, rank, 0
 
     def set_epoch(self, epoch):
@@ -191,7 +195,7 @@ class AugmentationSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) % 2 ** 63)
         seeds = torch.randint(2 ** 62, (len(self.sampler),), generator=g).tolist()
-        return iter(zip(self.sampler, seeds))
+        return iter(zip((self.indices[j] for j in self.sampler), seeds))
 
 
 class EpochBatches(Sampler):

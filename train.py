@@ -112,6 +112,9 @@ def get_args_parser():
     p.add_argument("--crop-keep", choices=CROP_KEEP, default="centre", help="the boxes a zoom-in crop keeps: centre, "
                    "those whose centres it holds (the paper's, default); visible, those it shows more than "
                    f"{CROP_MIN_VISIBLE * 100:g} %% of, for datasets that box cells cut by the image's edge (TXL-PBC)")
+    p.add_argument("--repeat", default=None, metavar="CLASS=N[,CLASS=N]", help="an epoch holds every image with an "
+                   "object of CLASS N times, each with its own augmentation (an image of several such classes: the "
+                   "largest N): more steps on a rare class, e.g. Platelets=2; the epochs grow with it (default: once)")
     p.add_argument("--ema-decay", type=float, default=0., help="keep a moving average of the weights with this decay "
                    "(0.995: over about 200 steps), saved and validated beside them; 0 = none (default: %(default)g)")
     p.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=False, help="fine-tune --init-weights "
@@ -213,7 +216,27 @@ def load_data(args, rank, world, resuming=False):
     val_set = BCCDDataset(args.data_folder, "test", keep_difficult=True) if args.val_every and rank == 0 else None
     if val_set is not None:
         check_scorable(val_set)
-    return train_set, val_set, AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank)
+    repeats = image_repeats(args.repeat, train_set) if args.repeat else None
+    return train_set, val_set, AugmentationSampler(train_set, seed=args.seed, num_replicas=world, rank=rank,
+                                                   repeats=repeats)
+
+
+def image_repeats(spec, train_set):
+    """--repeat "Platelets=2,WBC=3": how many times an epoch holds each image of `train_set`, the largest N of the
+    classes of its objects (difficult ones included), else 1. A class not in its label_map is a UserError."""
+    wanted = {}
+    for part in spec.split(","):
+        name, _, n = part.partition("=")
+        name = name.strip()
+        if name not in train_set.label_map or train_set.label_map[name] == 0 or name in wanted:
+            classes = ", ".join(k for k, v in train_set.label_map.items() if v)
+            raise UserError(f"--repeat {spec}: {name!r} is {'named twice' if name in wanted else 'not a class'} of "
+                            f"{train_set.data_folder} (its classes: {classes}); give CLASS=N[,CLASS=N]")
+        if not n.strip().isdecimal() or not 1 <= int(n) <= 100:
+            raise UserError(f"--repeat {spec}: {name}'s count must be a whole number from 1 to 100, not {n.strip()!r}")
+        wanted[name] = int(n)
+    by_label = {train_set.label_map[name]: n for name, n in wanted.items()}
+    return [max((by_label.get(label, 1) for label in objects["labels"]), default=1) for objects in train_set.objects]
 
 
 def build_model(args, label_map, start=None, source=None):
@@ -404,7 +427,8 @@ def train(args, rank, world, device, cleanup):
     if is_main:
         if continuing:
             trim_log(log_path, start_epoch)  # epochs logged after the checkpoint was saved are trained again
-        print(f"training on {device} x{world}: {len(train_set)} images, {steps_per_epoch} steps/epoch at batch "
+        repeated = f" ({len(sampler.indices)} an epoch with --repeat {args.repeat})" if args.repeat else ""
+        print(f"training on {device} x{world}: {len(train_set)} images{repeated}, {steps_per_epoch} steps/epoch at batch "
               f"{args.batch_size}{'x' + str(world) if world > 1 else ''}, epochs {start_epoch + 1}-{epochs}, "
               f"{total_iterations} iterations, bf16 autocast {'on' if args.amp else 'off'}")
     stream = EpochBatches(sampler, args.batch_size, drop_last, epochs=range(start_epoch, epochs),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as FT
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
 import utils
@@ -485,6 +485,22 @@ def test_sampler_makes_batches_reproducible(tiny_lists):
     assert sorted(indices) == list(range(7))  # every image once an epoch
     sampler.set_epoch(1)
     assert [s for _, s in sampler] != [s for _, s in AugmentationSampler(dataset, seed=3)]
+
+
+def test_sampler_repeats_images_each_with_its_own_augmentation(tiny_lists):
+    dataset = BCCDDataset(tiny_lists, "train")  # 7 images
+    plain = [i for i, _ in AugmentationSampler(dataset, seed=3)]
+    assert plain == list(DistributedSampler(dataset, num_replicas=1, rank=0, seed=3))  # runs from before --repeat
+    repeats = [1, 3, 1, 1, 2, 1, 1]
+    for epoch in range(3):
+        sampler = AugmentationSampler(dataset, seed=3, repeats=repeats)
+        sampler.set_epoch(epoch)
+        pairs = list(sampler)
+        assert len(sampler) == len(pairs) == 10 and sorted(i for i, _ in pairs) == [0, 1, 1, 1, 2, 3, 4, 4, 5, 6]
+        assert len({s for i, s in pairs if i == 1}) == 3  # three augmentations of image 1
+    shards = [[i for i, _ in AugmentationSampler(dataset, seed=3, num_replicas=2, rank=r, repeats=repeats)]
+              for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == [0, 1, 1, 1, 2, 3, 4, 4, 5, 6]  # 10 split evenly over two processes
 
 
 @pytest.mark.parametrize("drop_last", [False, True])

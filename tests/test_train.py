@@ -9,6 +9,7 @@ it as a command, in a fresh Python. The runs themselves are tests/test_train_run
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,6 +97,14 @@ TRAIN = [
      ["TEST_objects.json: no object to score"]),
     ("resume-lists-gone", ["--resume", "{root}/earlier-run/checkpoint.pt", "--data-folder", "{root}/gone"],
      ["no lists in", "gone", "a resumed run does not make them"]),
+    ("repeat-unknown-class", ["--repeat", "Platlets=2"], ["--repeat Platlets=2: 'Platlets' is not a class",
+                                                         "(its classes: RBC, WBC, Platelets)"]),
+    ("repeat-background", ["--repeat", "background=2"], ["'background' is not a class"]),
+    ("repeat-named-twice", ["--repeat", "WBC=2,WBC=3"], ["'WBC' is named twice"]),
+    ("repeat-count-0", ["--repeat", "Platelets=0"], ["Platelets's count must be a whole number from 1 to 100, not '0'"]),
+    ("repeat-count-fraction", ["--repeat", "Platelets=1.5"], ["not '1.5'"]),
+    ("repeat-no-count", ["--repeat", "Platelets"], ["not ''"]),
+    ("repeat-count-superscript", ["--repeat", "Platelets=\u00b2"], ["not '\u00b2'"]),
     ("ema-decay-1", ["--ema-decay", "1"], ["--ema-decay must be 0 (no average) or in (0, 1), not 1.0"]),
     ("ema-decay-nan", ["--ema-decay", "nan"], ["--ema-decay must be 0"]),
     ("init-weights-missing", ["--init-weights", "{root}/none.pt"], ["none.pt: no such checkpoint file"]),
@@ -179,6 +188,22 @@ def test_a_link_as_its_log_is_refused_before_any_work(world, tmp_path, run_main)
 # ---------------------------------------------------------------------------------------------
 # the flags: defaults in the parser, those given noted, a resumed run's own for the others
 # ---------------------------------------------------------------------------------------------
+
+def test_repeat_counts_each_image_by_the_largest_repeat_of_its_classes(world, run_main):
+    lists = SimpleNamespace(label_map={"background": 0, "RBC": 1, "WBC": 2, "Platelets": 3}, data_folder="lists",
+                            objects=[{"labels": [1, 1]}, {"labels": [1, 3]}, {"labels": [2, 3, 1]}, {"labels": []},
+                                     {"labels": [2]}])
+    assert train.image_repeats("Platelets=2,WBC=3", lists) == [1, 2, 3, 1, 3]
+    assert train.image_repeats(" Platelets = 4 ", lists) == [1, 4, 4, 1, 1]
+    assert train.image_repeats("RBC=1", lists) == [1] * 5
+    objects = json.loads((world / "lists" / "TRAIN_objects.json").read_text())
+    n = sum(2 if 1 in o["labels"] else 1 for o in objects)
+    assert n > len(objects)
+    result = run_main("train.py", *fill(TRAIN_BASE, world), "--repeat", "RBC=2", "--out-dir", world / "repeat-run")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(objects)} images ({n} an epoch with --repeat RBC=2), {n // 2} steps/epoch" in result.stdout
+    assert torch.load(world / "repeat-run" / "checkpoint.pt", weights_only=True)["args"]["repeat"] == "RBC=2"
+
 
 def test_the_flags_given_are_noted_even_at_their_default_value():
     parser = train.get_args_parser()
