@@ -396,7 +396,7 @@ def detect_files(args):
     max_overlap = model.max_overlap if args.max_overlap is None else args.max_overlap
     tiles, cells = flag_reading(model.field, args.tile, args.scale, args.rbc_width, args.max_pixels)
     batch_size = args.batch_size or default_batch_size(device)
-    paths, missing, repeats = find_images(args.inputs, skip=args.output_dir)
+    paths, missing, repeats, outputs = find_images(args.inputs, skip=args.output_dir)
     if not paths:
         raise UserError(f"{missing[0]}: no such file or folder" if missing else
                         f"no images found in {' '.join(map(printable, args.inputs))}")
@@ -412,7 +412,7 @@ def detect_files(args):
     with Results(args.output_dir, classes, model.rev_label_map, report, settings, args.resume, args.save_labels) as results:
         names = results.start(paths)
         todo = [i for i, p in enumerate(paths) if printable(p) not in results.done]
-        results.say_start(paths, repeats)
+        results.say_start(paths, repeats, outputs)
         start = time.perf_counter()
         run = functools.partial(predict, model, min_score=min_score, max_overlap=max_overlap, top_k=args.top_k, amp=amp)
         workers = args.workers if args.workers is not None else (2 if device.type == "cuda" else 0)

@@ -1,7 +1,7 @@
 """The files of a detect.py run: the images it reads, and the output folder it writes (annotated images, counts.csv,
 detections.json, report.html), taken up where a stopped run left it.
 
-    paths, missing, repeats = find_images(["smears/", "extra.jpg"])   # folders searched recursively, each file once
+    paths, missing, repeats, outputs = find_images(["smears/", "extra.jpg"])  # folders searched recursively, each file once
     with Results(folder, classes, rev_label_map, report, settings) as results:   # detect.py's command line
         names = results.start(paths)                                       # a stopped run's images: results.done
         results.add(path, name, annotated, windows, boxes, labels, scores)   # one image done
@@ -60,12 +60,19 @@ from utils import class_names, first_line, image_extensions, pil_to_tensor
 # The images read
 # ---------------------------------------------------------------------------------------------
 
+def is_output_folder(folder):
+    """Whether `folder` holds a detect.py run's output (its counts.csv and detections.json, or its journal)."""
+    return (os.path.isfile(os.path.join(folder, JOURNAL)) or all(
+        os.path.isfile(os.path.join(folder, name)) for name in ("counts.csv", "detections.json")))
+
+
 def find_images(inputs, skip=None):
     """Expand files and folders (recursively, linked folders too) into a sorted list of image paths, each file once (a
     file given twice, or also inside a folder given, is counted once); returns (paths, missing inputs, number of
-    repeats left out). skip: a folder whose files are left out of the folders searched (the output folder: its
-    annotated images)."""
-    paths, missing, seen, repeats = [], [], set(), 0
+    repeats left out, output folders left out). skip: a folder whose files are left out of the folders searched (the
+    output folder: its annotated images); so are those of any other detect.py output found below a folder given (an
+    earlier run's, written beside the images: its annotated images and thumbnails are not smears)."""
+    paths, missing, seen, repeats, outputs = [], [], set(), 0, []
     extensions = image_extensions() | set(OPENSLIDE_EXTENSIONS)  # PIL's formats (.tif too), and whole-slide scans
     skip = os.path.realpath(skip) if skip else None
     for item in inputs:
@@ -77,7 +84,10 @@ def find_images(inputs, skip=None):
                     real = os.path.realpath(os.path.join(root, d))
                     if real not in walked:
                         walked.add(real)
-                        kept.append(d)
+                        if is_output_folder(real):
+                            outputs.append(os.path.join(root, d))
+                        else:
+                            kept.append(d)
                 dirs[:] = kept
                 found += sorted(os.path.join(root, f) for f in files if os.path.splitext(f)[1].lower() in extensions)
         elif os.path.exists(item):  # a file; a pipe or device is reported when read (ImageFiles)
@@ -91,7 +101,7 @@ def find_images(inputs, skip=None):
             if key not in seen:
                 seen.add(key)
                 paths.append(path)
-    return paths, missing, repeats
+    return paths, missing, repeats, outputs
 
 
 def open_image(path_or_file, max_pixels=None):
@@ -409,10 +419,14 @@ class Results:
             self._open()
         return names
 
-    def say_start(self, paths, repeats):
-        """Print what a run starts with: inputs given twice, a stopped run taken up, the header of the counts."""
+    def say_start(self, paths, repeats, outputs=()):
+        """Print what a run starts with: inputs given twice, earlier runs' output folders left out, a stopped run taken
+        up, the header of the counts."""
         if repeats:
             print(f"note: {repeats} input file(s) given more than once; each is counted once")
+        if outputs:
+            print(f"note: left out {len(outputs)} folder(s) holding detect.py's output (annotated images, not smears): "
+                  f"{', '.join(map(printable, outputs[:3]))}{', ...' if len(outputs) > 3 else ''}")
         if self.done:
             print(f"note: taking up the run stopped in {self.folder}: {len(self.done)} of {len(paths)} image(s) were "
                   f"counted; counting the others")

@@ -323,6 +323,20 @@ def test_second_run_into_an_output_folder_inside_the_inputs_skips_it(world, imag
         assert len(rows) == 1 + 4  # not the annotated images of the first run
 
 
+def test_an_earlier_runs_output_inside_the_inputs_is_left_out_of_another_run(world, images, tmp_path, detect_cli,
+                                                                              monkeypatch):
+    smears = tmp_path / "smears"
+    shutil.copytree(images, smears)
+    argv = [smears, "--checkpoint", world / "checkpoint.pt", "--device", "cpu", "--output-dir"]
+    status, _, err = detect_cli(argv + [smears / "det"])
+    assert status == 0, err
+    status, out, err = detect_cli(argv + [tmp_path / "other"])
+    assert status == 0, err
+    rows, _ = read_results(tmp_path / "other")
+    assert len(rows) == 1 + 4  # the four smears, not the first run's annotated images and thumbnails
+    assert f"note: left out 1 folder(s) holding detect.py's output (annotated images, not smears): {smears}/det" in out
+
+
 def test_a_folder_named_counts_csv_in_the_output_is_one_line(world, images, tmp_path, detect_cli, monkeypatch):
     (tmp_path / "out" / "counts.csv").mkdir(parents=True)
     status, _, err = detect_cli([images, "--checkpoint", world / "checkpoint.pt", "--output-dir", tmp_path / "out",
@@ -596,9 +610,9 @@ def test_linked_folders_are_searched_once_and_a_loop_ends(world, tmp_path):
     (top / "day2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (top / "day2-again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (top / "day1" / "up").symlink_to(top, target_is_directory=True)  # a loop
-    paths, missing, repeats = files.find_images([top])
+    paths, missing, repeats, outputs = files.find_images([top])
     assert [Path(p).relative_to(top).as_posix() for p in paths] == ["day1/a.jpg", "day2/b.jpg"]
-    assert (missing, repeats) == ([], 0)
+    assert (missing, repeats, outputs) == ([], 0, [])
 
 
 def test_counts_csv_keeps_a_formula_as_text():

@@ -491,7 +491,7 @@ def test_int8_calibrates_on_any_folder_of_images_without_annotations(world, tiny
     result = run_main("export.py", "--checkpoint", world / "checkpoint.pt", "--int8", "--calibrate", fields,
                       "--calibration-images", 8, "--output", tmp_path / "int8")
     assert result.returncode == 0 and "calibrated on 6 input(s) of 5 image(s)" in result.stdout, result.stderr
-    paths, _, _ = files.find_images([fields])  # field0-2, scan.jpg, sub/field3: at most 2 inputs an image (8 / 5)
+    paths = files.find_images([fields])[0]  # field0-2, scan.jpg, sub/field3: at most 2 inputs an image (8 / 5)
     assert [os.path.basename(p) for p in paths] == ["field0.png", "field1.png", "field2.png", "scan.jpg", "field3.png"]
     inputs = [prepare(files.open_image(p), tiling(BCCD_FIELD))[1] for p in paths]
     expected = [inputs[0][0], inputs[1][0], inputs[2][0], inputs[3][0], inputs[3][2], inputs[4][0]]  # scan: 2 of 3
