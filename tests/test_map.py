@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_map.py -q
 import json
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -259,7 +260,7 @@ def test_random_data_equals_the_sequential_algorithm(seed, interpolation):
     assert 0.2 < mean_ap < 0.95  # a curve with both kinds of detections, not a trivial 0 or 1
 
 
-def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path, capsys):
+def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_path, capsys, monkeypatch):
     """tools/count_check.py: per class, sum |counted - annotated| / annotated and the bias, over the same images, and
     the images whose counts differ."""
     count_check = load_tool("count_check")
@@ -298,6 +299,31 @@ def test_count_check_gives_the_errors_by_hand_and_a_bad_file_in_one_line(tmp_pat
                                (counts, tmp_path / "nowhere", "TEST_images.json: list not found")):
         with pytest.raises(UserError, match=says):
             check(path, folder)
+    for name, data, says in (("label_map.json", ["RBC"], "label_map.json: not a label map"),
+                             ("TEST_objects.json", [{"boxes": []}, {"labels": [1]}], "TEST_objects.json: not an entry"),
+                             ("TEST_objects.json", [{"labels": [1]}, {"labels": [4]}], "TEST_objects.json: not an entry"),
+                             ("TEST_objects.json", [{"labels": None}] * 2, "TEST_objects.json: not an entry"),
+                             ("TEST_objects.json", [{"labels": [1], "source": ["x"]}] * 2, "TEST_objects.json"),
+                             ("TEST_objects.json", [{"labels": [1]}], "TEST_objects.json: not an entry"),
+                             ("TEST_images.json", [1, 2], "TEST_images.json: not a list of image paths"),
+                             ("TEST_images.json", [images[0], f"{tmp_path}/lists/../a.jpg"], r"image\(s\) listed twice")):
+        bad = tmp_path / f"bad-{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(lists, bad)
+        (bad / name).write_text(json.dumps(data))
+        with pytest.raises(UserError, match=says):
+            check(counts, bad)
+    kept = counts.read_bytes()
+    for output in (counts, lists / "TEST_objects.json"):  # an input of the run: refused before it is read
+        with pytest.raises(UserError, match="which this run reads; writing there would destroy it"):
+            count_check.main(count_check.get_args_parser().parse_args([str(counts), "--data-folder", str(lists),
+                                                                       "--output", str(output)]))
+    assert counts.read_bytes() == kept
+    (tmp_path / "relative.csv").write_text("image,RBC,WBC,Platelets\na.jpg,3,1,0\nb.jpg,4,0,2\n")
+    monkeypatch.chdir(lists)  # not where these names are
+    with pytest.raises(UserError, match="its paths are relative to the folder detect.py ran in: run count_check.py there"):
+        check(tmp_path / "relative.csv")
+    monkeypatch.chdir(tmp_path)
+    assert check(tmp_path / "relative.csv")["RBC"]["counted"] == 7
 
 
 def test_unannotated_cells_sorts_detections_as_voc_matches_them():

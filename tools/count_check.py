@@ -23,8 +23,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the project's flat modules, one folder up (run as `python tools/count_check.py`)
-from misc import UserError, run_cli, write_json_atomic  # noqa: E402
-from utils import read_json  # noqa: E402
+from misc import UserError, check_not_an_input, run_cli, write_json_atomic  # noqa: E402
+from utils import check_label_map, read_json  # noqa: E402
 
 BOOTSTRAP = 10_000  # --against: resamples of the images
 
@@ -59,8 +59,11 @@ def read_counts(path, names, annotated, folder):
     if len(row_of) != len(table):
         raise UserError(f"{path}: {len(table) - len(row_of)} image(s) counted twice")
     if set(counted) != set(annotated):
+        relative = not set(counted) & set(annotated) and any(not os.path.isabs(row["image"]) for row in table)
         raise UserError(f"{path}: {len(set(counted) - set(annotated))} image(s) not in {folder}'s TEST, "
-                        f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images")
+                        f"{len(set(annotated) - set(counted))} of TEST not counted: count the same images"
+                        + ("; its paths are relative to the folder detect.py ran in: run count_check.py there"
+                           if relative else ""))
     return counted, row_of
 
 
@@ -81,12 +84,31 @@ def paired_bootstrap(this, other, truth, resamples=BOOTSTRAP, seed=0):
             "lower_share": float((diff < 0).mean()), "same_share": float((diff == 0).mean()), "resamples": len(diff)}
 
 
-def main(args):
-    folder = args.data_folder
+def read_lists(folder):
+    """TEST of the lists in `folder` as {real path: its objects}, and the class names in label order; lists that are
+    not create_data_lists.py's are a one-line UserError naming the file."""
     images, objects, label_map = (read_json(os.path.join(folder, name), "list") for name in
                                   ("TEST_images.json", "TEST_objects.json", "label_map.json"))
-    names = [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label]
+    label_map = check_label_map(label_map, os.path.join(folder, "label_map.json"))
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise UserError(f"{os.path.join(folder, 'TEST_images.json')}: not a list of image paths")
+    if not isinstance(objects, list) or len(objects) != len(images) or not all(
+            isinstance(o, dict) and isinstance(o.get("labels"), list) and isinstance(o.get("source", ""), str) and
+            all(type(label) is int and 0 < label < len(label_map) for label in o["labels"]) for o in objects):
+        raise UserError(f"{os.path.join(folder, 'TEST_objects.json')}: not an entry with the labels of the classes of "
+                        f"label_map.json for each of the {len(images)} image(s) of TEST_images.json")
     annotated = {os.path.realpath(p): o for p, o in zip(images, objects)}
+    if len(annotated) != len(images):
+        raise UserError(f"{os.path.join(folder, 'TEST_images.json')}: {len(images) - len(annotated)} image(s) listed "
+                        f"twice")
+    return annotated, [n for n, label in sorted(label_map.items(), key=lambda item: item[1]) if label], label_map
+
+
+def main(args):
+    folder = args.data_folder
+    if args.output:
+        check_not_an_input(args.output, "--output", data_folder=folder, others=(args.counts, args.against))
+    annotated, names, label_map = read_lists(folder)
     counted, row_of = read_counts(args.counts, names, annotated, folder)
     other = read_counts(args.against, names, annotated, folder)[0] if args.against else None  # before any output
     truths = {path: {n: o["labels"].count(label_map[n]) for n in names}  # difficult ones too, as eval.py counts
