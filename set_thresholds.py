@@ -38,14 +38,18 @@ def get_args_parser():
 
 
 def trained_on(ckpt):
-    """The images of the run's TRAIN (real paths), where its lists (its args' --data-folder) are still at hand."""
+    """The images of the run's TRAIN (real paths), where its lists (its args' --data-folder, as given to train.py:
+    relative to the folder it ran in) are still at hand; else None, and a note says what cannot be checked."""
     folder = (ckpt.get("args") or {}).get("data_folder")
     path = os.path.join(folder, "TRAIN_images.json") if isinstance(folder, str) else ""
     try:
         with open(path) as f:
             return {os.path.realpath(p) for p in json.load(f) if isinstance(p, str)}
     except (OSError, ValueError, TypeError):
-        return set()
+        relative = isinstance(folder, str) and not os.path.isabs(folder)
+        print(f"note: the run's lists ({folder or 'not recorded'}) are not found from here: whether its TEST images "
+              f"were trained on cannot be checked{'; run set_thresholds.py from the folder train.py ran in' * relative}")
+        return None
 
 
 def main(args):
@@ -86,7 +90,7 @@ def held_out_sweep(args, ckpt, report):
     except (OSError, ValueError) as e:
         raise UserError(f"{args.data_folder}: no readable TEST_images.json ({e}); make the lists with "
                         f"create_data_lists.py --test-fraction 0.3") from None
-    seen = sorted(held_out & trained_on(ckpt))
+    seen = sorted(held_out & (trained_on(ckpt) or set()))
     if seen:
         raise UserError(f"{args.data_folder}: {len(seen)} of its TEST images were trained on (such as {seen[0]}): "
                         f"thresholds chosen there would count too well; hold out images the model has not seen")

@@ -107,7 +107,7 @@ def test_a_class_absent_from_the_held_out_images_keeps_its_threshold(fine_tuned,
     assert thresholds(tmp_path / "checkpoint.pt")[0][2] == 0.2  # the run's: the tutorial's, as it recorded none
 
 
-def test_thresholds_are_never_chosen_on_images_trained_on(fine_tuned, lab, tmp_path, run_main):
+def test_thresholds_are_never_chosen_on_images_trained_on(fine_tuned, lab, tmp_path, run_main, monkeypatch):
     lists = truncate_lists(lab / "lists", tmp_path / "lists", 7, 3)
     for kind in ("images", "objects"):  # TEST: the run's TRAIN
         (lists / f"TEST_{kind}.json").write_text((lab / "lists" / f"TRAIN_{kind}.json").read_text())
@@ -116,6 +116,19 @@ def test_thresholds_are_never_chosen_on_images_trained_on(fine_tuned, lab, tmp_p
                       "--device", "cpu")
     assert_one_line_error(result, "set_thresholds.py", ["7 of its TEST images were trained on", "hold out images"])
     assert fine_tuned.checkpoint.read_bytes() == before
+    # the run's --data-folder as given, relative to where train.py ran: found from there, else a note, not silence
+    ckpt = load_checkpoint(fine_tuned.checkpoint)
+    ckpt["args"]["data_folder"] = os.path.relpath(lab / "lists", tmp_path)
+    torch.save(ckpt, tmp_path / "relative.pt")
+    monkeypatch.chdir(tmp_path)
+    result = run_main("set_thresholds.py", "--checkpoint", "relative.pt", "--data-folder", lists, "--device", "cpu")
+    assert_one_line_error(result, "set_thresholds.py", ["7 of its TEST images were trained on"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = run_main("set_thresholds.py", "--checkpoint", "../relative.pt", "--data-folder", lists, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert (f"note: the run's lists ({ckpt['args']['data_folder']}) are not found from here: whether its TEST images "
+            f"were trained on cannot be checked; run set_thresholds.py from the folder train.py ran in") in result.stdout
 
 
 def test_thresholds_are_not_written_into_a_run_still_training(fine_tuned, lab, tmp_path, run_main):
