@@ -155,6 +155,16 @@ def find_image(folder, image_id, filename=None, listings=None):
     return os.path.join(sub, listings[sub][stem])
 
 
+def read_lines(path):
+    """The lines of a text file (a split, a list of images, classes.txt) that are not blank, stripped; UserError naming
+    it if it cannot be read or is not UTF-8 (a byte-order mark is read: it is not part of the first line)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+
+
 def read_split(voc_path, split_name):
     """The ids of ImageSets/Main/<split_name>.txt, one a line; UserError if the file is missing, unreadable, empty, or
     lists an id twice or one that climbs out of Annotations/."""
@@ -162,11 +172,7 @@ def read_split(voc_path, split_name):
     if not os.path.isfile(split_file):
         raise UserError(f"{split_file}: split file not found (a dataset without splits: make a seeded one with "
                         f"create_data_lists.py --test-fraction 0.2)")
-    try:
-        with open(split_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first id
-            ids = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{split_file}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    ids = read_lines(split_file)
     if not ids:
         raise UserError(f"{split_file}: empty split")
     twice = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) < len(ids) else []
@@ -199,7 +205,7 @@ def read_data_yaml(path):
         with open(path, encoding="utf-8-sig") as f:
             data = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: unreadable YAML ({one_line(e)})") from None
+        raise UserError(f"{path}: unreadable YAML ({' '.join(one_line(e).split())})") from None  # PyYAML's: lines
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict) and names:  # {0: WBC, 1: RBC}
         ids = list(names)
@@ -252,8 +258,7 @@ def yolo_split_images(dataset, split):
         if not classes:
             raise UserError(f"{dataset.root}: a YOLO folder needs its class names: a data.yaml or a classes.txt "
                             f"(one name a line, in class-id order)")
-        with open(classes[0], encoding="utf-8-sig") as f:
-            names = check_classes([line.strip() for line in f if line.strip()], classes[0])
+        names = check_classes(read_lines(classes[0]), classes[0])
         images = dataset.images or os.path.join(dataset.root, "images")
         if split == ALL:
             sources = [images if os.path.isdir(images) else dataset.root]
@@ -264,9 +269,7 @@ def yolo_split_images(dataset, split):
     paths = []
     for source in sources:
         if os.path.isfile(source):  # a .txt list of images, relative to its folder
-            with open(source, encoding="utf-8-sig") as f:
-                paths += [os.path.normpath(os.path.join(os.path.dirname(source), line.strip()))
-                          for line in f if line.strip()]
+            paths += [os.path.normpath(os.path.join(os.path.dirname(source), line)) for line in read_lines(source)]
         elif os.path.isdir(source):
             paths += list_images(source)
         else:

@@ -155,7 +155,16 @@ def test_yolo_problems_of_the_dataset(tmp_path):
                                             rf"{shown}$"):
             create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
     (yolo / "data.yaml").write_text("train: images/train\nnames: [a, b\n")
-    with pytest.raises(UserError, match=r"data.yaml: unreadable YAML"):
+    with pytest.raises(UserError, match=r"data.yaml: unreadable YAML") as error:
+        create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
+    assert str(error.value).splitlines()[-1].endswith("line 3, column 1)")  # PyYAML's message spans lines: one here
+    (yolo / "list.txt").write_bytes(b"images/train/a.jpg\n\xff\xfe\n")  # a list of images that is not UTF-8
+    (yolo / "data.yaml").write_text("train: list.txt\nnames: [a, b]\n")
+    with pytest.raises(UserError, match=r"list.txt: unreadable \('utf-8' codec can't decode"):
+        create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
+    (yolo / "data.yaml").unlink()
+    (yolo / "classes.txt").write_bytes("a\nb\n".encode("utf-16"))  # Notepad's "Unicode"
+    with pytest.raises(UserError, match=r"classes.txt: unreadable \('utf-8' codec can't decode"):
         create_data_lists(yolo, tmp_path / "lists", train_split="train", test_split="train", verbose=False)
     (yolo / "data.yaml").write_text("train: images/nowhere\ntest: images/train\nnames: [a, b, background]\n")
     with pytest.raises(UserError, match=r"names: 'background' is reserved"):
