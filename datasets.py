@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
 from misc import UserError
-from utils import check_label_map, load_image, transform
+from utils import check_label_map, load_image, transform, upright_size
 
 
 MAX_COORDINATE = 1e6  # pixels: boxes of create_data_lists.py lie in their image, and no image is a million pixels wide
@@ -162,7 +162,7 @@ def median_image_size(paths):
     for path in paths:
         try:
             with Image.open(path) as im:
-                sizes.append(im.size)
+                sizes.append(upright_size(im))
         except Exception as e:
             raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
     return tuple(torch.tensor(sizes).median(0).values.tolist())  # the lower median: a size that exists

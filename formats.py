@@ -17,7 +17,8 @@ from typing import NamedTuple
 from PIL import Image
 
 from misc import UserError, one_line
-from utils import check_classes, image_extensions, parse_annotation, parse_coco, parse_yolo_labels, read_annotation
+from utils import (check_classes, image_extensions, orientation, parse_annotation, parse_coco, parse_yolo_labels,
+                   read_annotation)
 
 
 
@@ -91,14 +92,17 @@ def list_images(folder):
     return found
 
 
-def image_size(path):
-    """(width, height) of an image, decoded whole (a truncated or damaged file is found now, not mid-training)."""
+def image_size(path, stored=False):
+    """(width, height) of an image as shown upright (its EXIF orientation applied, as detect.py and the training read
+    it), decoded whole (a truncated or damaged file is found now, not mid-training). stored: also (width, height) of
+    its pixels as stored, before the EXIF orientation: (upright, stored)."""
     if not os.path.isfile(path):  # a pipe or a device: opening it could wait for ever
         raise UserError(f"{path}: not a regular file (a pipe, socket or device), not an image")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.size
+            upright = im.size[::-1] if orientation(im) >= 5 else im.size
+            return (upright, im.size) if stored else upright
     except Exception as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}"
                         f"{': ' + str(e).splitlines()[0][:120] if str(e) else ''})") from None
@@ -127,12 +131,27 @@ def read_voc(dataset, split, label_map):
             if other != image_id:  # a <filename> naming another id's image
                 raise UserError(f"{img_path}: the image of both {other}.xml and {image_id}.xml (its <filename>); each "
                                 f"image must be annotated once")
-            objects, warns = parse_annotation(xml_path, image_size(img_path), label_map, root)
+            size, stored = image_size(img_path, stored=True)
+            check_upright(xml_path, root, img_path, size, stored)
+            objects, warns = parse_annotation(xml_path, size, label_map, root)
             entries.append((img_path, objects))
             warnings += warns
         except UserError as e:
             errors.append(str(e))
     return entries, warnings, errors, []
+
+
+def check_upright(xml_path, root, img_path, size, stored):
+    """UserError where a VOC annotation boxes an image turned by its EXIF orientation as its pixels are stored (its
+    <size> is theirs, not the upright image's: LabelImg shows the stored pixels), while the tool reads it upright."""
+    try:
+        said = (int(float(root.findtext("size/width"))), int(float(root.findtext("size/height"))))
+    except (TypeError, ValueError, OverflowError):
+        return
+    if size != stored and said == tuple(stored):
+        raise UserError(f"{xml_path}: boxes {img_path} as its pixels are stored ({stored[0]}x{stored[1]}), but its "
+                        f"EXIF orientation turns it upright ({size[0]}x{size[1]}), as detect.py and the training read "
+                        f"it: remove the tag (exiftool -Orientation= -n FILE) or annotate the upright image")
 
 
 def find_image(folder, image_id, filename=None, listings=None):

@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from misc import UserError
 
@@ -338,11 +338,26 @@ def read_json(path, what="file"):
         raise UserError(f"{path}: unreadable {what} ({getattr(e, 'strerror', None) or e})") from None
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera or phone sets for a picture taken turned: 1 upright, 5-8 turned 90
+
+
+def orientation(im):
+    """An open PIL image's EXIF orientation, 1 (upright) where it has none or an invalid one."""
+    value = im.getexif().get(EXIF_ORIENTATION, 1)
+    return value if value in range(1, 9) else 1
+
+
+def upright_size(im):
+    """(width, height) of an open PIL image as shown upright: its EXIF orientation applied, as detect.py reads it."""
+    return im.size[::-1] if orientation(im) >= 5 else im.size
+
+
 def load_image(path):
-    """Read an image file as a uint8 tensor (3, H, W), RGB. Any PIL mode is converted; errors name the file."""
+    """Read an image file as a uint8 tensor (3, H, W), RGB, upright (its EXIF orientation applied, as image viewers and
+    detect.py show it, and as detect.py --save-labels boxes it). Any PIL mode is converted; errors name the file."""
     try:
         with Image.open(path) as im:
-            return pil_to_tensor(im)
+            return pil_to_tensor(ImageOps.exif_transpose(im) if orientation(im) != 1 else im)
     except FileNotFoundError:
         raise UserError(f"{path}: image not found") from None
     except Exception as e:

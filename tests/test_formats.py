@@ -342,3 +342,29 @@ def test_guard_reports_no_pair_between_txl_pbc_here_and_bccd_test(real_bccd_dir)
     bccd = cdl.guard_images(f"{real_bccd_dir}:trainval")
     fields = [p for p in train + val if Image.open(p).size == (640, 480)]
     assert len(fields) == 163 and len({i for i, _ in find_duplicates(fields, bccd)}) == 163
+
+
+def test_an_image_turned_by_its_exif_orientation_is_read_upright_everywhere(tmp_path):
+    """A phone's picture taken turned (EXIF orientation 6): its stored pixels are the upright image turned 90 degrees.
+    The training, eval.py and the lists read it upright, as detect.py does (and boxes it with --save-labels); a VOC
+    annotation whose <size> is the stored pixels' (LabelImg shows those) is refused in one line."""
+    from conftest import annotation_xml, make_voc
+    from datasets import BCCDDataset, median_image_size
+    from files import open_image
+    from utils import load_image
+    voc = make_voc(tmp_path / "voc", n_trainval=2, n_test=0, size=(64, 48),
+                   objects={"BloodImage_00000": [{"name": "WBC", "box": [40, 10, 60, 30]}]})
+    image = voc / "JPEGImages" / "BloodImage_00000.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(image).transpose(Image.Transpose.ROTATE_90).save(image, exif=exif, quality=95)  # stored 48x64
+    assert Image.open(image).size == (48, 64)
+    assert load_image(image).shape == (3, 48, 64) and load_image(image).equal(open_image(image))
+    assert median_image_size([image, image]) == (64, 48)
+    create_data_lists(voc, tmp_path / "lists", train_split="trainval", test_split="none", verbose=False)
+    assert BCCDDataset(tmp_path / "lists", "train").objects[0]["boxes"] == [[40, 10, 60, 30]]  # not clipped to 48x64
+    (voc / "Annotations" / "BloodImage_00000.xml").write_text(annotation_xml("BloodImage_00000.jpg", (48, 64), [
+        {"name": "WBC", "box": [10, 4, 30, 24]}]))
+    with pytest.raises(UserError, match=r"BloodImage_00000.xml: boxes .*BloodImage_00000.jpg as its pixels are stored "
+                                        r"\(48x64\), but its EXIF orientation turns it upright \(64x48\)"):
+        create_data_lists(voc, tmp_path / "lists2", train_split="trainval", test_split="none", verbose=False)

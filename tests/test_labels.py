@@ -9,7 +9,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import make_voc
 from labels import FORMATS
@@ -27,7 +27,16 @@ def fields(tmp_path_factory):
     Image.open(folder / "BloodImage_00000.jpg").transpose(Image.Transpose.ROTATE_90).save(
         folder / "again" / "BloodImage_00000.jpg")  # the same file name: a label file of its own
     Image.open(folder / "BloodImage_00003.jpg").save(folder / "BloodImage_00003.jpg.tif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken turned (a phone on the eyepiece): stored 48x64, shown upright 64x48
+    Image.open(folder / "BloodImage_00001.jpg").transpose(Image.Transpose.ROTATE_90).save(
+        folder / "turned.jpg", exif=exif, quality=95)
     return folder
+
+
+def upright_size(path):
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).size
 
 
 def read_back(fmt, out, index, record):
@@ -43,7 +52,7 @@ def read_back(fmt, out, index, record):
         classes = (folder / "obj_train_data" / "classes.txt").read_text().splitlines()
         assert classes == (folder / "obj.names").read_text().splitlines() == list(bccd_labels)
         name = (folder / "train.txt").read_text().splitlines()[index].removeprefix("obj_train_data/")
-        w, h = Image.open(record["image"]).size
+        w, h = upright_size(record["image"])
         boxes = []
         for line in (folder / "obj_train_data" / f"{stem}.txt").read_text().splitlines():
             k, cx, cy, bw, bh = line.split()
@@ -66,7 +75,7 @@ def test_pre_annotations_read_back_as_the_boxes_counted(fmt, fields, untrained_c
                       "cpu", "--min-score", "0.2", "--top-k", "20", "--save-labels", fmt)
     assert result.returncode == 0, result.stderr
     records = json.loads((out / "detections.json").read_text())
-    assert len(records) == 6 and sum(len(r["boxes"]) for r in records) > 0
+    assert len(records) == 7 and sum(len(r["boxes"]) for r in records) > 0
     for index, record in enumerate(records):
         name, size, boxes = read_back(fmt, out, index, record)
         assert name == os.path.basename(record["image"]) and size == (record["width"], record["height"]), record
@@ -99,12 +108,12 @@ def test_pre_annotations_come_back_through_create_data_lists_as_counted(fmt, fie
     records = {os.path.realpath(r["image"]): r for r in json.loads((out / "detections.json").read_text())}
     images = [os.path.realpath(p) for p in json.loads((lists / "TRAIN_images.json").read_text())]
     objects = json.loads((lists / "TRAIN_objects.json").read_text())
-    assert sorted(images) == sorted(records) and len(images) == 5
+    assert sorted(images) == sorted(records) and len(images) == 6
     names = {v: k for k, v in json.loads((lists / "label_map.json").read_text()).items()}
     assert sum(len(o["boxes"]) for o in objects) > 0
     for image, o in zip(images, objects):
         record = records[image]
-        assert Image.open(image).size == (record["width"], record["height"])
+        assert upright_size(image) == (record["width"], record["height"])  # as detect.py read it: upright
         assert [names[label] for label in o["labels"]] == record["labels"]
         for box, counted in zip(o["boxes"], record["boxes"]):
             assert max(abs(a - b) for a, b in zip(box, counted)) <= (0 if fmt == "voc" else TOLERANCE), (box, counted)
