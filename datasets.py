@@ -73,8 +73,9 @@ class BCCDDataset(Dataset):
             self._check_entry(i, objects)
         missing = next((p for p in self.images if not os.path.isfile(p)), None)  # found now, not in the middle of a run
         if missing is not None:
-            raise UserError(f"{missing}: image of {self.split}_images.json not found (moved or deleted?); run "
-                            f"create_data_lists.py again")
+            raise UserError(f"{missing}: image of {self.split}_images.json " + (
+                "not a regular file (a pipe, socket or device)" if os.path.exists(missing) else
+                "not found (moved or deleted?)") + "; run create_data_lists.py again")
         seen = {}
         for p in self.images:  # counted twice in a TEST's mAP, trained on twice as often
             if seen.setdefault(os.path.realpath(p), p) is not p:

@@ -152,6 +152,8 @@ class ImageFiles(Dataset):
         path = self.paths[i]
         if not os.path.isfile(path) and os.path.exists(path):  # a pipe or a device: opening it could wait for ever
             return i, None, f"{path}: not a regular file (a pipe, socket or device), not an image"
+        if not os.path.exists(path):  # gone since the folder was searched, or a link to nothing
+            return i, None, f"{path}: no such file{' (a link to ' + os.readlink(path) + ')' if os.path.islink(path) else ''}"
         try:
             planned = plan(path, self.reading, self.tiles, pil_limit())  # a slide: (Plan, overview) read by region
             image = None if planned else open_image(path, self.reading.max_pixels)

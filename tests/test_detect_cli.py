@@ -323,6 +323,17 @@ def test_second_run_into_an_output_folder_inside_the_inputs_skips_it(world, imag
         assert len(rows) == 1 + 4  # not the annotated images of the first run
 
 
+def test_a_link_to_nothing_is_one_line_and_the_others_are_counted(world, images, tmp_path, detect_cli, monkeypatch):
+    smears = tmp_path / "smears"
+    shutil.copytree(images, smears)
+    (smears / "gone.jpg").symlink_to(tmp_path / "moved.jpg")
+    status, out, err = detect_cli([smears, "--checkpoint", world / "checkpoint.pt", "--output-dir", tmp_path / "out",
+                                   "--device", "cpu"])
+    assert status == 1 and err.strip().splitlines() == [
+        f"detect.py: error: {smears}/gone.jpg: no such file (a link to {tmp_path}/moved.jpg)"]
+    assert len(read_results(tmp_path / "out")[0]) == 1 + 4
+
+
 def test_an_earlier_runs_output_inside_the_inputs_is_left_out_of_another_run(world, images, tmp_path, detect_cli,
                                                                               monkeypatch):
     smears = tmp_path / "smears"

@@ -105,6 +105,7 @@ def damaged_lists(root):
     copy("bad-box", first_object("boxes", [-500, -500, -100, -100]))
     copy("bad-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(truncated)))
     copy("missing-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(root / "moved.jpg")))
+    copy("folder-as-image", lambda lists: lists["TEST_images.json"].__setitem__(0, str(root / "lists")))
     copy("empty", lambda lists: lists.update({"TEST_images.json": [], "TEST_objects.json": []}))
     copy("box-of-8", lambda lists: lists["TEST_objects.json"][0]["boxes"].__setitem__(0, [1, 1, 9, 9] * 2))
     copy("box-beyond-image", first_object("boxes", [10, 10, 5000, 20]))
@@ -181,7 +182,9 @@ EVAL = [
     ("difficult-300", ["--data-folder", "{root}/bad-difficult"], ["entry 0", "other than 0 or 1"]),
     ("box-negative", ["--data-folder", "{root}/bad-box"], ["entry 0", "negative"]),
     ("image-truncated-in-a-worker", ["--data-folder", "{root}/bad-image", "--workers", "1"], ["truncated.jpg"]),
-    ("image-missing", ["--data-folder", "{root}/missing-image"], ["moved.jpg", "not found"]),
+    ("image-missing", ["--data-folder", "{root}/missing-image"], ["moved.jpg", "not found (moved or deleted?)"]),
+    ("image-a-folder", ["--data-folder", "{root}/folder-as-image"], ["lists: image of TEST_images.json not a regular "
+                                                                      "file"]),
     ("test-list-empty", ["--data-folder", "{root}/empty"], ["TEST_images.json: no images"]),
     ("box-of-8-numbers", ["--data-folder", "{root}/box-of-8"], ["entry 0", "[[x_min, y_min, x_max, y_max], ...]"]),
     ("box-beyond-image", ["--data-folder", "{root}/box-beyond-image", "--workers", "1"],
