@@ -345,9 +345,12 @@ def read_coco(dataset, split, label_map):
             if path is None:
                 raise UserError(f"{coco_path}: image {file_name!r} not found " + (
                     f"in {dataset.images}" if dataset.images else "beside it, in images/ or in ../images/"))
-            if tuple(image_size(path)) != tuple(size):
-                raise UserError(f"{path}: {'x'.join(map(str, image_size(path)))} pixels, but {coco_path} says "
-                                f"{size[0]}x{size[1]}")
+            upright, stored = image_size(path, stored=True)
+            if tuple(upright) != tuple(size):
+                raise UserError(f"{path}: {'x'.join(map(str, upright))} pixels, but {coco_path} says "
+                                f"{size[0]}x{size[1]}" + (" (its pixels as stored, before the EXIF orientation that "
+                                                          "turns it upright: remove the tag, or annotate the upright "
+                                                          "image)" if tuple(stored) == tuple(size) else ""))
             entries.append((path, objects))
         except UserError as e:
             errors.append(str(e))

@@ -368,3 +368,10 @@ def test_an_image_turned_by_its_exif_orientation_is_read_upright_everywhere(tmp_
     with pytest.raises(UserError, match=r"BloodImage_00000.xml: boxes .*BloodImage_00000.jpg as its pixels are stored "
                                         r"\(48x64\), but its EXIF orientation turns it upright \(64x48\)"):
         create_data_lists(voc, tmp_path / "lists2", train_split="trainval", test_split="none", verbose=False)
+    path, coco = make_coco(tmp_path / "coco")  # a COCO file giving the stored pixels' size: the same, said so
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.open(path.parent / "images" / "f1.jpg").save(path.parent / "images" / "f1.jpg", exif=exif)  # 96x72 stored
+    with pytest.raises(UserError, match=r"f1.jpg: 72x96 pixels, but .*annotations.json says 96x72 \(its pixels as "
+                                        r"stored, before the EXIF orientation"):
+        create_data_lists(path, tmp_path / "lists3", test_fraction=0.25, verbose=False)
