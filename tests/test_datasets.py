@@ -353,6 +353,26 @@ def test_random_crop_keeps_the_visible_boxes_when_asked(coloured_sample):
                         crop_keep="center")
 
 
+def test_prior_match_finds_a_prior_whole_and_loses_it_to_zoom_out():
+    """tools/prior_match.py: a box that is a prior overlaps it wholly; shrunk by a zoom-out of 2 towards the corner, its
+    best overlap is that of a plain loop over the priors."""
+    from model import create_prior_boxes
+    prior_match = load_tool("prior_match")
+    scales = (0.06, 0.15, 0.33, 0.51, 0.69, 0.87)
+    priors = utils.cxcy_to_xy(create_prior_boxes(scales)).clamp(0, 1)
+    boxes = priors[[0, 1000, 5000, 8731]]
+    assert prior_match.best_overlaps(boxes, scales).tolist() == pytest.approx([1.0] * 4)
+    shrunk = prior_match.best_overlaps(boxes, scales, zoom=2.0)
+    for box, best in zip(boxes / 2, shrunk.tolist()):
+        x0, y0, x1, y1 = box.tolist()
+        plain = 0.0
+        for p in priors.tolist():
+            inter = max(0., min(x1, p[2]) - max(x0, p[0])) * max(0., min(y1, p[3]) - max(y0, p[1]))
+            plain = max(plain, inter / ((x1 - x0) * (y1 - y0) + (p[2] - p[0]) * (p[3] - p[1]) - inter))
+        assert best == pytest.approx(plain, abs=1e-6)
+    assert shrunk[0] < 1 and prior_match.best_overlaps(boxes[:0], scales).numel() == 0
+
+
 def test_edge_cells_measures_the_share_of_a_cell_a_box_at_the_edge_shows():
     """tools/edge_cells.py: boxes within 0.5 % of the border touch the edge; each one's short side over the median
     long side of the boxes clear of it; with none clear, no share (NaN)."""
