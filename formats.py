@@ -17,8 +17,8 @@ from typing import NamedTuple
 from PIL import Image
 
 from misc import UserError, one_line
-from utils import (check_classes, image_extensions, orientation, parse_annotation, parse_coco, parse_yolo_labels,
-                   read_annotation)
+from utils import (check_classes, image_extensions, parse_annotation, parse_coco, parse_yolo_labels, read_annotation,
+                   upright_size)
 
 
 
@@ -101,8 +101,7 @@ def image_size(path, stored=False):
     try:
         with Image.open(path) as im:
             im.load()
-            upright = im.size[::-1] if orientation(im) >= 5 else im.size
-            return (upright, im.size) if stored else upright
+            return (upright_size(im), im.size) if stored else upright_size(im)
     except Exception as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}"
                         f"{': ' + str(e).splitlines()[0][:120] if str(e) else ''})") from None
