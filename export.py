@@ -118,10 +118,15 @@ def calibration_images(paths, tiles, n):
     its windows), at most n, evenly spread: normalized float32 arrays (1, 3, 300, 300)."""
     inputs, per_image = [], -(-n // len(paths))
     for path in paths:
+        if not os.path.isfile(path):  # a pipe or a device: opening it could wait for ever
+            raise UserError(f"{path}: not a regular file (a pipe, socket or device), not a calibration image")
         try:
             image = open_image(path)
+        except UserError as e:  # too large: its message names the fixes
+            raise UserError(f"{path}: cannot read the calibration image: {e}") from None
         except Exception as e:  # PIL raises many kinds
-            raise UserError(f"{path}: cannot read the calibration image ({type(e).__name__})") from None
+            raise UserError(f"{path}: cannot read the calibration image ({type(e).__name__}: "
+                            f"{first_line(e)})") from None
         try:
             windows = prepare(image, tiles)[1]
         except UserError as e:  # too many windows

@@ -49,7 +49,7 @@ class Tiling(NamedTuple):
 
 
 def check_scale(scale, flag=None):
-    if not (isinstance(scale, (int, float)) and 0.1 <= scale <= 100):
+    if not (isinstance(scale, (int, float)) and 0.1 * (1 - 1e-9) <= scale <= 100 * (1 + 1e-9)):  # 10.6 / 106 < 0.1
         raise UserError(f"{flag or '--scale ' + repr(scale)}: cells must be 0.1 to 100 times as large as BCCD's (red "
                         f"cells {RBC_WIDTH / 10:g} to {RBC_WIDTH * 100:g} px wide)")
 

@@ -502,3 +502,14 @@ def test_int8_calibrates_on_any_folder_of_images_without_annotations(world, tiny
                            "preprocess": "as detect.py: resized whole, or cut into windows of the training field"}
     result = run_main("detect.py", fields, "--checkpoint", tmp_path / "int8.xml", "--output-dir", tmp_path / "out")
     assert result.returncode == 0 and "precision int8 (OpenVINO" in result.stdout, result.stderr
+
+
+def test_a_pipe_among_the_calibration_images_is_one_line_not_a_hang(tmp_path):
+    """export.py --calibrate: opening a pipe would wait for ever; it is refused, naming it."""
+    import export
+    os.mkfifo(tmp_path / "a.jpg")
+    with pytest.raises(detect.UserError, match=r"a.jpg: not a regular file \(a pipe, socket or device\), not a calibration"):
+        export.calibration_images([str(tmp_path / "a.jpg")], None, 4)
+    (tmp_path / "b.jpg").write_text("not an image")
+    with pytest.raises(detect.UserError, match=r"b.jpg: cannot read the calibration image \(UnidentifiedImageError: "):
+        export.calibration_images([str(tmp_path / "b.jpg")], None, 4)

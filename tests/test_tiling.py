@@ -438,3 +438,15 @@ def test_rbc_width_and_scale_give_the_same_windows():
     by_width = flag_tiling(BCCD_FIELD, "auto", rbc_width=212)
     by_scale = flag_tiling(BCCD_FIELD, "auto", scale=2)
     assert by_width == by_scale == tiling(BCCD_FIELD, "auto", 2)
+
+
+def test_the_rbc_widths_the_message_allows_are_allowed():
+    """--rbc-width 10.6 (the 0.1 the message names, 10.6 / 106 = 0.09999999999999999 in floats) and 10600 are taken;
+    just beyond them is refused."""
+    from misc import UserError
+    from tiling import RBC_WIDTH, check_scale, rbc_scale
+    for width in (RBC_WIDTH / 10, RBC_WIDTH * 100):
+        check_scale(rbc_scale(width))
+    for width in (RBC_WIDTH / 10.01, RBC_WIDTH * 100.1):
+        with pytest.raises(UserError, match="cells must be 0.1 to 100 times"):
+            check_scale(rbc_scale(width))
